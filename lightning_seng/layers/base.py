@@ -1,0 +1,241 @@
+"""What every layer kind shares: hook capture, the damped solve and the committed curvature.
+
+A layer kind supplies three things (STYLE.md): how to turn captured calls into per-sample factors
+(``_factors``), how to build a route from scaled factors (``_route``), and how its parameter
+gradients map to and from a gradient matrix (``grad_matrix`` / ``split``). This base class does the
+SENG direction for all of them:
+
+    d = (1/λ) · ( g − Uᵀ (λI_N + UUᵀ)^{-1} U g ),
+
+with the ``N×N`` system solved by a Cholesky factor that is refreshed with the curvature.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import sketch
+from .routes import Route, RouteSettings, build_route, route_costs, route_from_state
+
+Mask = Tuple[bool, ...]
+
+
+@dataclass
+class Factors:
+    """Per-sample factors of one layer for one refresh, batch first.
+
+    ``grad_side`` is the output-grad side (already divided by the loss scale); the per-sample gradient
+    is bilinear in ``(grad_side[n], input_side[n])``, so rescaling ``grad_side`` rescales it. Norm layers
+    keep the per-sample gradient itself in ``grad_side`` (``(N, d)``) and have no ``input_side``.
+    """
+
+    grad_side: Tensor
+    input_side: Optional[Tensor]
+    mask: Mask = field(default=())
+
+    @property
+    def n(self) -> int:
+        return self.grad_side.shape[0]
+
+    def is_finite(self) -> bool:
+        ok = bool(torch.isfinite(self.grad_side).all())
+        return ok and (self.input_side is None or bool(torch.isfinite(self.input_side).all()))
+
+
+@dataclass
+class Curvature:
+    """A committed refresh: the route, ``K = UUᵀ``, the Cholesky factor of ``K + λI`` and ``λ``."""
+
+    route: Route
+    gram: Tensor
+    chol: Tensor
+    damping: float
+    mask: Mask
+
+    def state_dict(self) -> dict:
+        return {"route": self.route.state_dict(), "gram": self.gram, "chol": self.chol,
+                "damping": self.damping, "mask": list(self.mask)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Curvature":
+        return cls(route_from_state(state["route"]), state["gram"], state["chol"], float(state["damping"]),
+                   tuple(bool(m) for m in state["mask"]))
+
+
+def sample_scale(n: int, loss_reduction: str) -> float:
+    """Factor from a hook's per-sample gradient ``J_n`` to the row of ``U``: ``√N`` for a mean-reduced
+    loss (``J_n = ∇ℓ_n / N``), ``1/√N`` for a sum-reduced one (``J_n = ∇ℓ_n``)."""
+    return math.sqrt(n) if loss_reduction == "mean" else 1.0 / math.sqrt(n)
+
+
+class LayerCurvature:
+    """One supported module: capture by hooks, curvature refresh, preconditioned direction."""
+
+    kind = ""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name = name
+        self.module = module
+        self.curvature: Optional[Curvature] = None
+        self._inputs: List[Tensor] = []
+        self._grads: List[Optional[Tensor]] = []
+
+    # ----------------------------------------------------------------- parameters
+    def param_slots(self) -> Sequence[Optional[nn.Parameter]]:
+        """The layer's parameters in matrix order (e.g. ``(weight, bias)``); ``None`` where absent."""
+        return (getattr(self.module, "weight", None), getattr(self.module, "bias", None))
+
+    def trainable(self) -> Mask:
+        return tuple(p is not None and p.requires_grad for p in self.param_slots())
+
+    def parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.param_slots() if p is not None]
+
+    # ----------------------------------------------------------------- capture
+    def capture(self, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
+        """Forward hook body: keep the input, and hook the output for its gradient.
+
+        Calls before any backward accumulate (a module used twice in one forward); a forward after a
+        completed backward (the next micro-batch) starts afresh, so the last micro-batch wins.
+        """
+        if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+            return
+        if self._grads and all(g is not None for g in self._grads):
+            self.clear()
+        grads = self._grads
+        index = len(grads)
+        self._inputs.append(inputs[0].detach())
+        grads.append(None)
+
+        def keep_grad(grad: Tensor) -> None:
+            grads[index] = grad.detach()
+
+        output.register_hook(keep_grad)
+
+    def clear(self) -> None:
+        self._inputs = []
+        self._grads = []
+
+    def take_factors(self, loss_scale: float, dtype: torch.dtype) -> Optional[Factors]:
+        """Per-sample factors of the captured calls (in ``dtype``); clears the capture."""
+        calls = [(x, g) for x, g in zip(self._inputs, self._grads) if g is not None]
+        self.clear()
+        mask = self.trainable()
+        if not calls or not any(mask):
+            return None
+        n = calls[-1][0].shape[0]
+        calls = [(x.to(dtype), g.to(dtype)) for x, g in calls if x.shape[0] == n]
+        factors = self._factors(calls, mask)
+        if loss_scale != 1.0:
+            factors.grad_side = factors.grad_side / loss_scale
+        factors.mask = mask
+        return factors
+
+    def _factors(self, calls: List[Tuple[Tensor, Tensor]], mask: Mask) -> Factors:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- curvature
+    def _route(self, factors: Factors, scale: float, settings: RouteSettings, generator) -> Route:
+        raise NotImplementedError
+
+    def build(self, factors: Factors, damping: float, loss_reduction: str, settings: RouteSettings,
+              generator: Optional[torch.Generator]) -> Optional[Curvature]:
+        """A new curvature from ``factors`` (not yet committed); ``None`` if anything is non-finite."""
+        if not factors.is_finite():
+            return None
+        route = self._route(factors, sample_scale(factors.n, loss_reduction), settings, generator)
+        gram = route.gram(generator)
+        chol = sketch.damped_cholesky(gram, damping)
+        if chol is None:
+            return None
+        return Curvature(route, gram, chol, damping, factors.mask)
+
+    def estimated_cost(self, n: int, settings: RouteSettings) -> float:
+        """Multiply-adds of a refresh (amortised) plus one apply for ``n`` samples."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- apply
+    def grad_matrix(self, mask: Mask, dtype: torch.dtype) -> Optional[Tensor]:
+        raise NotImplementedError
+
+    def split(self, matrix: Tensor, mask: Mask) -> List[Tensor]:
+        raise NotImplementedError
+
+    def direction(self, damping: float) -> Optional[List[Tensor]]:
+        """``(F + λI)^{-1} g`` for the trainable parameters, in their order; ``None`` when this layer
+        has no usable curvature (never refreshed, trainable set changed, no gradients)."""
+        cur = self.curvature
+        if cur is None or self.trainable() != cur.mask:
+            return None
+        W = self.grad_matrix(cur.mask, cur.gram.dtype)
+        if W is None:
+            return None
+        if damping != cur.damping:
+            chol = sketch.damped_cholesky(cur.gram, damping)
+            if chol is None:
+                return None
+            cur.chol, cur.damping = chol, damping
+        w = sketch.cholesky_solve_vec(cur.chol, cur.route.u_dot(W))
+        return self.split((W - cur.route.u_t(w)) / damping, cur.mask)
+
+    def trainable_params(self, mask: Mask) -> List[nn.Parameter]:
+        return [p for p, m in zip(self.param_slots(), mask) if m]
+
+
+class MatrixLayer(LayerCurvature):
+    """Layers whose gradient is a matrix ``[W | b]`` per group: Linear and Conv.
+
+    Gradient matrix shape ``(groups, d_out/groups, d_in_g + 1)``: the weight reshaped to
+    ``(groups, d_out/groups, d_in_g)`` with the bias as a last column (dropped when absent or frozen;
+    with a frozen weight only the bias column remains). The input factors get a matching row of ones.
+    """
+
+    groups = 1
+    positions = 1  # P of the last refresh, for cost estimates
+
+    def _matrix_dims(self) -> Tuple[int, int]:
+        w = self.module.weight
+        return w.shape[0] // self.groups, w[0].numel()
+
+    def grad_matrix(self, mask: Mask, dtype: torch.dtype) -> Optional[Tensor]:
+        params = self.trainable_params(mask)
+        if any(p.grad is None for p in params):
+            return None
+        d_out, d_in = self._matrix_dims()
+        parts = []
+        if mask[0]:
+            parts.append(self.module.weight.grad.reshape(self.groups, d_out, d_in))
+        if mask[1]:
+            parts.append(self.module.bias.grad.reshape(self.groups, d_out, 1))
+        return torch.cat(parts, dim=2).to(dtype)
+
+    def split(self, matrix: Tensor, mask: Mask) -> List[Tensor]:
+        out = []
+        d_in = self._matrix_dims()[1]
+        if mask[0]:
+            out.append(matrix[:, :, :d_in].reshape(self.module.weight.shape))
+        if mask[1]:
+            out.append(matrix[:, :, -1].reshape(self.module.bias.shape))
+        return out
+
+    def _assemble(self, G: Tensor, X: Tensor, mask: Mask) -> Factors:
+        """Factors from ``G (N, groups, d_out, P)`` and weight-side inputs ``X (N, groups, d_in, P)``."""
+        parts = []
+        if mask[0]:
+            parts.append(X)
+        if mask[1]:
+            parts.append(X.new_ones(X.shape[0], X.shape[1], 1, X.shape[3]))
+        return Factors(G, torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+
+    def _route(self, factors: Factors, scale: float, settings: RouteSettings, generator) -> Route:
+        self.positions = factors.grad_side.shape[3]
+        return build_route(factors.grad_side * scale, factors.input_side, settings, generator)
+
+    def estimated_cost(self, n: int, settings: RouteSettings) -> float:
+        d_out, d_in = self._matrix_dims()
+        return min(route_costs(n, self.groups, d_out, d_in + 1, self.positions, settings).values())

@@ -1,0 +1,72 @@
+"""Affine weights of BatchNorm, LayerNorm, GroupNorm and RMSNorm.
+
+With ``x̂`` the normalised input (batch statistics for BatchNorm in training mode), the per-sample
+gradients are ``J_n = [Σ_s G[n,·,s] ∘ x̂[n,·,s], Σ_s G[n,·,s]]`` (weight, bias), summed over the positions
+``s`` that share a parameter. They are small (``2·C``), so ``U`` is built explicitly.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Factors, LayerCurvature, Mask
+from .routes import ExplicitRoute, Route, RouteSettings
+
+
+class NormLayer(LayerCurvature):
+    kind = "norm"
+
+    def _normalised(self, x: Tensor) -> Tensor:
+        m = self.module
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return F.batch_norm(x, None, None, training=True, eps=m.eps)
+        if isinstance(m, nn.GroupNorm):
+            return F.group_norm(x, m.num_groups, eps=m.eps)
+        if isinstance(m, nn.LayerNorm):
+            return F.layer_norm(x, m.normalized_shape, eps=m.eps)
+        return F.rms_norm(x, m.normalized_shape, eps=m.eps)
+
+    def _channel_view(self, t: Tensor) -> Tensor:
+        """``(N, C, S)``: parameter entries in the middle, positions sharing them last."""
+        m = self.module
+        n = t.shape[0]
+        if isinstance(m, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+            c = int(torch.Size(m.normalized_shape).numel())
+            return t.reshape(n, -1, c).transpose(1, 2)
+        return t.reshape(n, t.shape[1], -1)
+
+    def _factors(self, calls: List[Tuple[Tensor, Tensor]], mask: Mask) -> Factors:
+        J = 0
+        for x, g in calls:
+            gv = self._channel_view(g)
+            parts = []
+            if mask[0]:
+                parts.append((gv * self._channel_view(self._normalised(x))).sum(2))
+            if mask[1]:
+                parts.append(gv.sum(2))
+            J = J + torch.cat(parts, dim=1)
+        return Factors(J, None)
+
+    def _route(self, factors: Factors, scale: float, settings: RouteSettings, generator) -> Route:
+        return ExplicitRoute.build(factors.grad_side * scale, (1, 1, factors.grad_side.shape[1]), None, None)
+
+    def estimated_cost(self, n: int, settings: RouteSettings) -> float:
+        d = sum(p.numel() for p in self.parameters())
+        return n * n * d / settings.update_freq + 2 * n * d
+
+    def grad_matrix(self, mask: Mask, dtype: torch.dtype) -> Optional[Tensor]:
+        params = self.trainable_params(mask)
+        if any(p.grad is None for p in params):
+            return None
+        return torch.cat([p.grad.reshape(-1) for p in params]).to(dtype).reshape(1, 1, -1)
+
+    def split(self, matrix: Tensor, mask: Mask) -> List[Tensor]:
+        flat, out, start = matrix.reshape(-1), [], 0
+        for p in self.trainable_params(mask):
+            out.append(flat[start:start + p.numel()].reshape(p.shape))
+            start += p.numel()
+        return out

@@ -1,0 +1,181 @@
+"""The three ways of applying one layer's ``U``: explicit, Gram and implicit (low rank).
+
+A route holds what a layer needs between curvature refreshes and answers three questions:
+``gram()`` (``UUᵀ``, possibly sketched, ``(N, N)``), ``u_dot(W)`` (``U vec(W)``, ``(N,)``) and
+``u_t(v)`` (``Uᵀ v`` as a gradient matrix ``(groups, d_out, d_in)``). The factors it receives are
+already scaled so that ``U``'s rows are ``√N·J_n`` (mean reduction) or ``J_n/√N`` (sum reduction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import sketch
+
+ROUTES = ("explicit", "gram", "implicit")
+
+# Above this many elements an explicit U is never chosen automatically (≈ 256 MiB in float32).
+EXPLICIT_MAX_ELEMENTS = 1 << 26
+
+
+class Route:
+    """Base class; subclasses hold route-specific tensors in ``tensors``."""
+
+    name = ""
+
+    def __init__(self, tensors: Dict[str, Tensor], shape: Tuple[int, int, int], options: Optional[dict] = None):
+        self.tensors = tensors
+        self.shape = tuple(shape)  # gradient matrix shape (groups, d_out, d_in)
+        self.options = dict(options or {})
+
+    def gram(self, generator: Optional[torch.Generator]) -> Tensor:
+        raise NotImplementedError
+
+    def u_dot(self, W: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def u_t(self, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "shape": self.shape, "tensors": dict(self.tensors), "options": dict(self.options)}
+
+
+class ExplicitRoute(Route):
+    """``U`` materialised, ``(N, d)``. With ``sketch_size = s < d`` the Gram and ``U g`` use ``s``
+    sampled coordinates rescaled by ``d/s`` (unbiased); ``Uᵀ v`` uses all coordinates."""
+
+    name = "explicit"
+
+    @classmethod
+    def build(cls, U: Tensor, shape, sketch_size: Optional[int], generator) -> "ExplicitRoute":
+        tensors = {"U": U}
+        d = U.shape[1]
+        if sketch_size is not None and sketch_size < d:
+            tensors["index"] = sketch.sample_indices(d, sketch_size, generator, U.device)
+        return cls(tensors, shape)
+
+    def _sampled(self) -> Tuple[Tensor, float]:
+        U = self.tensors["U"]
+        index = self.tensors.get("index")
+        if index is None:
+            return U, 1.0
+        return U[:, index], U.shape[1] / index.numel()
+
+    def gram(self, generator) -> Tensor:
+        Us, scale = self._sampled()
+        return (Us @ Us.T) * scale
+
+    def u_dot(self, W: Tensor) -> Tensor:
+        w = W.reshape(-1)
+        index = self.tensors.get("index")
+        U = self.tensors["U"]
+        if index is None:
+            return U @ w
+        return (U[:, index] @ w[index]) * (U.shape[1] / index.numel())
+
+    def u_t(self, v: Tensor) -> Tensor:
+        return (v @ self.tensors["U"]).reshape(self.shape)
+
+
+class GramRoute(Route):
+    """Factors ``G (N, groups, d_out, P)`` and ``X (N, groups, d_in, P)`` kept; ``U`` never built."""
+
+    name = "gram"
+
+    @classmethod
+    def build(cls, G: Tensor, X: Tensor) -> "GramRoute":
+        return cls({"G": G, "X": X}, (G.shape[1], G.shape[2], X.shape[2]))
+
+    def gram(self, generator) -> Tensor:
+        return sketch.patch_gram(self.tensors["G"], self.tensors["X"])
+
+    def u_dot(self, W: Tensor) -> Tensor:
+        return sketch.patch_u_dot(self.tensors["G"], self.tensors["X"], W)
+
+    def u_t(self, v: Tensor) -> Tensor:
+        return sketch.patch_u_t(self.tensors["G"], self.tensors["X"], v)
+
+
+class ImplicitRoute(GramRoute):
+    """The paper's sketch for large layers: each ``G_n`` truncated to rank ``p`` by SVD; the Gram
+    optionally from ``sketch_size`` sampled rows of ``Ĝ`` and ``X̂`` (unbiased)."""
+
+    name = "implicit"
+
+    @classmethod
+    def build(cls, G: Tensor, X: Tensor, rank: int, sketch_size: Optional[int] = None) -> "ImplicitRoute":
+        g_hat, x_hat = sketch.low_rank(G, X, rank)
+        return cls({"G": g_hat, "X": x_hat}, (G.shape[1], G.shape[2], X.shape[2]), {"sketch_size": sketch_size})
+
+    def gram(self, generator) -> Tensor:
+        G, X = self.tensors["G"], self.tensors["X"]
+        s = self.options.get("sketch_size")
+        if s is not None:
+            G = sketch.sample_rows(G, s, 2, generator)
+            X = sketch.sample_rows(X, s, 2, generator)
+        return sketch.patch_gram(G, X)
+
+
+ROUTE_CLASSES = {cls.name: cls for cls in (ExplicitRoute, GramRoute, ImplicitRoute)}
+
+
+def route_from_state(state: dict) -> Route:
+    cls = ROUTE_CLASSES[state["name"]]
+    return cls(dict(state["tensors"]), tuple(state["shape"]), state.get("options"))
+
+
+@dataclass
+class RouteSettings:
+    """The knobs that choose and shape a route (validated by the preconditioner)."""
+
+    route: str = "auto"
+    sketch_size: Optional[int] = None
+    svd_rank: int = 16
+    implicit_threshold: int = 700_000
+    update_freq: int = 10
+
+
+def route_costs(n: int, groups: int, d_out: int, d_in: int, positions: int, settings: RouteSettings) -> Dict[str, float]:
+    """Multiply-adds of one refresh amortised over ``update_freq`` steps plus one apply, per route."""
+    d = groups * d_out * d_in
+    P = positions
+    K = settings.update_freq
+    s = min(settings.sketch_size or d, d)
+    explicit = (n * d * P + n * n * s) / K + 2 * n * d
+    gram = (n * n * P * P * groups * (d_out + d_in)) / K + 2 * n * P * d
+    p = min(settings.svd_rank, d_out, P)
+    rows = min(settings.sketch_size or (d_out + d_in), d_out + d_in)
+    implicit = (n * groups * d_out * P * min(d_out, P) + n * n * p * p * groups * rows) / K + 2 * n * p * d
+    return {"explicit": explicit, "gram": gram, "implicit": implicit}
+
+
+def choose_route(n: int, groups: int, d_out: int, d_in: int, positions: int, settings: RouteSettings) -> str:
+    """The forced route, or in ``auto`` mode: implicit for layers with at least ``implicit_threshold``
+    parameters whose positions exceed ``svd_rank``; otherwise the cheaper exact route (explicit only
+    while ``N·d`` stays under a memory cap)."""
+    if settings.route != "auto":
+        return settings.route
+    d = groups * d_out * d_in
+    if d >= settings.implicit_threshold and positions > settings.svd_rank:
+        return "implicit"
+    costs = route_costs(n, groups, d_out, d_in, positions, settings)
+    if n * d <= EXPLICIT_MAX_ELEMENTS and costs["explicit"] < costs["gram"]:
+        return "explicit"
+    return "gram"
+
+
+def build_route(G: Tensor, X: Tensor, settings: RouteSettings, generator) -> Route:
+    """Build the chosen route from scaled factors ``G (N, groups, d_out, P)``, ``X (N, groups, d_in, P)``."""
+    n, groups, d_out, P = G.shape
+    name = choose_route(n, groups, d_out, X.shape[2], P, settings)
+    if name == "explicit":
+        return ExplicitRoute.build(sketch.per_sample_grads(G, X), (groups, d_out, X.shape[2]),
+                                   settings.sketch_size, generator)
+    if name == "implicit":
+        return ImplicitRoute.build(G, X, settings.svd_rank, settings.sketch_size)
+    return GramRoute.build(G, X)

@@ -1,0 +1,328 @@
+"""SENG: the preconditioner that rewrites ``.grad`` of any ``nn.Module`` with the SENG direction.
+
+For each supported layer with per-sample gradients ``U`` (rows ``∇ℓ_n/√N``) and damping ``λ``,
+
+    d = (F + λI)^{-1} g = (1/λ) · ( g − Uᵀ (λI_N + UUᵀ)^{-1} U g ),   F = UᵀU,
+
+and every other trainable parameter gets ``g / (1 + λ)``. The curvature (factors, ``UUᵀ`` and its
+Cholesky factor) is refreshed every ``update_freq`` optimizer steps from the batch of that step;
+in between, the stored factors precondition the new gradients. Learning rate and momentum stay with
+the wrapped first-order optimizer::
+
+    seng = SENG(model, damping=0.5, update_freq=10)
+    loss.backward(); seng.step(); optimizer.step()
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+import warnings
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .distributed import Communicator
+from .layers import ROUTES, LayerCurvature, RouteSettings, layer_for
+from .layers.base import Curvature
+from .schedules import DampingLike, make_damping
+
+log = logging.getLogger(__name__)
+
+LOSS_REDUCTIONS = ("mean", "sum")
+LayerFilter = Optional[Sequence[Union[str, type]]]
+
+
+def _check_int(key: str, value, minimum: int, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an int >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{key} must be {allowed} (got {value!r})")
+    return value
+
+
+def _check_choice(key: str, value, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{key} must be one of {list(allowed)} (got {value!r})")
+    return value
+
+
+def _check_filter(key: str, value: LayerFilter) -> List[Union[str, type]]:
+    if value is None:
+        return []
+    if isinstance(value, (str, type)):
+        value = [value]
+    items = list(value)
+    for item in items:
+        if not isinstance(item, (str, type)):
+            raise ValueError(f"{key} must list module names (fnmatch patterns) or module types (got {item!r})")
+    return items
+
+
+def _matches(name: str, module: nn.Module, patterns: List[Union[str, type]]) -> bool:
+    for p in patterns:
+        if isinstance(p, type) and isinstance(module, p):
+            return True
+        if isinstance(p, str) and (fnmatch.fnmatchcase(name, p) or type(module).__name__ == p):
+            return True
+    return False
+
+
+class SENG:
+    r"""Sketchy Empirical Natural Gradient preconditioner for an unmodified ``nn.Module``.
+
+    Args:
+        model: the network; hooks are registered on its supported submodules (Linear, Conv1d/2d/3d,
+            BatchNorm, LayerNorm, GroupNorm, RMSNorm).
+        damping: ``λ > 0``: a number, a :class:`~lightning_seng.schedules.DampingSchedule`, or a
+            callable ``(step, epoch) -> float``.
+        update_freq: refresh the curvature every ``update_freq`` optimizer steps (step 0 refreshes).
+        sketch_size: coordinates (explicit route) or rows (implicit route) sampled for the Gram matrix;
+            ``None`` computes it exactly.
+        svd_rank: rank ``p`` of the implicit route's truncation of each output gradient.
+        implicit_threshold: in ``route="auto"``, layers with at least this many parameters whose
+            positions (sequence length, patches) exceed ``svd_rank`` use the implicit route.
+        loss_reduction: ``"mean"`` or ``"sum"``: how the loss was reduced over the batch.
+        include / exclude: module names (fnmatch patterns, or class names) or module types to
+            precondition / leave to the ``g / (1 + λ)`` fallback.
+        route: ``"auto"`` or one of ``"explicit"``, ``"gram"``, ``"implicit"`` for Linear and Conv layers.
+        curvature_dtype: dtype of factors and solves; default float64 for float64 models, else float32
+            (also under bf16/fp16 autocast).
+        seed: seed of the sketches' random generator.
+        skip_nonfinite: if the gradient holds NaN/Inf, zero all gradients for this step (the wrapped
+            optimizer then moves by momentum only), warn once and count it in ``stats``.
+        comm: a :class:`~lightning_seng.distributed.Communicator` for DDP; ``None`` for one process.
+    """
+
+    def __init__(self, model: nn.Module, damping: DampingLike = 0.5, update_freq: int = 10,
+                 sketch_size: Optional[int] = None, svd_rank: int = 16, implicit_threshold: int = 700_000,
+                 loss_reduction: str = "mean", include: LayerFilter = None, exclude: LayerFilter = None,
+                 route: str = "auto", curvature_dtype: Optional[torch.dtype] = None, seed: int = 0,
+                 skip_nonfinite: bool = True, comm: Optional[Communicator] = None):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
+        self.damping_schedule = make_damping(damping)
+        self.settings = RouteSettings(
+            route=_check_choice("route", route, ("auto",) + ROUTES),
+            sketch_size=_check_int("sketch_size", sketch_size, 1, allow_none=True),
+            svd_rank=_check_int("svd_rank", svd_rank, 1),
+            implicit_threshold=_check_int("implicit_threshold", implicit_threshold, 0),
+            update_freq=_check_int("update_freq", update_freq, 1),
+        )
+        self.loss_reduction = _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
+        if curvature_dtype is not None and curvature_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"curvature_dtype must be torch.float32, torch.float64 or None (got {curvature_dtype!r})")
+        include = _check_filter("include", include)
+        exclude = _check_filter("exclude", exclude)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.model = model
+        self.comm = comm if comm is not None else Communicator()
+
+        params = [p for p in model.parameters()]
+        if curvature_dtype is None:
+            curvature_dtype = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
+        self.curvature_dtype = curvature_dtype
+
+        self.layers: Dict[str, LayerCurvature] = {}
+        unsupported = set()
+        for name, module in model.named_modules():
+            if include and not _matches(name, module, include):
+                continue
+            if exclude and _matches(name, module, exclude):
+                continue
+            layer = layer_for(name, module)
+            if layer is not None:
+                self.layers[name] = layer
+            elif any(True for _ in module.parameters(recurse=False)):
+                unsupported.add(type(module).__name__)
+        covered = {id(p) for layer in self.layers.values() for p in layer.parameters()}
+        self.other_params = [p for p in params if id(p) not in covered]
+        if unsupported:
+            log.info("SENG: no curvature for %s; their parameters get g / (1 + damping)", ", ".join(sorted(unsupported)))
+
+        self._handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in self.layers.values()]
+        self.comm.setup(self.layers)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step_count = 0
+        self.epoch = 0
+        self.skipped_refreshes = 0
+        self.nonfinite_steps = 0
+        self._warned: set = set()
+        self.stats: Dict[str, float] = {}
+
+    # ------------------------------------------------------------------ hooks
+    def _hook(self, layer: LayerCurvature) -> Callable:
+        def forward_hook(module: nn.Module, inputs, output) -> None:
+            if self.will_refresh and module.training and torch.is_grad_enabled():
+                layer.capture(inputs, output)
+        return forward_hook
+
+    def remove(self) -> None:
+        """Detach all hooks and drop captured tensors."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for layer in self.layers.values():
+            layer.clear()
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def will_refresh(self) -> bool:
+        """Whether the current step refreshes the curvature (and so the hooks capture)."""
+        return self.step_count % self.settings.update_freq == 0
+
+    @property
+    def damping(self) -> float:
+        return self.damping_schedule(self.step_count, self.epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = _check_int("epoch", epoch, 0)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, loss_scale: float = 1.0) -> None:
+        """Rewrite ``.grad`` of every trainable parameter with the SENG direction.
+
+        Call after ``backward`` (and after unscaling AMP gradients), before ``optimizer.step()``.
+        ``loss_scale`` is the factor the loss carried into backward relative to the batch loss
+        (AMP scale / gradient-accumulation steps); captured output gradients are divided by it.
+        """
+        damping = self.damping
+        refresh = self.will_refresh
+        grads_finite = self._grads_finite()
+        if refresh:
+            self._refresh(damping, loss_scale, grads_finite)
+        if not grads_finite:
+            self._zero_nonfinite()
+            self.step_count += 1
+            return
+
+        directions: Dict[str, Optional[List[Tensor]]] = {}
+        for name, layer in self.layers.items():
+            if not self.comm.owns(name):
+                directions[name] = None
+                continue
+            d = layer.direction(damping)
+            if d is None:
+                d = [p.grad.to(self.curvature_dtype) / (1.0 + damping) if p.grad is not None else None
+                     for p in layer.trainable_params(layer.trainable())]
+            directions[name] = d
+        directions = self.comm.reduce_directions(directions)
+
+        pairs = []
+        for name, layer in self.layers.items():
+            d = directions.get(name)
+            if d is not None:
+                pairs += [(p, dp) for p, dp in zip(layer.trainable_params(layer.trainable()), d)
+                          if p.grad is not None and dp is not None]
+        others = [p for p in self.other_params if p.grad is not None and p.requires_grad]
+        self._record(pairs, others, damping)
+        for p, dp in pairs:
+            p.grad.copy_(dp)
+        if others:
+            torch._foreach_div_([p.grad for p in others], 1.0 + damping)
+        self.step_count += 1
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()))
+
+    def _record(self, pairs, others: List[nn.Parameter], damping: float) -> None:
+        """``stats``: ‖g‖, ‖d‖ and cos(g, d) over all trainable parameters."""
+        g_sq = d_sq = dot = 0.0
+        if pairs:
+            g = [p.grad.to(dp.dtype) for p, dp in pairs]
+            d = [dp for _, dp in pairs]
+            g_sq = float(torch.stack(torch._foreach_norm(g)).square().sum())
+            d_sq = float(torch.stack(torch._foreach_norm(d)).square().sum())
+            dot = float(sum(torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g, d)))
+        if others:
+            s = float(torch.stack([n.double() for n in torch._foreach_norm([p.grad for p in others])]).square().sum())
+            g_sq, d_sq, dot = g_sq + s, d_sq + s / (1 + damping) ** 2, dot + s / (1 + damping)
+        self.stats.update(damping=damping, grad_norm=g_sq ** 0.5, direction_norm=d_sq ** 0.5,
+                          cosine=dot / max((g_sq * d_sq) ** 0.5, 1e-300))
+
+    def _zero_nonfinite(self) -> None:
+        self.nonfinite_steps += 1
+        self.stats["nonfinite_steps"] = self.nonfinite_steps
+        self._warn_once("grad", "SENG: non-finite gradient; this step's gradients are zeroed "
+                                "(counted in stats['nonfinite_steps'])")
+        if self.skip_nonfinite:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+
+    def _refresh(self, damping: float, loss_scale: float, grads_finite: bool) -> None:
+        start = time.perf_counter()
+        factors = {name: layer.take_factors(loss_scale, self.curvature_dtype) for name, layer in self.layers.items()}
+        factors = self.comm.gather_factors(factors)
+        built: Dict[str, Curvature] = {}
+        bad = []
+        for name, f in factors.items():
+            if f is None:
+                continue
+            cur = self.layers[name].build(f, damping, self.loss_reduction, self.settings, self.generator)
+            if cur is None:
+                bad.append(name)
+            else:
+                built[name] = cur
+        if self.comm.agree(not bad and grads_finite):
+            for name, cur in built.items():
+                self.layers[name].curvature = cur
+        else:
+            self.skipped_refreshes += 1
+            for name in bad:
+                self._warn_once(name, f"SENG: non-finite curvature in layer '{name}'; refresh skipped, "
+                                      "the last good factors are kept")
+        routes = {key: 0 for key in ROUTES + ("norm", "diagonal")}
+        for layer in self.layers.values():
+            cur = layer.curvature
+            key = "diagonal" if cur is None else ("norm" if layer.kind == "norm" else cur.route.name)
+            routes[key] += 1
+        self.stats.update({f"layers/{k}": v for k, v in routes.items()})
+        self.stats["skipped_refreshes"] = self.skipped_refreshes
+        self.stats["refresh_time"] = time.perf_counter() - start
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            log.warning(message)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Step, epoch, counters, the sketch RNG state and every layer's committed curvature."""
+        return {
+            "step_count": self.step_count,
+            "epoch": self.epoch,
+            "skipped_refreshes": self.skipped_refreshes,
+            "nonfinite_steps": self.nonfinite_steps,
+            "generator": self.generator.get_state(),
+            "layers": {name: layer.curvature.state_dict() for name, layer in self.layers.items()
+                       if layer.curvature is not None},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = set(state["layers"]) - set(self.layers)
+        if unknown:
+            raise ValueError(f"SENG state has curvature for layers this model lacks: {sorted(unknown)}")
+        self.step_count = int(state["step_count"])
+        self.epoch = int(state["epoch"])
+        self.skipped_refreshes = int(state["skipped_refreshes"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.generator.set_state(state["generator"])
+        for name, layer in self.layers.items():
+            layer.clear()
+            cur = state["layers"].get(name)
+            layer.curvature = None if cur is None else Curvature.from_state(cur)
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (f"SENG(layers={len(self.layers)}, damping={self.damping_schedule!r}, update_freq={s.update_freq}, "
+                f"sketch_size={s.sketch_size}, svd_rank={s.svd_rank}, route={s.route!r}, "
+                f"loss_reduction={self.loss_reduction!r})")
