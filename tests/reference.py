@@ -60,3 +60,27 @@ def dense_direction(per_sample: Dict[str, Tensor], g: Dict[str, Tensor], damping
 
 def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def layerwise_dense_directions(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor,
+                               y: Tensor, damping: float, names: List[str], reduction: str = "mean",
+                               grads: Dict[str, Tensor] = None) -> Dict[str, Tensor]:
+    """SENG's block-diagonal direction built densely: for each module owning some of ``names``,
+    ``(UᵀU + λI)^{-1} g`` over that module's parameters, ``U`` rows ``∇ℓ_n/√N`` (the empirical Fisher,
+    whatever the reduction). ``g`` defaults to the batch gradient of the mean loss (``reduction="mean"``)
+    or of the summed loss (``"sum"``); ``loss_fn`` must reduce by the mean.
+    """
+    n = x.shape[0]
+    ps = per_sample_gradients(model, lambda out, t: loss_fn(out, t), x, y, names)
+    if grads is None:
+        params = dict(model.named_parameters())
+        model.zero_grad()
+        loss = loss_fn(model(x), y) * (n if reduction == "sum" else 1)
+        loss.backward()
+        grads = {k: params[k].grad.detach().clone() for k in names}
+        model.zero_grad()
+    out = {}
+    for module in sorted({k.rsplit(".", 1)[0] for k in names}):
+        keys = [k for k in names if k.rsplit(".", 1)[0] == module]
+        out.update(dense_direction({k: ps[k] for k in keys}, {k: grads[k] for k in keys}, damping, n ** -0.5))
+    return out

@@ -1,0 +1,105 @@
+"""Conv1d/2d/3d routes against the dense per-sample reference (float64, 1e-10), and the implicit
+route's error against exact on a conv layer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_seng import SENG
+from lightning_seng.layers.conv import unfold_patches
+from tests.reference import layerwise_dense_directions, rel_err
+
+DAMPING = 0.3
+
+
+def _net(conv, flat):
+    return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(flat, 3)).double()
+
+
+def _flat_size(conv, x):
+    with torch.no_grad():
+        return conv.double()(x).numel() // x.shape[0]
+
+
+def _direction(model, x, y, **kwargs):
+    seng = SENG(model, damping=DAMPING, update_freq=1, **kwargs)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    seng.step()
+    seng.remove()
+    return {k: p.grad.clone() for k, p in model.named_parameters()}, seng
+
+
+def _assert_exact(conv, x, **kwargs):
+    model = _net(conv, _flat_size(conv, x))
+    y = torch.randint(0, 3, (x.shape[0],))
+    names = [k for k, _ in model.named_parameters()]
+    ref = layerwise_dense_directions(model, F.cross_entropy, x, y, DAMPING, names)
+    got, seng = _direction(model, x, y, **kwargs)
+    for k in names:
+        assert rel_err(got[k], ref[k]) < 1e-10, k
+    return seng
+
+
+CONV2D = [
+    dict(in_channels=4, out_channels=6, kernel_size=3),
+    dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=(3, 2), dilation=(1, 2), padding=(1, 0)),
+    dict(in_channels=4, out_channels=6, kernel_size=3, groups=2, padding="same"),
+    dict(in_channels=4, out_channels=4, kernel_size=3, groups=4, bias=False),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="reflect"),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=2, padding_mode="circular"),
+]
+
+
+@pytest.mark.parametrize("route", ["auto", "explicit", "gram", "implicit"])
+@pytest.mark.parametrize("config", CONV2D, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items() if k not in ("in_channels",)))
+def test_conv2d_matches_dense(config, route):
+    x = torch.randn(6, 4, 7, 6, dtype=torch.float64)
+    _assert_exact(nn.Conv2d(**config), x, route=route, svd_rank=1000)
+
+
+@pytest.mark.parametrize("route", ["auto", "explicit", "gram"])
+def test_conv1d_matches_dense(route):
+    x = torch.randn(6, 3, 11, dtype=torch.float64)
+    _assert_exact(nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding=2, groups=1), x, route=route)
+
+
+def test_conv1d_same_padding_replicate_mode_matches_dense():
+    x = torch.randn(6, 2, 9, dtype=torch.float64)
+    _assert_exact(nn.Conv1d(2, 4, 4, padding="same", padding_mode="replicate", groups=2), x)
+
+
+@pytest.mark.parametrize("route", ["explicit", "gram"])
+def test_conv3d_matches_dense(route):
+    x = torch.randn(5, 2, 4, 5, 4, dtype=torch.float64)
+    _assert_exact(nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1), dilation=(2, 1, 1), padding=1), x, route=route)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_unfold_patches_agrees_with_convolution(dims):
+    """Patches @ weight equals the convolution itself, for the generic (non-2-D) unfolding."""
+    conv = [None, nn.Conv1d, None, nn.Conv3d][dims](3, 5, 3, stride=2, dilation=2).double()
+    x = torch.randn(2, 3, *([9] * dims), dtype=torch.float64)
+    patches = unfold_patches(x, conv.kernel_size, conv.stride, conv.dilation)
+    out = (conv.weight.reshape(5, -1) @ patches + conv.bias[:, None]).reshape(conv(x).shape)
+    torch.testing.assert_close(out, conv(x), rtol=1e-12, atol=1e-12)
+
+
+def test_implicit_route_error_against_exact_is_reported():
+    """Rank-p truncation of a conv layer's output gradients: error falls with p, exact at p = c_out."""
+    conv = nn.Conv2d(3, 16, 3, padding=1)
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    model = _net(conv, _flat_size(conv, x))
+    y = torch.randint(0, 3, (8,))
+    exact, _ = _direction(model, x, y, route="gram")
+    errors = {}
+    for rank in (1, 2, 4, 8, 16):
+        got, seng = _direction(model, x, y, route="implicit", svd_rank=rank)
+        assert seng.layers["0"].curvature.route.name == "implicit"
+        errors[rank] = rel_err(got["0.weight"], exact["0.weight"])
+    print("\nimplicit route, conv 3->16 on 6x6 (P=36), relative error of d vs exact:",
+          ", ".join(f"p={r}: {e:.2e}" for r, e in errors.items()))
+    assert errors[16] < 1e-10  # rank(G_n) <= c_out = 16: no truncation left
+    assert errors[1] > errors[4] > errors[8] > errors[16]

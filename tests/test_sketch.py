@@ -1,0 +1,112 @@
+"""Pure maths of sketch.py in float64 against explicit matrices; sampled estimates are unbiased."""
+
+import pytest
+import torch
+
+from lightning_seng import sketch
+from lightning_seng.layers.routes import ExplicitRoute, ImplicitRoute
+
+D = torch.float64
+
+
+def _factors(n=6, groups=2, d_out=3, d_in=4, P=5):
+    return torch.randn(n, groups, d_out, P, dtype=D), torch.randn(n, groups, d_in, P, dtype=D)
+
+
+def _explicit_U(G, X):
+    """Per-sample gradients by a Python loop over samples, groups and positions."""
+    n, groups, d_out, P = G.shape
+    rows = []
+    for i in range(n):
+        blocks = [sum(torch.outer(G[i, g, :, p], X[i, g, :, p]) for p in range(P)) for g in range(groups)]
+        rows.append(torch.stack(blocks).reshape(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("shape", [dict(P=1, groups=1), dict(P=1, groups=3), dict(P=5, groups=1), dict(P=5, groups=2)])
+def test_patch_gram_and_products_match_explicit_U(shape):
+    G, X = _factors(**shape)
+    U = _explicit_U(G, X)
+    torch.testing.assert_close(sketch.per_sample_grads(G, X), U, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sketch.patch_gram(G, X), U @ U.T, rtol=1e-12, atol=1e-12)
+    W = torch.randn(G.shape[1], G.shape[2], X.shape[2], dtype=D)
+    torch.testing.assert_close(sketch.patch_u_dot(G, X, W), U @ W.reshape(-1), rtol=1e-12, atol=1e-12)
+    v = torch.randn(G.shape[0], dtype=D)
+    torch.testing.assert_close(sketch.patch_u_t(G, X, v).reshape(-1), U.T @ v, rtol=1e-12, atol=1e-12)
+
+
+def test_patch_gram_chunks_give_the_same_result(monkeypatch):
+    G, X = _factors(n=9, P=4)
+    full = sketch.patch_gram(G, X)
+    monkeypatch.setattr(sketch, "_GRAM_CHUNK_ELEMENTS", 1)
+    torch.testing.assert_close(sketch.patch_gram(G, X), full, rtol=1e-12, atol=1e-12)
+
+
+def test_low_rank_is_exact_at_full_rank_and_a_projection_below():
+    G, X = _factors(d_out=3, P=6)
+    g_hat, x_hat = sketch.low_rank(G, X, rank=3)
+    torch.testing.assert_close(sketch.per_sample_grads(g_hat, x_hat), sketch.per_sample_grads(G, X),
+                               rtol=1e-10, atol=1e-10)
+    g1, x1 = sketch.low_rank(G, X, rank=1)
+    assert g1.shape == (6, 2, 3, 1) and x1.shape == (6, 2, 4, 1)
+    # rank-1 truncation keeps the top singular triple of each G_n: G_n v v^T for its top right vector v
+    _, _, vh = torch.linalg.svd(G[0, 0], full_matrices=False)
+    v = vh[0]
+    expected = torch.outer(G[0, 0] @ v, X[0, 0] @ v)
+    torch.testing.assert_close(sketch.per_sample_grads(g1, x1)[0, :12].reshape(3, 4), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_sample_indices_are_distinct_sorted_and_seeded():
+    gen = torch.Generator().manual_seed(3)
+    idx = sketch.sample_indices(50, 20, gen, torch.device("cpu"))
+    assert idx.numel() == 20 and idx.unique().numel() == 20 and torch.equal(idx, idx.sort().values)
+    again = sketch.sample_indices(50, 20, torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert torch.equal(idx, again)
+
+
+def test_explicit_coordinate_sketch_is_unbiased():
+    """Mean over seeds of the sketched Gram and U g converges to the exact ones (error ~ 1/sqrt(seeds))."""
+    U = torch.randn(5, 40, dtype=D)
+    W = torch.randn(1, 1, 40, dtype=D)
+    exact_K, exact_ug = U @ U.T, U @ W.reshape(-1)
+    errors = {}
+    for seeds in (50, 800):
+        K_sum, ug_sum = torch.zeros_like(exact_K), torch.zeros_like(exact_ug)
+        for s in range(seeds):
+            route = ExplicitRoute.build(U, (1, 1, 40), 10, torch.Generator().manual_seed(s))
+            K_sum += route.gram(None)
+            ug_sum += route.u_dot(W)
+        errors[seeds] = ((K_sum / seeds - exact_K).norm() / exact_K.norm()).item()
+        assert (ug_sum / seeds - exact_ug).norm() / exact_ug.norm() < 3 * seeds ** -0.5
+    print(f"\nexplicit sketch s=10 of d=40, relative error of the mean Gram: 50 seeds {errors[50]:.3f}, "
+          f"800 seeds {errors[800]:.3f}")
+    assert errors[800] < errors[50] / 2
+    assert errors[800] < 0.05
+
+
+def test_implicit_row_sampling_is_unbiased():
+    G, X = _factors(n=4, d_out=12, d_in=10, P=3)
+    exact = sketch.patch_gram(*sketch.low_rank(G, X, rank=3))
+    route = ImplicitRoute.build(G, X, rank=3, sketch_size=4)
+    seeds = 1000
+    gen = torch.Generator().manual_seed(0)
+    mean = sum(route.gram(gen) for _ in range(seeds)) / seeds
+    single = route.gram(gen)
+    err_mean = ((mean - exact).norm() / exact.norm()).item()
+    err_single = ((single - exact).norm() / exact.norm()).item()
+    print(f"\nimplicit row sampling 4 of 12/10 rows: one draw {err_single:.3f}, mean of {seeds} {err_mean:.3f}")
+    assert err_mean < 0.05 and err_mean < err_single / 3
+
+
+def test_damped_cholesky_solves_and_falls_back_to_jitter():
+    A = torch.randn(6, 3, dtype=D)
+    K = A @ A.T  # rank 3: singular
+    L = sketch.damped_cholesky(K, 0.5)
+    b = torch.randn(6, dtype=D)
+    torch.testing.assert_close(sketch.cholesky_solve_vec(L, b), torch.linalg.solve(K + 0.5 * torch.eye(6, dtype=D), b))
+    # an indefinite matrix with damping that does not fix it: the jitter cannot either -> None
+    assert sketch.damped_cholesky(-K - torch.eye(6, dtype=D), 0.5) is None
+    assert sketch.damped_cholesky(torch.full((3, 3), float("nan"), dtype=D), 0.5) is None
+    # tiny negative eigenvalue from round-off: jitter rescues it
+    Kneg = K - 1e-13 * torch.eye(6, dtype=D)
+    assert sketch.damped_cholesky(Kneg, 0.0) is not None
