@@ -1,0 +1,41 @@
+"""Small float64 networks and seeded data shared by the distributed tests."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+class ConvNet(nn.Module):
+    """Conv2d -> GroupNorm -> Linear -> LayerNorm -> Linear: every layer kind SENG preconditions,
+    without BatchNorm (whose batch statistics would differ between a rank and the global batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.norm = nn.GroupNorm(1, 3)
+        self.fc1 = nn.Linear(3 * 4 * 4, 6)
+        self.ln = nn.LayerNorm(6)
+        self.fc2 = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.norm(self.conv(x)))
+        h = torch.tanh(self.ln(self.fc1(h.flatten(1))))
+        return self.fc2(h)
+
+
+def make_net(seed: int = 0) -> ConvNet:
+    torch.manual_seed(seed)
+    return ConvNet().double()
+
+
+def make_batch(n: int, seed: int = 1) -> Tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64),
+            torch.randint(0, 4, (n,), generator=g))
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
