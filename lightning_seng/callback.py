@@ -1,0 +1,246 @@
+"""SENGCallback: SENG for any LightningModule, added with ``Trainer(callbacks=[SENGCallback(...)])``.
+
+The callback only translates Lightning events into calls on :class:`lightning_seng.SENG`:
+
+=============================  ===================================================================
+Lightning event                SENG call
+=============================  ===================================================================
+``on_fit_start``               ``SENG(pl_module, **knobs)``; apply state restored from a checkpoint
+``on_train_epoch_start``       ``seng.set_epoch(trainer.current_epoch)`` (epoch-based damping)
+``on_before_optimizer_step``   ``seng.step(loss_scale)`` for the optimizers named in ``optimizers``
+``on_train_batch_end``         log ``seng.stats`` as ``seng/<key>``
+``state_dict``/``load_state_dict``  ``seng.state_dict()`` / ``seng.load_state_dict()`` in checkpoints
+``teardown``                   ``seng.remove()`` (hooks detached)
+=============================  ===================================================================
+
+Order of gradient transformations in one optimizer step (automatic optimization)::
+
+    backward (scaled loss / accumulate_grad_batches, summed over micro-batches)
+    -> AMP unscale            (precision plugin)
+    -> SENG direction         (this callback, in on_before_optimizer_step)
+    -> gradient clipping      (Trainer(gradient_clip_val=...), applied to the SENG direction)
+    -> optimizer.step()       (learning rate, momentum, weight decay)
+
+``loss_scale`` passed to ``seng.step`` is ``amp_scale / accumulate_grad_batches``: the factor by which the
+output gradients captured during backward differ from those of the batch-mean loss. The AMP scale is read
+from ``trainer.precision_plugin.scaler`` when one exists (``precision="16-mixed"``), else 1. Under
+accumulation the curvature comes from the last micro-batch of a refresh step.
+
+Manual optimization: the hook fires inside ``LightningOptimizer.step()``, so ``self.optimizers()[i].step()``
+is preconditioned when ``i`` is listed in ``optimizers``. Lightning does not divide the loss by
+``accumulate_grad_batches`` there, so only the AMP scale enters ``loss_scale``; if you scale the loss yourself,
+say so with ``manual_loss_scale``. SENG rewrites the gradient of every trainable parameter it sees, so with
+several optimizers restrict it with ``include``/``exclude`` to the modules of the preconditioned optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+_LOSS_REDUCTIONS = ("mean", "sum")
+_ROUTES = ("auto", "explicit", "gram", "implicit")
+
+
+class SENGCallback(Callback):
+    r"""Precondition the gradients of a LightningModule with SENG before each optimizer step.
+
+    For every supported layer SENG replaces the gradient :math:`g` by
+    :math:`d = (F + \lambda I)^{-1} g` with :math:`F` the layer's empirical Fisher on the mini-batch
+    (see :class:`lightning_seng.SENG`). The first-order optimizer then takes its step along ``d``.
+
+    Args:
+        damping: :math:`\lambda`; a float, a ``lightning_seng.schedules`` schedule, or a callable
+            ``(step, epoch) -> float``.
+        update_freq: curvature refresh every ``update_freq`` optimizer steps.
+        sketch_size: sampling size of the sketched routes; ``None`` = exact.
+        svd_rank: rank of the implicit (low-rank) route.
+        implicit_threshold: layers with at least this many parameters use the implicit route (``route="auto"``).
+        loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step``'s loss reduces over the batch.
+        include, exclude: module names (fnmatch patterns) or module types to precondition / skip.
+        route: ``"auto"``, ``"explicit"``, ``"gram"`` or ``"implicit"``.
+        curvature_dtype: dtype of the curvature solves; ``None`` follows the parameters.
+        seed: seed of the sketch RNG.
+        skip_nonfinite: zero all gradients of a step whose gradient holds NaN/Inf (see :class:`SENG`).
+        optimizers: indices into ``trainer.optimizers`` whose steps are preconditioned.
+        log_every_n_steps: log ``seng/*`` statistics every this many optimizer steps; ``None`` follows
+            ``Trainer(log_every_n_steps=...)``; ``0`` disables logging.
+        log_prog_bar: also show ``seng/damping`` in the progress bar.
+        manual_loss_scale: extra factor the loss carried into backward under manual optimization
+            (multiplies the AMP scale); ignored under automatic optimization.
+    """
+
+    def __init__(
+        self,
+        damping: float | Callable[[int, int], float] | Any = 0.5,
+        update_freq: int = 10,
+        sketch_size: int | None = None,
+        svd_rank: int = 16,
+        implicit_threshold: int = 700_000,
+        loss_reduction: str = "mean",
+        include: Sequence[Any] | None = None,
+        exclude: Sequence[Any] | None = None,
+        route: str = "auto",
+        curvature_dtype: torch.dtype | str | None = None,
+        seed: int = 0,
+        skip_nonfinite: bool = True,
+        optimizers: Sequence[int] = (0,),
+        log_every_n_steps: int | None = None,
+        log_prog_bar: bool = False,
+        manual_loss_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        _check_int("update_freq", update_freq, minimum=1)
+        if sketch_size is not None:
+            _check_int("sketch_size", sketch_size, minimum=1)
+        _check_int("svd_rank", svd_rank, minimum=1)
+        _check_int("implicit_threshold", implicit_threshold, minimum=0)
+        _check_int("seed", seed, minimum=0)
+        if isinstance(damping, (int, float)) and not isinstance(damping, bool) and not damping > 0:
+            raise ValueError(f"damping must be > 0 (got {damping!r})")
+        if loss_reduction not in _LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {list(_LOSS_REDUCTIONS)} (got {loss_reduction!r})")
+        if route not in _ROUTES:
+            raise ValueError(f"route must be one of {list(_ROUTES)} (got {route!r})")
+        if isinstance(optimizers, int) and not isinstance(optimizers, bool):
+            optimizers = (optimizers,)
+        optimizers = tuple(optimizers)
+        if not optimizers:
+            raise ValueError("optimizers must list at least one optimizer index (got [])")
+        for index in optimizers:
+            _check_int("optimizers", index, minimum=0)
+        if log_every_n_steps is not None:
+            _check_int("log_every_n_steps", log_every_n_steps, minimum=0)
+        if not manual_loss_scale > 0:
+            raise ValueError(f"manual_loss_scale must be > 0 (got {manual_loss_scale!r})")
+        self.seng_kwargs: dict[str, Any] = dict(
+            damping=damping,
+            update_freq=update_freq,
+            sketch_size=sketch_size,
+            svd_rank=svd_rank,
+            implicit_threshold=implicit_threshold,
+            loss_reduction=loss_reduction,
+            include=include,
+            exclude=exclude,
+            route=route,
+            curvature_dtype=_as_dtype(curvature_dtype),
+            seed=seed,
+            skip_nonfinite=bool(skip_nonfinite),
+        )
+        self.optimizers = optimizers
+        self.log_every_n_steps = log_every_n_steps
+        self.log_prog_bar = log_prog_bar
+        self.manual_loss_scale = float(manual_loss_scale)
+        self.seng = None
+        self._pending_state: dict[str, Any] | None = None
+        self._stepped = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n_optimizers = len(trainer.optimizers)
+        out_of_range = [i for i in self.optimizers if i >= n_optimizers]
+        if out_of_range:
+            raise ValueError(
+                f"optimizers must be indices into the module's {n_optimizers} optimizer(s), "
+                f"i.e. in [0, {n_optimizers - 1}] (got {list(self.optimizers)})"
+            )
+        from lightning_seng import SENG
+
+        if self.seng is not None:
+            self.seng.remove()
+        self.seng = SENG(pl_module, **self.seng_kwargs)
+        if self._pending_state is not None:
+            self.seng.load_state_dict(_to_device(self._pending_state, pl_module.device))
+            self._pending_state = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.seng is not None:
+            self.seng.remove()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.seng.set_epoch(trainer.current_epoch)
+
+    # ------------------------------------------------------------------ the step
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._optimizer_index(trainer, optimizer) not in self.optimizers:
+            return
+        self.seng.step(loss_scale=self._loss_scale(trainer, pl_module))
+        self._stepped = True
+
+    def _loss_scale(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        amp_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        if pl_module.automatic_optimization:
+            return amp_scale / trainer.accumulate_grad_batches
+        return amp_scale * self.manual_loss_scale
+
+    @staticmethod
+    def _optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        for index, candidate in enumerate(trainer.optimizers):
+            if getattr(candidate, "_optimizer", candidate) is optimizer:
+                return index
+        return -1
+
+    # ------------------------------------------------------------------ logging
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._stepped:
+            return
+        self._stepped = False
+        every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        if every == 0 or (self.seng.step_count - 1) % every != 0:
+            return
+        for key, value in self.seng.stats.items():
+            pl_module.log(
+                f"seng/{key}", float(value), on_step=True, on_epoch=False,
+                prog_bar=self.log_prog_bar and key == "damping", batch_size=1,
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self.seng is not None:
+            return {"seng": self.seng.state_dict()}
+        return {"seng": self._pending_state} if self._pending_state is not None else {}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        state = state_dict.get("seng")
+        if state is None:
+            return
+        if self.seng is not None:
+            self.seng.load_state_dict(_to_device(state, self.seng.model.device))
+        else:
+            # The SENG object is built at fit start, after Lightning restores callback states.
+            self._pending_state = dict(state)
+
+
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum} (got {value!r})")
+
+
+def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """Accept ``torch.float64`` or the config spelling ``"float64"``."""
+    if value is None or value in (torch.float32, torch.float64):
+        return value
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(str(value).removeprefix("torch."))
+    if dtype is None:
+        raise ValueError(f"curvature_dtype must be one of [null, 'float32', 'float64'] (got {value!r})")
+    return dtype
+
+
+def _to_device(state: Any, device: torch.device) -> Any:
+    """Checkpoints load on CPU; the curvature must live with the gradients. RNG states stay on CPU."""
+    if isinstance(state, Mapping):
+        return {k: v if k == "generator" else _to_device(v, device) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_device(v, device) for v in state)
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    return state

@@ -1,0 +1,118 @@
+"""SENGOptimizerMixin: ``configure_optimizers`` and the SENG callback from the module's hyper-parameters.
+
+A LightningModule that inherits the mixin and saves ``optimizer``, ``scheduler`` and ``seng`` in its
+hyper-parameters (``self.save_hyperparameters()``) needs no optimizer code::
+
+    class Net(SENGOptimizerMixin, pl.LightningModule):
+        def __init__(self, optimizer=None, scheduler=None, seng=None):
+            super().__init__()
+            self.save_hyperparameters()
+            ...
+
+    Net(optimizer={"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9},
+        scheduler={"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "T_max": 20},
+        seng={"damping": 0.5, "update_freq": 10})
+
+- ``optimizer``: a ``_target_`` config (Hydra style) built with ``params=self.parameters()``; missing or
+  ``None`` gives :data:`DEFAULT_OPTIMIZER` (SGD with momentum).
+- ``scheduler``: a ``_target_`` config built with ``optimizer=...``; the keys ``interval`` (``"epoch"`` or
+  ``"step"``), ``frequency`` and ``monitor`` are Lightning's and are passed to Lightning, not the scheduler.
+  Missing or ``None``: no scheduler.
+- ``seng``: keyword arguments of :class:`~lightning_seng.callback.SENGCallback` (a ``_target_`` is optional);
+  the callback is returned by ``configure_callbacks`` so Lightning attaches it to the Trainer.
+  Missing or ``None``: no SENG, the module trains with the first-order optimizer alone.
+
+Learning rate, momentum and weight decay stay with the first-order optimizer; SENG only rewrites ``.grad``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_seng.callback import SENGCallback
+
+DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9}
+LIGHTNING_SCHEDULER_KEYS = ("interval", "frequency", "monitor")
+
+
+def _as_dict(key: str, cfg: Any) -> dict[str, Any] | None:
+    if cfg is None:
+        return None
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise TypeError(f"{key} must be a mapping with a '_target_' key or null (got {type(cfg).__name__}: {cfg!r})")
+
+
+def build_optimizer(cfg: Mapping[str, Any] | None, params) -> Any:
+    """``instantiate(cfg, params=params)``; errors name the ``optimizer`` key and show the config."""
+    cfg = _as_dict("optimizer", cfg) or dict(DEFAULT_OPTIMIZER)
+    if "_target_" not in cfg:
+        raise ValueError(f"optimizer must have a '_target_' such as 'torch.optim.SGD' (got {cfg})")
+    try:
+        return instantiate(cfg, params=params, _convert_="all")
+    except Exception as err:  # torch reports e.g. "Invalid learning rate: -1.0" without the key
+        raise ValueError(f"optimizer: cannot build {cfg['_target_']} from {cfg}: {_root_cause(err)}") from err
+
+
+def build_scheduler(cfg: Mapping[str, Any] | None, optimizer) -> dict[str, Any] | None:
+    """Lightning's ``lr_scheduler`` dict from a ``_target_`` config, or ``None`` without one."""
+    cfg = _as_dict("scheduler", cfg)
+    if not cfg:
+        return None
+    lightning_keys = {k: cfg.pop(k) for k in LIGHTNING_SCHEDULER_KEYS if k in cfg}
+    if lightning_keys.get("interval", "epoch") not in ("epoch", "step"):
+        raise ValueError(f"scheduler.interval must be one of ['epoch', 'step'] (got {lightning_keys['interval']!r})")
+    if "_target_" not in cfg:
+        raise ValueError(f"scheduler must have a '_target_' such as 'torch.optim.lr_scheduler.CosineAnnealingLR' "
+                         f"(got {cfg})")
+    try:
+        scheduler = instantiate(cfg, optimizer=optimizer, _convert_="all")
+    except Exception as err:
+        raise ValueError(f"scheduler: cannot build {cfg['_target_']} from {cfg}: {_root_cause(err)}") from err
+    return {"scheduler": scheduler, **lightning_keys}
+
+
+def build_seng_callback(cfg: Mapping[str, Any] | None) -> SENGCallback | None:
+    """A :class:`SENGCallback` from its keyword arguments (``_target_`` optional), or ``None`` without config."""
+    cfg = _as_dict("seng", cfg)
+    if cfg is None:
+        return None
+    cfg.setdefault("_target_", f"{SENGCallback.__module__}.{SENGCallback.__qualname__}")
+    try:
+        callback = instantiate(cfg, _convert_="all")
+    except Exception as err:
+        raise ValueError(f"seng: {_root_cause(err)}") from err
+    if not isinstance(callback, SENGCallback):
+        raise TypeError(f"seng._target_ must build a SENGCallback (got {type(callback).__name__})")
+    return callback
+
+
+def _root_cause(err: BaseException) -> str:
+    """Hydra wraps constructor errors in InstantiationException; the innermost message names the key."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}"
+
+
+class SENGOptimizerMixin:
+    """LightningModule mixin: optimizer, scheduler and SENG from ``self.hparams``; see the module docstring."""
+
+    def _seng_hparam(self, key: str) -> Any:
+        hparams = getattr(self, "hparams", None)
+        return hparams.get(key) if hparams is not None else None
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self._seng_hparam("optimizer"), self.parameters())
+        scheduler = build_scheduler(self._seng_hparam("scheduler"), optimizer)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def configure_callbacks(self) -> list:
+        callback = build_seng_callback(self._seng_hparam("seng"))
+        return [callback] if callback is not None else []

@@ -1,0 +1,275 @@
+"""SENGCallback on an unmodified LightningModule, against SENG applied by hand in a plain loop."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_seng import SENG, ExponentialDamping
+from lightning_seng.callback import SENGCallback
+from lightning_seng.data import EpochSeededSampler
+
+N_SAMPLES, BATCH = 48, 8
+
+
+def make_net() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+
+
+def make_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(2)
+    return TensorDataset(torch.randn(N_SAMPLES, 6, generator=g), torch.randint(3, (N_SAMPLES,), generator=g))
+
+
+class BoringClassifier(pl.LightningModule):
+    """A plain LightningModule that knows nothing about SENG."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.1, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.net, self.lr, self.momentum = net, lr, momentum
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class GradRecorder(Callback):
+    """Copies every gradient at on_before_optimizer_step (runs after SENGCallback: listed after it)."""
+
+    def __init__(self) -> None:
+        self.grads: list[list[torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append([p.grad.detach().clone() for p in pl_module.parameters()])
+
+
+def trainer(callbacks, **kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, max_epochs=1)
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **defaults)
+
+
+def loader(dataset: TensorDataset) -> DataLoader:
+    return DataLoader(dataset, batch_size=BATCH, shuffle=False)
+
+
+def plain_loop(net, dataset, knobs, steps, accumulate=1, clip=None, lr=0.1, momentum=0.9):
+    """SENG applied by hand: backward -> seng.step(loss_scale) -> clip -> SGD step; returns the gradients seen."""
+    seng = SENG(net, **knobs)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+    batches = list(loader(dataset))
+    seen = []
+    for k in range(steps):
+        opt.zero_grad()
+        for x, y in batches[k * accumulate:(k + 1) * accumulate]:
+            (nn.functional.cross_entropy(net(x), y) / accumulate).backward()
+        seng.step(loss_scale=1.0 / accumulate)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+        seen.append([p.grad.detach().clone() for p in net.parameters()])
+        opt.step()
+    return seen
+
+
+KNOBS = dict(damping=0.3, update_freq=2, seed=0)
+
+
+def test_grad_is_the_seng_direction_of_the_same_batch():
+    net = make_net()
+    reference_net = copy.deepcopy(net)
+    raw_net = copy.deepcopy(net)
+    recorder = GradRecorder()
+    trainer([SENGCallback(**KNOBS), recorder], max_steps=1).fit(BoringClassifier(net), loader(make_data()))
+
+    expected = plain_loop(reference_net, make_data(), KNOBS, steps=1)[0]
+    x, y = next(iter(loader(make_data())))
+    nn.functional.cross_entropy(raw_net(x), y).backward()
+    raw = [p.grad for p in raw_net.parameters()]
+    for got, want, g in zip(recorder.grads[0], expected, raw):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        assert not torch.allclose(got, g, rtol=1e-3, atol=0), "the callback left the raw gradient in place"
+
+
+def test_training_follows_the_plain_loop_over_refresh_and_reuse_steps():
+    net = make_net()
+    reference_net = copy.deepcopy(net)
+    callback = SENGCallback(**KNOBS)
+    trainer([callback], max_steps=5).fit(BoringClassifier(net), loader(make_data()))
+    plain_loop(reference_net, make_data(), KNOBS, steps=5)
+    assert callback.seng.step_count == 5
+    for p, q in zip(net.parameters(), reference_net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulation_and_clipping_apply_after_seng_with_scaled_loss():
+    net = make_net()
+    reference_net = copy.deepcopy(net)
+    recorder = GradRecorder()
+    t = trainer([SENGCallback(**KNOBS), recorder], max_steps=3, accumulate_grad_batches=2, gradient_clip_val=0.05)
+    t.fit(BoringClassifier(net), loader(make_data()))
+    plain_loop(reference_net, make_data(), KNOBS, steps=3, accumulate=2, clip=0.05)
+    for p, q in zip(net.parameters(), reference_net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # The recorder sees the SENG direction before clipping: it is longer than the clip threshold.
+    assert torch.linalg.vector_norm(torch.cat([g.flatten() for g in recorder.grads[0]])) > 0.05
+
+
+def test_loss_scale_divides_by_accumulate_grad_batches(monkeypatch):
+    scales = []
+    original = SENG.step
+    monkeypatch.setattr(SENG, "step", lambda self, loss_scale=1.0: (scales.append(loss_scale), original(self, loss_scale))[1])
+    trainer([SENGCallback(**KNOBS)], max_steps=2, accumulate_grad_batches=3).fit(
+        BoringClassifier(make_net()), loader(make_data()))
+    assert scales == [pytest.approx(1 / 3)] * 2
+
+
+def _resumable_run(tmp_path, max_epochs, ckpt_path=None, save=False):
+    net = make_net()
+    dataset = make_data()
+    train_loader = DataLoader(dataset, batch_size=BATCH, sampler=EpochSeededSampler(len(dataset), seed=3))
+    damping = ExponentialDamping(1.0, rate=0.5, period=1.0)
+    callback = SENGCallback(damping=damping, update_freq=4, sketch_size=5, route="explicit", seed=7)
+    callbacks = [callback]
+    if save:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0))
+    t = trainer(callbacks, max_epochs=max_epochs, enable_checkpointing=save)
+    module = BoringClassifier(net)
+    t.fit(module, train_loader, ckpt_path=ckpt_path)
+    return module, callback
+
+
+def test_checkpoint_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
+    # 6 steps per epoch, refresh every 4: the resume point (step 12) falls between refreshes (8, 16).
+    uninterrupted, _ = _resumable_run(tmp_path / "a", max_epochs=4)
+    _resumable_run(tmp_path / "b", max_epochs=2, save=True)
+    ckpt = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
+    state = ckpt["callbacks"]["SENGCallback"]["seng"]
+    assert state["step_count"] == 12 and state["layers"], "the checkpoint lacks SENG's state"
+    resumed, callback = _resumable_run(tmp_path / "c", max_epochs=4, ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert callback.seng.step_count == 24 and callback.seng.epoch == 3
+    for (name, p), q in zip(uninterrupted.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), f"{name} differs after resume"
+
+
+def test_resume_without_seng_state_would_differ(tmp_path):
+    """Control for the bit-exact test: dropping the SENG state changes the trajectory."""
+    uninterrupted, _ = _resumable_run(tmp_path / "a", max_epochs=4)
+    _resumable_run(tmp_path / "b", max_epochs=2, save=True)
+    ckpt_file = tmp_path / "b" / "last.ckpt"
+    ckpt = torch.load(ckpt_file, weights_only=False)
+    ckpt["callbacks"]["SENGCallback"] = {}
+    torch.save(ckpt, ckpt_file)
+    resumed, _ = _resumable_run(tmp_path / "c", max_epochs=4, ckpt_path=ckpt_file)
+    assert not all(torch.equal(p, q) for p, q in zip(uninterrupted.parameters(), resumed.parameters()))
+
+
+def test_damping_schedule_follows_the_epoch():
+    callback = SENGCallback(damping=ExponentialDamping(1.0, rate=0.5, period=1.0), update_freq=2)
+    seen = []
+
+    class Probe(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0:
+                seen.append(callback.seng.stats["damping"])
+
+    trainer([callback, Probe()], max_epochs=3).fit(BoringClassifier(make_net()), loader(make_data()))
+    assert seen == [1.0, 0.5, 0.25]
+
+
+def test_logs_seng_stats_with_prefix():
+    t = trainer([SENGCallback(**KNOBS, log_every_n_steps=1)], max_steps=3)
+    t.fit(BoringClassifier(make_net()), loader(make_data()))
+    metrics = t.callback_metrics
+    for key in ("damping", "refresh_time", "grad_norm", "direction_norm", "cosine", "layers/gram",
+                "layers/explicit", "layers/implicit", "layers/diagonal"):
+        assert f"seng/{key}" in metrics, key
+    assert metrics["seng/damping"] == pytest.approx(0.3)
+    assert 0 < metrics["seng/cosine"] <= 1
+
+
+def test_logging_can_be_turned_off():
+    t = trainer([SENGCallback(**KNOBS, log_every_n_steps=0)], max_steps=2)
+    t.fit(BoringClassifier(make_net()), loader(make_data()))
+    assert not any(k.startswith("seng/") for k in t.callback_metrics)
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization: optimizer 0 trains ``a``, optimizer 1 trains ``b``, both from one loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(4)
+        self.a = nn.Linear(6, 12)
+        self.b = nn.Linear(12, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_a, opt_b = self.optimizers()
+        loss = nn.functional.cross_entropy(self.b(torch.tanh(self.a(x))), y)
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        self.manual_backward(loss)
+        self.raw = [p.grad.clone() for p in self.parameters()]
+        opt_a.step()
+        opt_b.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.a.parameters(), lr=0.1), torch.optim.SGD(self.b.parameters(), lr=0.1)
+
+
+def test_only_the_named_optimizers_are_preconditioned():
+    module = TwoOptimizers()
+    steps = []
+
+    class Probe(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            index = [o for o in trainer.optimizers].index(optimizer)
+            steps.append((index, [p.grad.clone() for p in pl_module.parameters()], pl_module.raw))
+
+    callback = SENGCallback(damping=0.3, update_freq=1, include=["b"], optimizers=[1])
+    trainer([callback, Probe()], max_steps=2).fit(module, loader(make_data()))
+    first_a, first_b = steps[0], steps[1]
+    assert first_a[0] == 0 and first_b[0] == 1
+    assert all(torch.equal(g, r) for g, r in zip(first_a[1], first_a[2])), "optimizer 0 was preconditioned"
+    assert not torch.allclose(first_b[1][2], first_b[2][2]), "optimizer 1 was not preconditioned"
+    assert callback.seng.step_count == 1
+
+
+def test_optimizer_index_out_of_range_names_the_key():
+    with pytest.raises(ValueError, match=r"optimizers must be indices .* \[0, 0\] \(got \[1\]\)"):
+        trainer([SENGCallback(optimizers=[1])], max_steps=1).fit(BoringClassifier(make_net()), loader(make_data()))
+
+
+@pytest.mark.parametrize("key, value, pattern", [
+    ("update_freq", 0, r"update_freq must be an integer >= 1 \(got 0\)"),
+    ("damping", -1.0, r"damping must be > 0 \(got -1.0\)"),
+    ("route", "fast", r"route must be one of \['auto', 'explicit', 'gram', 'implicit'\] \(got 'fast'\)"),
+    ("loss_reduction", "avg", r"loss_reduction must be one of \['mean', 'sum'\] \(got 'avg'\)"),
+    ("curvature_dtype", "float16", r"curvature_dtype must be one of .* \(got 'float16'\)"),
+    ("optimizers", [], r"optimizers must list at least one"),
+])
+def test_bad_knob_is_rejected_with_its_name(key, value, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        SENGCallback(**{key: value})
+
+
+def test_state_loaded_before_fit_is_applied_when_seng_is_created():
+    source = SENGCallback(**KNOBS)
+    trainer([source], max_steps=3).fit(BoringClassifier(make_net()), loader(make_data()))
+    target = SENGCallback(**KNOBS)
+    target.load_state_dict(source.state_dict())
+    assert target.seng is None and target.state_dict()["seng"]["step_count"] == 3  # kept while pending
+    trainer([target], max_steps=1).fit(BoringClassifier(make_net()), loader(make_data()))
+    assert target.seng.step_count == 4
