@@ -18,7 +18,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import time
-import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -260,6 +259,8 @@ class SENG:
     def _refresh(self, damping: float, loss_scale: float, grads_finite: bool) -> None:
         start = time.perf_counter()
         factors = {name: layer.take_factors(loss_scale, self.curvature_dtype) for name, layer in self.layers.items()}
+        if not grads_finite:  # this batch is bad as a whole: keep the last good curvature, build nothing
+            factors = dict.fromkeys(factors)
         factors = self.comm.gather_factors(factors)
         built: Dict[str, Curvature] = {}
         bad = []
@@ -291,7 +292,6 @@ class SENG:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
             log.warning(message)
 
     # ------------------------------------------------------------------ state

@@ -20,23 +20,31 @@ from torch import Tensor
 _GRAM_CHUNK_ELEMENTS = 1 << 24
 
 
-def per_sample_grads(G: Tensor, X: Tensor) -> Tensor:
-    """Explicit ``U``: ``U[n] = vec_g(Σ_p G[n,g,:,p] X[n,g,:,p]ᵀ)``, shape ``(N, groups·d_out·d_in)``."""
-    return torch.einsum("ngop,ngip->ngoi", G, X).reshape(G.shape[0], -1)
+def per_sample_grads(G: Tensor, X: Tensor, bias: bool = False) -> Tensor:
+    """Explicit ``U``: ``U[n] = vec_g(Σ_p G[n,g,:,p] X̃[n,g,:,p]ᵀ)``, shape ``(N, groups·d_out·(d_in+bias))``.
+
+    ``X̃`` is ``X`` with a row of ones appended when ``bias`` (never materialised: the bias column of
+    ``J_n`` is ``Σ_p G[n,g,:,p]``).
+    """
+    J = torch.einsum("ngop,ngip->ngoi", G, X)
+    if bias:
+        J = torch.cat([J, G.sum(3, keepdim=True)], dim=3)
+    return J.reshape(G.shape[0], -1)
 
 
-def patch_gram(G: Tensor, X: Tensor) -> Tensor:
-    """``UUᵀ`` without forming ``U``: ``K[n,m] = Σ_g Σ_{s,t} (G_nᵀ G_m)[s,t] · (X_nᵀ X_m)[s,t]``, shape ``(N, N)``.
+def patch_gram(G: Tensor, X: Tensor, bias: bool = False) -> Tensor:
+    """``UUᵀ`` without forming ``U``: ``K[n,m] = Σ_g Σ_{s,t} (G_nᵀ G_m)[s,t] · (X̃_nᵀ X̃_m)[s,t]``, ``(N, N)``.
 
-    For ``P = 1`` this is the Hadamard form ``(G Gᵀ) ∘ (X Xᵀ)``. For ``P > 1`` the two ``(N·P)²`` Gram
+    For ``P = 1`` this is the Hadamard form ``(G Gᵀ) ∘ (X̃ X̃ᵀ)``. For ``P > 1`` the two ``(N·P)²`` Gram
     matrices are multiplied element-wise and summed over ``P×P`` blocks, in row chunks so that peak
-    memory stays bounded.
+    memory stays bounded. The bias row of ``X̃`` adds 1 to every entry of ``X̃ᵀX̃``.
     """
     N, groups, d_out, P = G.shape
     d_in = X.shape[2]
     if P == 1:
         g2, x2 = G[..., 0].transpose(0, 1), X[..., 0].transpose(0, 1)  # (groups, N, d)
-        return ((g2 @ g2.transpose(1, 2)) * (x2 @ x2.transpose(1, 2))).sum(0)
+        xx = x2 @ x2.transpose(1, 2)
+        return ((g2 @ g2.transpose(1, 2)) * (xx + 1 if bias else xx)).sum(0)
     # (groups, N·P, d): rows are (sample, position) pairs.
     a = G.permute(1, 0, 3, 2).reshape(groups, N * P, d_out)
     b = X.permute(1, 0, 3, 2).reshape(groups, N * P, d_in)
@@ -45,23 +53,36 @@ def patch_gram(G: Tensor, X: Tensor) -> Tensor:
     for start in range(0, N, chunk):
         stop = min(N, start + chunk)
         rows = slice(start * P, stop * P)
-        h = ((a[:, rows] @ a.transpose(1, 2)) * (b[:, rows] @ b.transpose(1, 2))).sum(0)
+        xx = b[:, rows] @ b.transpose(1, 2)
+        h = ((a[:, rows] @ a.transpose(1, 2)) * (xx + 1 if bias else xx)).sum(0)
         out[start:stop] = h.reshape(stop - start, P, N, P).sum(dim=(1, 3))
     return out
 
 
-def patch_u_dot(G: Tensor, X: Tensor, W: Tensor) -> Tensor:
-    """``U vec(W)``: ``(U w)[n] = Σ_{g,p} G[n,g,:,p]ᵀ W[g] X[n,g,:,p]``, shape ``(N,)``."""
+def patch_u_dot(G: Tensor, X: Tensor, W: Tensor, bias: bool = False) -> Tensor:
+    """``U vec(W)``: ``(U w)[n] = Σ_{g,p} G[n,g,:,p]ᵀ W[g] X̃[n,g,:,p]``, shape ``(N,)``; ``W`` is
+    ``(groups, d_out, d_in + bias)`` with the bias as last column."""
+    d_in = X.shape[2]
     if G.shape[3] == 1 and G.shape[1] == 1:
-        return ((G[:, 0, :, 0] @ W[0]) * X[:, 0, :, 0]).sum(1)
-    return (torch.einsum("goi,ngip->ngop", W, X) * G).sum(dim=(1, 2, 3))
+        wx = G[:, 0, :, 0] @ W[0, :, :d_in]
+        out = (wx * X[:, 0, :, 0]).sum(1)
+        return out + G[:, 0, :, 0] @ W[0, :, d_in] if bias else out
+    out = (torch.einsum("goi,ngip->ngop", W[:, :, :d_in], X) * G).sum(dim=(1, 2, 3))
+    if bias:
+        out = out + torch.einsum("ngo,go->n", G.sum(3), W[:, :, d_in])
+    return out
 
 
-def patch_u_t(G: Tensor, X: Tensor, v: Tensor) -> Tensor:
-    """``Uᵀ v`` as a gradient matrix: ``Σ_n v[n] Σ_p G[n,g,:,p] X[n,g,:,p]ᵀ``, shape ``(groups, d_out, d_in)``."""
+def patch_u_t(G: Tensor, X: Tensor, v: Tensor, bias: bool = False) -> Tensor:
+    """``Uᵀ v`` as a gradient matrix: ``Σ_n v[n] Σ_p G[n,g,:,p] X̃[n,g,:,p]ᵀ``, shape
+    ``(groups, d_out, d_in + bias)``."""
     if G.shape[3] == 1 and G.shape[1] == 1:
-        return ((G[:, 0, :, 0] * v[:, None]).T @ X[:, 0, :, 0]).unsqueeze(0)
-    return torch.einsum("ngop,ngip->goi", G * v[:, None, None, None], X)
+        gv = G[:, 0, :, 0] * v[:, None]
+        out = (gv.T @ X[:, 0, :, 0]).unsqueeze(0)
+        return torch.cat([out, gv.sum(0)[None, :, None]], dim=2) if bias else out
+    gv = G * v[:, None, None, None]
+    out = torch.einsum("ngop,ngip->goi", gv, X)
+    return torch.cat([out, gv.sum(dim=(0, 3))[..., None]], dim=2) if bias else out
 
 
 def sample_indices(n: int, size: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
@@ -83,11 +104,12 @@ def sample_rows(A: Tensor, size: int, dim: int, generator: Optional[torch.Genera
     return A.index_select(dim, idx) * (n / size) ** 0.5
 
 
-def low_rank(G: Tensor, X: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
-    """Truncate each ``G[n,g]`` (``d_out × P``) to rank ``p`` by SVD: ``G ≈ Ĝ Vᵀ``, ``X̂ = X V``.
+def low_rank(G: Tensor, X: Tensor, rank: int, bias: bool = False) -> Tuple[Tensor, Tensor]:
+    """Truncate each ``G[n,g]`` (``d_out × P``) to rank ``p`` by SVD: ``G ≈ Ĝ Vᵀ``, ``X̂ = X̃ V``.
 
-    Returns ``Ĝ`` of shape ``(N, groups, d_out, p)`` and ``X̂`` of shape ``(N, groups, d_in, p)``, with
-    ``Σ_p Ĝ[:, p] ⊗ X̂[:, p] = Σ_p (G Π)[:, p] ⊗ X[:, p]``, Π the projector on the top ``p`` right
+    Returns ``Ĝ`` of shape ``(N, groups, d_out, p)`` and ``X̂`` of shape ``(N, groups, d_in + bias, p)``
+    (the bias row of ones becomes ``1ᵀV``, so ``X̂`` needs no further bias handling), with
+    ``Σ_p Ĝ[:, p] ⊗ X̂[:, p] = Σ_p (G Π)[:, p] ⊗ X̃[:, p]``, Π the projector on the top ``p`` right
     singular vectors: exact when ``p >= min(d_out, P)``.
     """
     N, groups, d_out, P = G.shape
@@ -96,6 +118,8 @@ def low_rank(G: Tensor, X: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
     g_hat = (u[..., :p] * s[..., None, :p]).reshape(N, groups, d_out, p)
     v = vh[..., :p, :].transpose(1, 2).reshape(N, groups, P, p)
     x_hat = X @ v
+    if bias:
+        x_hat = torch.cat([x_hat, v.sum(2, keepdim=True)], dim=2)
     return g_hat, x_hat
 
 

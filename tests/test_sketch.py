@@ -13,8 +13,11 @@ def _factors(n=6, groups=2, d_out=3, d_in=4, P=5):
     return torch.randn(n, groups, d_out, P, dtype=D), torch.randn(n, groups, d_in, P, dtype=D)
 
 
-def _explicit_U(G, X):
-    """Per-sample gradients by a Python loop over samples, groups and positions."""
+def _explicit_U(G, X, bias=False):
+    """Per-sample gradients by a Python loop over samples, groups and positions (``bias``: a row of
+    ones appended to ``X``)."""
+    if bias:
+        X = torch.cat([X, torch.ones(X.shape[0], X.shape[1], 1, X.shape[3], dtype=X.dtype)], dim=2)
     n, groups, d_out, P = G.shape
     rows = []
     for i in range(n):
@@ -23,16 +26,18 @@ def _explicit_U(G, X):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("shape", [dict(P=1, groups=1), dict(P=1, groups=3), dict(P=5, groups=1), dict(P=5, groups=2)])
-def test_patch_gram_and_products_match_explicit_U(shape):
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [dict(P=1, groups=1), dict(P=1, groups=3), dict(P=5, groups=1), dict(P=5, groups=2),
+                                   dict(P=3, d_in=0)])
+def test_patch_gram_and_products_match_explicit_U(shape, bias):
     G, X = _factors(**shape)
-    U = _explicit_U(G, X)
-    torch.testing.assert_close(sketch.per_sample_grads(G, X), U, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sketch.patch_gram(G, X), U @ U.T, rtol=1e-12, atol=1e-12)
-    W = torch.randn(G.shape[1], G.shape[2], X.shape[2], dtype=D)
-    torch.testing.assert_close(sketch.patch_u_dot(G, X, W), U @ W.reshape(-1), rtol=1e-12, atol=1e-12)
+    U = _explicit_U(G, X, bias)
+    torch.testing.assert_close(sketch.per_sample_grads(G, X, bias), U, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sketch.patch_gram(G, X, bias), U @ U.T, rtol=1e-12, atol=1e-12)
+    W = torch.randn(G.shape[1], G.shape[2], X.shape[2] + bias, dtype=D)
+    torch.testing.assert_close(sketch.patch_u_dot(G, X, W, bias), U @ W.reshape(-1), rtol=1e-12, atol=1e-12)
     v = torch.randn(G.shape[0], dtype=D)
-    torch.testing.assert_close(sketch.patch_u_t(G, X, v).reshape(-1), U.T @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sketch.patch_u_t(G, X, v, bias).reshape(-1), U.T @ v, rtol=1e-12, atol=1e-12)
 
 
 def test_patch_gram_chunks_give_the_same_result(monkeypatch):
@@ -46,6 +51,9 @@ def test_low_rank_is_exact_at_full_rank_and_a_projection_below():
     G, X = _factors(d_out=3, P=6)
     g_hat, x_hat = sketch.low_rank(G, X, rank=3)
     torch.testing.assert_close(sketch.per_sample_grads(g_hat, x_hat), sketch.per_sample_grads(G, X),
+                               rtol=1e-10, atol=1e-10)
+    g_hat, x_hat = sketch.low_rank(G, X, rank=3, bias=True)
+    torch.testing.assert_close(sketch.per_sample_grads(g_hat, x_hat), sketch.per_sample_grads(G, X, bias=True),
                                rtol=1e-10, atol=1e-10)
     g1, x1 = sketch.low_rank(G, X, rank=1)
     assert g1.shape == (6, 2, 3, 1) and x1.shape == (6, 2, 4, 1)
@@ -87,7 +95,7 @@ def test_explicit_coordinate_sketch_is_unbiased():
 def test_implicit_row_sampling_is_unbiased():
     G, X = _factors(n=4, d_out=12, d_in=10, P=3)
     exact = sketch.patch_gram(*sketch.low_rank(G, X, rank=3))
-    route = ImplicitRoute.build(G, X, rank=3, sketch_size=4)
+    route = ImplicitRoute.build(G, X, bias=False, rank=3, sketch_size=4)
     seeds = 1000
     gen = torch.Generator().manual_seed(0)
     mean = sum(route.gram(gen) for _ in range(seeds)) / seeds

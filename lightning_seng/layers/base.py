@@ -42,10 +42,6 @@ class Factors:
     def n(self) -> int:
         return self.grad_side.shape[0]
 
-    def is_finite(self) -> bool:
-        ok = bool(torch.isfinite(self.grad_side).all())
-        return ok and (self.input_side is None or bool(torch.isfinite(self.input_side).all()))
-
 
 @dataclass
 class Curvature:
@@ -145,9 +141,8 @@ class LayerCurvature:
 
     def build(self, factors: Factors, damping: float, loss_reduction: str, settings: RouteSettings,
               generator: Optional[torch.Generator]) -> Optional[Curvature]:
-        """A new curvature from ``factors`` (not yet committed); ``None`` if anything is non-finite."""
-        if not factors.is_finite():
-            return None
+        """A new curvature from ``factors`` (not yet committed); ``None`` if ``UUᵀ`` is not finite (a NaN or
+        Inf anywhere in the factors reaches it) or cannot be factorised."""
         route = self._route(factors, sample_scale(factors.n, loss_reduction), settings, generator)
         gram = route.gram(generator)
         chol = sketch.damped_cholesky(gram, damping)
@@ -224,17 +219,13 @@ class MatrixLayer(LayerCurvature):
         return out
 
     def _assemble(self, G: Tensor, X: Tensor, mask: Mask) -> Factors:
-        """Factors from ``G (N, groups, d_out, P)`` and weight-side inputs ``X (N, groups, d_in, P)``."""
-        parts = []
-        if mask[0]:
-            parts.append(X)
-        if mask[1]:
-            parts.append(X.new_ones(X.shape[0], X.shape[1], 1, X.shape[3]))
-        return Factors(G, torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+        """Factors from ``G (N, groups, d_out, P)`` and inputs ``X (N, groups, d_in, P)``. The bias's row of
+        ones stays implicit (``mask[1]``); with a frozen weight ``X`` keeps no rows."""
+        return Factors(G, X if mask[0] else X[:, :, :0])
 
     def _route(self, factors: Factors, scale: float, settings: RouteSettings, generator) -> Route:
         self.positions = factors.grad_side.shape[3]
-        return build_route(factors.grad_side * scale, factors.input_side, settings, generator)
+        return build_route(factors.grad_side * scale, factors.input_side, factors.mask[1], settings, generator)
 
     def estimated_cost(self, n: int, settings: RouteSettings) -> float:
         d_out, d_in = self._matrix_dims()

@@ -25,6 +25,6 @@ class LinearLayer(MatrixLayer):
             n = x.shape[0]
             xs.append(x.reshape(n, -1, x.shape[-1]))  # (N, T, d_in)
             gs.append(g.reshape(n, -1, g.shape[-1]))  # (N, T, d_out)
-        X = torch.cat(xs, dim=1).transpose(1, 2).unsqueeze(1)  # (N, 1, d_in, P)
-        G = torch.cat(gs, dim=1).transpose(1, 2).unsqueeze(1)  # (N, 1, d_out, P)
+        X = (xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)).transpose(1, 2).unsqueeze(1)  # (N, 1, d_in, P)
+        G = (gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)).transpose(1, 2).unsqueeze(1)  # (N, 1, d_out, P)
         return self._assemble(G, X, mask)

@@ -88,17 +88,21 @@ class GramRoute(Route):
     name = "gram"
 
     @classmethod
-    def build(cls, G: Tensor, X: Tensor) -> "GramRoute":
-        return cls({"G": G, "X": X}, (G.shape[1], G.shape[2], X.shape[2]))
+    def build(cls, G: Tensor, X: Tensor, bias: bool) -> "GramRoute":
+        return cls({"G": G, "X": X}, (G.shape[1], G.shape[2], X.shape[2] + bias), {"bias": bias})
+
+    @property
+    def bias(self) -> bool:
+        return bool(self.options.get("bias", False))
 
     def gram(self, generator) -> Tensor:
-        return sketch.patch_gram(self.tensors["G"], self.tensors["X"])
+        return sketch.patch_gram(self.tensors["G"], self.tensors["X"], self.bias)
 
     def u_dot(self, W: Tensor) -> Tensor:
-        return sketch.patch_u_dot(self.tensors["G"], self.tensors["X"], W)
+        return sketch.patch_u_dot(self.tensors["G"], self.tensors["X"], W, self.bias)
 
     def u_t(self, v: Tensor) -> Tensor:
-        return sketch.patch_u_t(self.tensors["G"], self.tensors["X"], v)
+        return sketch.patch_u_t(self.tensors["G"], self.tensors["X"], v, self.bias)
 
 
 class ImplicitRoute(GramRoute):
@@ -108,9 +112,9 @@ class ImplicitRoute(GramRoute):
     name = "implicit"
 
     @classmethod
-    def build(cls, G: Tensor, X: Tensor, rank: int, sketch_size: Optional[int] = None) -> "ImplicitRoute":
-        g_hat, x_hat = sketch.low_rank(G, X, rank)
-        return cls({"G": g_hat, "X": x_hat}, (G.shape[1], G.shape[2], X.shape[2]), {"sketch_size": sketch_size})
+    def build(cls, G: Tensor, X: Tensor, bias: bool, rank: int, sketch_size: Optional[int] = None) -> "ImplicitRoute":
+        g_hat, x_hat = sketch.low_rank(G, X, rank, bias)  # the bias row is folded into x_hat
+        return cls({"G": g_hat, "X": x_hat}, (G.shape[1], G.shape[2], x_hat.shape[2]), {"sketch_size": sketch_size})
 
     def gram(self, generator) -> Tensor:
         G, X = self.tensors["G"], self.tensors["X"]
@@ -169,13 +173,15 @@ def choose_route(n: int, groups: int, d_out: int, d_in: int, positions: int, set
     return "gram"
 
 
-def build_route(G: Tensor, X: Tensor, settings: RouteSettings, generator) -> Route:
-    """Build the chosen route from scaled factors ``G (N, groups, d_out, P)``, ``X (N, groups, d_in, P)``."""
+def build_route(G: Tensor, X: Tensor, bias: bool, settings: RouteSettings, generator) -> Route:
+    """Build the chosen route from scaled factors ``G (N, groups, d_out, P)``, ``X (N, groups, d_in, P)``
+    (``bias``: an implicit row of ones below ``X``)."""
     n, groups, d_out, P = G.shape
-    name = choose_route(n, groups, d_out, X.shape[2], P, settings)
+    d_in = X.shape[2] + bias
+    name = choose_route(n, groups, d_out, d_in, P, settings)
     if name == "explicit":
-        return ExplicitRoute.build(sketch.per_sample_grads(G, X), (groups, d_out, X.shape[2]),
+        return ExplicitRoute.build(sketch.per_sample_grads(G, X, bias), (groups, d_out, d_in),
                                    settings.sketch_size, generator)
     if name == "implicit":
-        return ImplicitRoute.build(G, X, settings.svd_rank, settings.sketch_size)
-    return GramRoute.build(G, X)
+        return ImplicitRoute.build(G, X, bias, settings.svd_rank, settings.sketch_size)
+    return GramRoute.build(G, X, bias)

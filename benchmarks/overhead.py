@@ -1,0 +1,126 @@
+"""Per-step cost of SENG against plain SGD: wall time and peak memory, on an MLP and a small CNN.
+
+Each configuration runs in a fresh subprocess so that its peak memory is its own: on CPU the figure
+is the growth of the process's peak resident set (``ru_maxrss``) over what it held once the model,
+the optimizer and the data were in place; on CUDA it is ``torch.cuda.max_memory_allocated``.
+
+    python benchmarks/overhead.py                      # CPU, table on stdout
+    python benchmarks/overhead.py --device cuda --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_seng import SENG
+
+
+def make_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """The benchmark models and their input shape (without the batch dimension)."""
+    if name == "mlp":
+        return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                             nn.Linear(512, 10)), (784,)
+    if name == "cnn":
+        return nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 10)), (3, 32, 32)
+    raise ValueError(f"model must be one of ['mlp', 'cnn'] (got {name!r})")
+
+
+def measure(model_name: str, optimizer: str, update_freq: int, batch_size: int, steps: int, warmup: int,
+            device: str, threads: int) -> dict:
+    """Median seconds per training step and peak memory growth for one configuration."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, shape = make_model(model_name)
+    model.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    seng = SENG(model, damping=0.5, update_freq=update_freq) if optimizer == "seng" else None
+    xs = torch.randn(4, batch_size, *shape, device=device)
+    ys = torch.randint(0, 10, (4, batch_size), device=device)
+    cuda = device.startswith("cuda")
+
+    def step(i: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xs[i % 4]), ys[i % 4]).backward()
+        if seng is not None:
+            seng.step()
+        opt.step()
+
+    step(0)  # allocate gradients and optimizer state before the baseline
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for i in range(1, warmup):
+        step(i)
+    times = []
+    # whole update_freq cycles, so refresh steps weigh in at their real share
+    steps = max(steps // update_freq, 1) * update_freq
+    for i in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(i)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    cycles = [sum(times[i:i + update_freq]) / update_freq for i in range(0, steps, update_freq)]
+    return {"model": model_name, "optimizer": optimizer, "update_freq": update_freq,
+            "step_ms": 1000 * statistics.median(cycles), "peak_mib": max(peak, 0) / 2 ** 20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
+    args = parser.parse_args()
+    if args.one:
+        model_name, optimizer, freq = args.one.split(":")
+        print(json.dumps(measure(model_name, optimizer, int(freq), args.batch_size, args.steps, args.warmup,
+                                 args.device, args.threads)))
+        return
+
+    rows = []
+    for model_name in args.models.split(","):
+        for optimizer, freq in (("sgd", 1), ("seng", 1), ("seng", 10)):
+            cmd = [sys.executable, __file__, "--one", f"{model_name}:{optimizer}:{freq}", "--device", args.device,
+                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(f"  measured {model_name} {optimizer} update_freq={freq}", file=sys.stderr, flush=True)
+    sgd = {r["model"]: r for r in rows if r["optimizer"] == "sgd"}
+    print(f"device={args.device} batch_size={args.batch_size} threads={args.threads} steps={args.steps}")
+    print(f"{'model':6} {'optimizer':9} {'update_freq':>11} {'ms/step':>9} {'x SGD':>7} {'peak MiB':>9} {'target':>7}")
+    for r in rows:
+        ratio = r["step_ms"] / sgd[r["model"]]["step_ms"]
+        target = "" if r["optimizer"] == "sgd" else ("<=2.0" if r["update_freq"] == 1 else "<=1.3")
+        verdict = "" if not target else (" ok" if ratio <= float(target[2:]) else " MISS")
+        print(f"{r['model']:6} {r['optimizer']:9} {r['update_freq']:>11} {r['step_ms']:>9.2f} {ratio:>7.2f} "
+              f"{r['peak_mib']:>9.1f} {target:>7}{verdict}")
+
+
+if __name__ == "__main__":
+    main()
