@@ -57,3 +57,25 @@ def _global_equals_single_process(rank, world_size):
 
 def test_global_mode_equals_single_process_on_concatenated_batch():
     run_on_ranks(_global_equals_single_process)
+
+
+def _collectives_per_step(rank, world_size):
+    x, y = make_batch(sum(SIZES))
+    start = sum(SIZES[:rank])
+    comm = GlobalComm()
+    model = make_net()
+    seng = SENG(model, damping=0.3, update_freq=UPDATE_FREQ, comm=comm)
+    assert 1 <= sum(comm.owns(name) for name in seng.layers) < len(seng.layers)  # every rank owns some
+    calls = []
+    for _ in range(STEPS):
+        model.zero_grad()
+        F.cross_entropy(model(x[start:start + SIZES[rank]]), y[start:start + SIZES[rank]]).backward()
+        before = comm.calls
+        seng.step()
+        calls.append(comm.calls - before)
+    # refresh: shapes all-gather + factors all-to-all + agreement + one broadcast per owner; else the broadcasts
+    assert calls == [5, 2, 5], calls
+
+
+def test_global_mode_sends_factors_in_one_all_to_all_and_directions_in_one_broadcast_per_owner():
+    run_on_ranks(_collectives_per_step)
