@@ -9,6 +9,7 @@ with the environment a Lightning ``Trainer(devices=2)`` expects from externally 
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import tempfile
 import time
@@ -46,9 +47,27 @@ def _lightning_entry(rank: int, fn: Callable, world_size: int, port: int, args: 
     fn(rank, world_size, *args)
 
 
+def _first_cause(context) -> str:
+    """The traceback of the rank that failed first: the other ranks typically fail afterwards, in a
+    collective whose peer is gone, and torch reports whichever rank it notices first."""
+    traces = []
+    for path in context.error_files:
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            with open(path, "rb") as f:
+                traces.append(pickle.load(f))
+    peer_gone = ("Connection reset by peer", "Connection closed by peer", "terminated")
+    causes = [t for t in traces if not any(p in t for p in peer_gone)]
+    return (causes or traces or ["(no traceback)"])[0]
+
+
 def _join(context, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+    while True:
+        try:
+            if context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+                return
+        except mp.ProcessRaisedException:
+            pytest.fail(f"a rank failed:\n{_first_cause(context)}", pytrace=False)
         if time.monotonic() >= deadline:
             for process in context.processes:
                 if process.is_alive():

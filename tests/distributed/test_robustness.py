@@ -88,3 +88,21 @@ def test_unequal_batch_sizes_on_the_ranks_finish_with_one_direction():
 
 def test_nonfinite_curvature_on_one_rank_skips_the_refresh_on_every_rank():
     run_on_ranks(_nonfinite_on_one_rank)
+
+
+def _different_sequence_lengths(rank, world_size):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    seng = SENG(model, comm=make_comm("global"))
+    x = torch.randn(2, 3 + rank, 3, dtype=torch.float64)  # (N, T, d_in) with T = 3 on rank 0, 4 on rank 1
+    model(x).square().mean().backward()
+    try:
+        seng.step()
+    except ValueError as err:
+        assert "layer '' has per-sample factor shapes" in str(err) and "rank 1" in str(err), str(err)
+    else:
+        raise AssertionError("global mode accepted factors whose non-batch dimensions differ across ranks")
+
+
+def test_global_mode_rejects_different_sequence_lengths_on_every_rank():
+    run_on_ranks(_different_sequence_lengths)
