@@ -135,8 +135,8 @@ class ProcessGroupComm(Communicator):
     def _global_rank(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
-    def _all_reduce(self, tensor: Tensor, op=dist.ReduceOp.SUM) -> None:
-        dist.all_reduce(tensor, op=op, group=self.group)
+    def _all_reduce(self, tensor: Tensor, op: Optional["dist.ReduceOp"] = None) -> None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
         self.calls += 1
         if self.world_size > 1:
             self.bytes_received += tensor.numel() * tensor.element_size()
@@ -261,13 +261,15 @@ class GlobalComm(ProcessGroupComm):
 
     # ------------------------------------------------------------------ refresh: factors to owners
     def gather_factors(self, factors):
-        metas = self._exchange_meta(factors)                     # (W, L, _META_WIDTH), on CPU
-        present = metas[:, :, 0] == 1
-        if not bool(present.any()):
+        metas = self._exchange_meta(factors)  # metas[rank][layer]: that rank's metadata row (a list of ints)
+        rows = [row for rank_rows in metas for row in rank_rows if row[0] == 1]
+        if not rows:
             return {name: None for name in self.names}
         self._check_shapes(metas)
-        dtype = self._promoted([_WIRE_DTYPES[c] for c in metas[:, :, 1][present].unique().tolist()])
-        totals = (metas[:, :, _N_COLUMN] * present).sum(0).tolist()  # N of each layer over all ranks
+        dtype = self._promoted([_WIRE_DTYPES[code] for code in {row[1] for row in rows}])
+        # N of each layer over all ranks
+        totals = [sum(metas[r][k][_N_COLUMN] for r in range(self.world_size) if metas[r][k][0] == 1)
+                  for k in range(len(self.names))]
 
         index = {name: k for k, name in enumerate(self.names)}
         send_parts: List[Tensor] = []
@@ -286,7 +288,7 @@ class GlobalComm(ProcessGroupComm):
                         send_parts.append(t.reshape(-1).to(dtype))
                         size += t.numel()
             send_sizes.append(size)
-        recv_sizes = [sum(self._numel(metas[src, index[name]]) for name in self.owned[self.rank])
+        recv_sizes = [sum(self._numel(metas[src][index[name]]) for name in self.owned[self.rank])
                       for src in range(self.world_size)]
         send = torch.cat(send_parts) if send_parts else torch.empty(0, dtype=dtype, device=self.device)
         recv = self._all_to_all(send.to(self.device), send_sizes, recv_sizes)
@@ -296,7 +298,7 @@ class GlobalComm(ProcessGroupComm):
         offset = 0
         for src in range(self.world_size):
             for name in self.owned[self.rank]:
-                row = metas[src, index[name]]
+                row = metas[src][index[name]]
                 if row[0] != 1:
                     continue
                 tensors = []
@@ -318,7 +320,7 @@ class GlobalComm(ProcessGroupComm):
             out[name] = Factors(grad_side, input_side, layer.trainable())
         return out
 
-    def _exchange_meta(self, factors) -> Tensor:
+    def _exchange_meta(self, factors) -> List[List[List[int]]]:
         rows = torch.zeros(len(self.names), _META_WIDTH, dtype=torch.int64)
         for k, name in enumerate(self.names):
             f = factors.get(name)
@@ -337,15 +339,14 @@ class GlobalComm(ProcessGroupComm):
                                      f"cannot be gathered (got shape {tuple(t.shape)})")
                 rows[k, base] = t.dim()
                 rows[k, base + 1:base + 1 + t.dim()] = torch.tensor(t.shape)
-        parts = self._all_gather(rows.to(self.device))
-        return torch.stack([p.cpu() for p in parts])
+        return [part.tolist() for part in self._all_gather(rows.to(self.device))]
 
-    def _check_shapes(self, metas: Tensor) -> None:
+    def _check_shapes(self, metas: List[List[List[int]]]) -> None:
         """All ranks see all metadata, so all raise together: trailing dimensions must agree."""
         for k, name in enumerate(self.names):
-            ranks = [r for r in range(self.world_size) if metas[r, k, 0] == 1]
-            shapes = {r: tuple(None if s is None else s[1:] for s in (self._shape(metas[r, k], 0),
-                                                                    self._shape(metas[r, k], 1)))
+            ranks = [r for r in range(self.world_size) if metas[r][k][0] == 1]
+            shapes = {r: tuple(None if s is None else s[1:] for s in (self._shape(metas[r][k], 0),
+                                                                    self._shape(metas[r][k], 1)))
                       for r in ranks}
             first = ranks[0] if ranks else None
             for r in ranks[1:]:
@@ -356,14 +357,14 @@ class GlobalComm(ProcessGroupComm):
                         "across ranks (e.g. equal sequence lengths or image sizes)")
 
     @staticmethod
-    def _shape(row: Tensor, side: int) -> Optional[Tuple[int, ...]]:
+    def _shape(row: List[int], side: int) -> Optional[Tuple[int, ...]]:
         base = 2 + side * (1 + _MAX_NDIM)
-        ndim = int(row[base])
+        ndim = row[base]
         if ndim < 0:
             return None
-        return tuple(int(s) for s in row[base + 1:base + 1 + ndim])
+        return tuple(row[base + 1:base + 1 + ndim])
 
-    def _numel(self, row: Tensor) -> int:
+    def _numel(self, row: List[int]) -> int:
         if row[0] != 1:
             return 0
         return sum(math.prod(s) for s in (self._shape(row, 0), self._shape(row, 1)) if s is not None)
