@@ -1,0 +1,128 @@
+"""Tables and plots of a comparison run: one PNG per problem, one Markdown table for all."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"seng": "#d62728", "sgd": "#1f77b4", "adamw": "#2ca02c", "kfac": "#9467bd",
+          "shampoo": "#ff7f0e", "soap": "#8c564b"}
+LABELS = {"seng": "SENG", "sgd": "SGD+momentum", "adamw": "AdamW", "kfac": "K-FAC (asdl)",
+          "shampoo": "Shampoo (pytorch-optimizer)", "soap": "SOAP (pytorch-optimizer)"}
+METRIC_LABELS = {"test_acc": "test accuracy", "test_recon": "test reconstruction error"}
+
+
+def _band(runs, attr: str):
+    """Mean, min and max over seeds of a per-epoch series, truncated to the shortest run."""
+    series = [getattr(r, attr) for r in runs]
+    n = min(len(s) for s in series)
+    cols = [[s[i] for s in series] for i in range(n)]
+    mean = [sum(c) / len(c) for c in cols]
+    return mean, [min(c) for c in cols], [max(c) for c in cols]
+
+
+def plot_problem(problem, runs_by_opt: dict, path: Path) -> None:
+    """2x2 figure: training loss and test metric, against epochs and against training wall time.
+    Lines are the mean over seeds, bands the min-max range; the dashed line is the target."""
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    metric_label = METRIC_LABELS.get(problem.metric_name, problem.metric_name)
+    for name, runs in runs_by_opt.items():
+        color = COLORS.get(name)
+        label = f"{LABELS.get(name, name)} (lr={runs[0].lr:.3g})"
+        wall, _, _ = _band(runs, "wall_s")
+        epochs = list(range(len(wall)))
+        for row, attr in enumerate(("train_loss", "eval_metric")):
+            mean, lo, hi = _band(runs, attr)
+            for col, xs in enumerate((epochs, wall)):
+                ax = axes[row, col]
+                ax.plot(xs, mean, color=color, label=label, lw=1.8)
+                if len(runs) > 1:
+                    ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
+    for col in range(2):
+        axes[0, col].set_yscale("log")
+        axes[0, col].set_ylabel("training loss (epoch mean)")
+        axes[1, col].set_ylabel(metric_label)
+        axes[1, col].axhline(problem.target, color="black", ls="--", lw=1,
+                             label=f"target {problem.target:g}")
+        axes[1, col].set_xlabel("epoch" if col == 0 else "training wall time (s)")
+        axes[0, col].set_xlabel("epoch" if col == 0 else "training wall time (s)")
+    if problem.higher_is_better:
+        lo = min(problem.target - 0.1, 0.8)
+        for col in range(2):
+            axes[1, col].set_ylim(lo, 1.0)
+    else:
+        for col in range(2):
+            axes[1, col].set_yscale("log")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    handles, labels = axes[1, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9, frameon=False)
+    n_seeds = len(next(iter(runs_by_opt.values())))
+    fig.suptitle(f"{problem.name}: mean over {n_seeds} seed(s), band = min-max", fontsize=12)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pm(mean: float, std: float, fmt: str) -> str:
+    if not math.isfinite(mean):
+        return "—"
+    return f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def summary_markdown(summaries: list[dict], cfg) -> str:
+    """The README table: one row per problem and optimizer, then SENG's ratios per problem."""
+    lines = [
+        "| problem | optimizer | lr | reached | epochs to target | wall s to target | "
+        "final metric | ms / step | peak RSS added (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        target = f"{s['metric_name']} {'≥' if s['metric_name'] == 'test_acc' else '≤'} {s['target']:g}"
+        lines.append(
+            f"| {s['problem']} ({target}) | {LABELS.get(s['optimizer'], s['optimizer'])} | "
+            f"{s['lr']:.3g} | {s['seeds_reached']}/{s['seeds']} | "
+            f"{_pm(s['epochs_to_target_mean'], s['epochs_to_target_std'], '.1f')} | "
+            f"{_pm(s['wall_to_target_s_mean'], s['wall_to_target_s_std'], '.2f')} | "
+            f"{_pm(s['final_metric_mean'], s['final_metric_std'], '.4f')} | "
+            f"{_pm(s['step_ms_mean'], s['step_ms_std'], '.1f')} | "
+            f"{_pm(s['peak_rss_mib_mean'], s['peak_rss_mib_std'], '.1f')} |")
+    ratios = _ratios(summaries)
+    if ratios:
+        lines += ["", "| problem | peer | peer epochs / SENG epochs | peer wall s / SENG wall s |",
+                  "|---|---|---|---|"]
+        lines += ratios
+    return "\n".join(lines) + "\n"
+
+
+def _ratios(summaries: list[dict]) -> list[str]:
+    rows = []
+    by_problem: dict[str, dict[str, dict]] = {}
+    for s in summaries:
+        by_problem.setdefault(s["problem"], {})[s["optimizer"]] = s
+    for problem, opts in by_problem.items():
+        seng = opts.get("seng")
+        if seng is None:
+            continue
+        for name, s in opts.items():
+            if name == "seng":
+                continue
+            rows.append(f"| {problem} | {LABELS.get(name, name)} | "
+                        f"{_ratio(s, seng, 'epochs_to_target_mean')} | "
+                        f"{_ratio(s, seng, 'wall_to_target_s_mean')} |")
+    return rows
+
+
+def _ratio(peer: dict, seng: dict, key: str) -> str:
+    """Peer / SENG of a to-target mean, only when both reached the target on every seed."""
+    complete = (peer["seeds_reached"] == peer["seeds"] and seng["seeds_reached"] == seng["seeds"])
+    if not complete:
+        return "n/a (a seed missed the target)"
+    a, b = peer[key], seng[key]
+    if not (math.isfinite(a) and math.isfinite(b)) or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}"

@@ -1,0 +1,37 @@
+"""Smoke test of the benchmark script: the quick config, SGD and SENG only, tiny budgets."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_config_writes_expected_csvs(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--config-name", "quick",
+           "optimizers=[sgd,seng]", "problems=[mlp,cnn]", "plots=false",
+           f"out_dir={tmp_path}", "epochs.mlp=1", "epochs.cnn=1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    summary = _rows(tmp_path / "summary.csv")
+    assert [(r["problem"], r["optimizer"]) for r in summary] == [
+        ("mlp", "sgd"), ("mlp", "seng"), ("cnn", "sgd"), ("cnn", "seng")]
+    for column in ("epochs_to_target_mean", "wall_to_target_s_mean", "final_metric_mean",
+                   "step_ms_mean", "peak_rss_mib_mean", "seeds_reached", "lr"):
+        assert column in summary[0]
+
+    curves = _rows(tmp_path / "curves.csv")
+    # one seed, epoch 0 (before training) and epoch 1, per problem and optimizer
+    assert len(curves) == 4 * 2
+    assert {r["epoch"] for r in curves} == {"0", "1"}
+
+    search = _rows(tmp_path / "lr_search.csv")
+    assert len(search) == 4 * 2  # lr_grid_size=2 values per problem and optimizer
+    assert sum(r["chosen"] == "True" for r in search) == 4
+    assert (tmp_path / "summary.md").read_text().startswith("| problem |")
