@@ -2,16 +2,13 @@
 
 The callback only translates Lightning events into calls on :class:`lightning_seng.SENG`:
 
-=============================  ===================================================================
-Lightning event                SENG call
-=============================  ===================================================================
-``on_fit_start``               ``SENG(pl_module, **knobs)``; apply state restored from a checkpoint
-``on_train_epoch_start``       ``seng.set_epoch(trainer.current_epoch)`` (epoch-based damping)
-``on_before_optimizer_step``   ``seng.step(loss_scale)`` for the optimizers named in ``optimizers``
-``on_train_batch_end``         log ``seng.stats`` as ``seng/<key>``
-``state_dict``/``load_state_dict``  ``seng.state_dict()`` / ``seng.load_state_dict()`` in checkpoints
-``teardown``                   ``seng.remove()`` (hooks detached)
-=============================  ===================================================================
+- ``on_fit_start``: ``SENG(pl_module, **knobs, comm=trainer.strategy.seng_comm)``; apply the state
+  restored from a checkpoint.
+- ``on_train_epoch_start``: ``seng.set_epoch(trainer.current_epoch)`` (epoch-based damping).
+- ``on_before_optimizer_step``: ``seng.step(loss_scale)`` for the optimizers named in ``optimizers``.
+- ``on_train_batch_end``: log ``seng.stats`` as ``seng/<key>``.
+- ``state_dict`` / ``load_state_dict``: ``seng.state_dict()`` / ``seng.load_state_dict()`` in checkpoints.
+- ``teardown``: ``seng.remove()`` (hooks detached).
 
 Order of gradient transformations in one optimizer step (automatic optimization)::
 
@@ -40,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 _LOSS_REDUCTIONS = ("mean", "sum")
 _ROUTES = ("auto", "explicit", "gram", "implicit")
@@ -151,10 +149,26 @@ class SENGCallback(Callback):
 
         if self.seng is not None:
             self.seng.remove()
-        self.seng = SENG(pl_module, **self.seng_kwargs)
+        self.seng = SENG(pl_module, **self.seng_kwargs, comm=self._communicator(trainer))
         if self._pending_state is not None:
             self.seng.load_state_dict(_to_device(self._pending_state, pl_module.device))
             self._pending_state = None
+
+    @staticmethod
+    def _communicator(trainer: pl.Trainer):
+        """SENGStrategy's ``seng_comm``; under another multi-process strategy the paper's ``local`` mode.
+
+        Without a communicator each rank would apply its own local-batch direction and the replicas drift apart.
+        """
+        if hasattr(trainer.strategy, "seng_comm"):
+            return trainer.strategy.seng_comm
+        if trainer.world_size > 1:
+            from lightning_seng.distributed import make_comm
+
+            rank_zero_info("SENGCallback: the strategy has no seng_comm; averaging the ranks' SENG directions "
+                           "(seng_mode='local'). Use strategy='seng_ddp_global' for exact global-batch SENG.")
+            return make_comm("local")
+        return None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self.seng is not None:
