@@ -6,12 +6,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_harness import run_on_ranks
 from lightning_seng import SENG
 from lightning_seng.distributed import GlobalComm
-from nets import make_batch, make_net, rel_err
 
-SIZES = (5, 3)        # unequal local batches: the gather pads nothing and must still line up
+from .dist_harness import run_on_ranks
+from .nets import make_batch, make_net, rel_err
+
+SIZES = (5, 3)        # unequal local batches
 STEPS = 3             # refresh, reuse of the stored curvature, refresh
 UPDATE_FREQ = 2
 LR = 0.1

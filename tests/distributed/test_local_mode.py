@@ -9,10 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_harness import run_on_ranks
 from lightning_seng import SENG
 from lightning_seng.distributed import LocalComm
-from nets import make_batch, make_net, rel_err
+
+from .dist_harness import run_on_ranks
+from .nets import make_batch, make_net, rel_err
 
 SIZES = (5, 3)
 STEPS = 3             # refresh, reuse of the stored curvature, refresh

@@ -7,10 +7,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_harness import run_on_ranks
 from lightning_seng import SENG
 from lightning_seng.distributed import SENG_MODES, make_comm
-from nets import make_batch, make_net, rel_err
+
+from .dist_harness import run_on_ranks
+from .nets import make_batch, make_net, rel_err
 
 # Local batch sizes per step on each rank: unequal at every step, down to a single sample.
 BATCH_SIZES = {0: (4, 4, 1, 3, 2), 1: (4, 2, 4, 1, 3)}
