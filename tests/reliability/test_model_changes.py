@@ -1,0 +1,284 @@
+"""Models that change between steps or bend the one-call-per-layer picture: frozen parameters (also
+freezing a weight but not its bias mid-training), weight sharing, layers skipped in a step, modules in
+eval mode and in-place activations. float64 against the dense per-sample reference where one exists."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_seng import SENG
+from tests.reliability._reference import layer_blocks, rel_err, seng_blocks
+
+DAMPING = 0.25
+
+# Core fix proposed in /work/patches/eval-mode-capture.diff (which turns this marker into a no-op).
+needs_eval_mode_patch = pytest.mark.xfail(reason="hooks skip modules in eval mode; BatchNorm eval needs running "
+                                          "statistics: /work/patches/eval-mode-capture.diff", strict=True)
+
+
+def _data(n=9, d=6, classes=3, seed=1, shape=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *(shape or (d,)), generator=g, dtype=torch.float64)
+    return x, torch.randint(0, classes, (n,), generator=g)
+
+
+def _trainable(model):
+    return [k for k, p in model.named_parameters() if p.requires_grad]
+
+
+def _step(model, seng, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    raw = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    seng.step()
+    return raw
+
+
+def _assert_matches_reference(model, x, y, got=None, names=None):
+    names = names or _trainable(model)
+    if got is None:
+        got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    ref = seng_blocks(model, F.cross_entropy, x, y, DAMPING, layer_blocks(model, names))
+    for k in names:
+        assert rel_err(got[k], ref[k]) < 1e-10, k
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+# ------------------------------------------------------------------------------------- frozen
+def test_layer_frozen_from_the_start_is_skipped_and_others_stay_exact():
+    model = _mlp()
+    model[2].requires_grad_(False)
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    x, y = _data()
+    _step(model, seng, x, y)
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    assert model[2].weight.grad is None and model[2].bias.grad is None
+    assert seng.layers["2"].curvature is None
+    _assert_matches_reference(model, x, y, got)
+
+
+def test_freezing_weight_but_not_bias_mid_training():
+    model = _mlp()
+    seng = SENG(model, damping=DAMPING, update_freq=2)
+    x0, y0 = _data(seed=1)
+    _step(model, seng, x0, y0)                              # step 0: refresh with weight and bias
+    assert seng.layers["2"].curvature.mask == (True, True)
+
+    model[2].weight.requires_grad_(False)
+    x1, y1 = _data(seed=2)
+    raw = _step(model, seng, x1, y1)                        # step 1: between refreshes
+    assert model[2].weight.grad is None
+    # the stored curvature was for (weight, bias): it no longer fits, so the bias falls back
+    assert torch.allclose(model[2].bias.grad, raw["2.bias"] / (1 + DAMPING), rtol=1e-15, atol=0)
+
+    x2, y2 = _data(seed=3)
+    _step(model, seng, x2, y2)                              # step 2: refresh with the bias alone
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    assert seng.layers["2"].curvature.mask == (False, True)
+    assert "2.weight" not in got
+    _assert_matches_reference(model, x2, y2, got)           # bias block = dense solve over the bias only
+
+    model[2].weight.requires_grad_(True)                    # unfreeze: exact again after the next refresh
+    _step(model, seng, *_data(seed=4))
+    x4, y4 = _data(seed=5)
+    _step(model, seng, x4, y4)
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    assert seng.layers["2"].curvature.mask == (True, True)
+    _assert_matches_reference(model, x4, y4, got)
+
+
+def test_freezing_a_whole_layer_mid_training_leaves_it_untouched():
+    model = _mlp()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    _step(model, seng, *_data(seed=1))
+    model[0].requires_grad_(False)
+    x, y = _data(seed=2)
+    _step(model, seng, x, y)
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == {"2.weight", "2.bias", "4.weight", "4.bias"}
+    _assert_matches_reference(model, x, y, got)
+
+
+# ------------------------------------------------------------------------------ weight sharing
+class SharedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 6)
+        self.shared = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.shared(h))
+        h = torch.tanh(self.shared(h) + h)
+        return self.head(h)
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 7, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        return self.head(torch.tanh(self.conv(h)).flatten(1))
+
+
+@pytest.mark.parametrize("route", ["auto", "explicit", "gram", "implicit"])
+def test_layer_used_twice_sums_both_uses_per_sample(route):
+    torch.manual_seed(0)
+    model = SharedLinear().double()
+    x, y = _data(d=5)
+    seng = SENG(model, damping=DAMPING, update_freq=1, route=route, svd_rank=2)
+    _step(model, seng, x, y)
+    _assert_matches_reference(model, x, y)
+
+
+@pytest.mark.parametrize("route", ["explicit", "gram", "implicit"])
+def test_conv_used_twice_sums_both_uses_per_sample(route):
+    torch.manual_seed(0)
+    model = SharedConv().double()
+    x, y = _data(shape=(3, 7), classes=4)
+    seng = SENG(model, damping=DAMPING, update_freq=1, route=route, svd_rank=14)
+    _step(model, seng, x, y)
+    _assert_matches_reference(model, x, y)
+
+
+# ------------------------------------------------------------------------------ unused layers
+class TwoBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+        self.branch = "a"
+
+    def forward(self, x):
+        return self.head(torch.tanh(getattr(self, self.branch)(x)))
+
+
+def test_layer_not_used_in_a_refresh_step_keeps_its_old_curvature():
+    torch.manual_seed(0)
+    model = TwoBranch().double()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    model.branch = "b"
+    _step(model, seng, *_data(seed=1))
+    kept = seng.layers["b"].curvature
+    kept_gram = kept.gram.clone()
+
+    model.branch = "a"                      # refresh step in which "b" does not run
+    x, y = _data(seed=2)
+    _step(model, seng, x, y)
+    assert model.b.weight.grad is None and model.b.bias.grad is None
+    assert seng.layers["b"].curvature is kept and torch.equal(kept.gram, kept_gram)
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    _assert_matches_reference(model, x, y, got, names=["a.weight", "a.bias", "head.weight", "head.bias"])
+
+
+def test_layer_run_but_outside_the_loss_gets_no_curvature_and_no_error():
+    torch.manual_seed(0)
+
+    class AuxHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(6, 5)
+            self.head = nn.Linear(5, 3)
+            self.aux = nn.Linear(5, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            self.aux_out = self.aux(h)      # computed, never part of the loss
+            return self.head(h)
+
+    model = AuxHead().double()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    x, y = _data()
+    _step(model, seng, x, y)
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    assert seng.layers["aux"].curvature is None and model.aux.weight.grad is None
+    _assert_matches_reference(model, x, y, got, names=["body.weight", "body.bias", "head.weight", "head.bias"])
+    _step(model, seng, x, y)                # the dangling capture does not disturb the next refresh
+    _assert_matches_reference(model, x, y, names=["body.weight", "body.bias", "head.weight", "head.bias"])
+
+
+# ---------------------------------------------------------------------------------- eval mode
+def test_no_capture_under_no_grad_or_outside_refresh_steps():
+    model = _mlp()
+    seng = SENG(model, damping=DAMPING, update_freq=2)
+    with torch.no_grad():
+        model(_data()[0])
+    assert all(not layer._inputs for layer in seng.layers.values())
+    _step(model, seng, *_data())             # step 0 refreshes
+    model(_data()[0]).sum().backward()       # step 1 does not: nothing kept
+    assert all(not layer._inputs for layer in seng.layers.values())
+
+
+@needs_eval_mode_patch
+def test_linear_in_eval_mode_is_preconditioned_exactly():
+    model = _mlp()
+    model[2].eval()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    x, y = _data()
+    _step(model, seng, x, y)
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    _assert_matches_reference(model, x, y, got)
+
+
+@needs_eval_mode_patch
+def test_whole_model_in_eval_mode_is_preconditioned_exactly():
+    model = _mlp().eval()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    x, y = _data()
+    _step(model, seng, x, y)
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    _assert_matches_reference(model, x, y, got)
+
+
+@needs_eval_mode_patch
+def test_batchnorm_in_eval_mode_uses_running_statistics():
+    """A frozen-statistics BatchNorm (``bn.eval()``) with trainable affine parameters: samples are
+    independent, so the per-sample reference applies; the normalisation must use the running stats."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 3 * 3, 3)).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    model[1].eval()
+    x, y = _data(shape=(2, 5, 5))
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    _step(model, seng, x, y)
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    assert seng.layers["1"].curvature is not None
+    _assert_matches_reference(model, x, y, got)
+
+
+# ------------------------------------------------------------------------------ in-place ops
+def _inplace_model(inplace):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=inplace), nn.GroupNorm(2, 4), nn.ReLU(inplace=inplace),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 3)).double()
+
+
+@pytest.mark.parametrize("route", ["explicit", "gram"])
+def test_inplace_relu_after_layers_matches_reference(route):
+    x, y = _data(shape=(2, 4, 4))
+    model = _inplace_model(inplace=True)
+    seng = SENG(model, damping=DAMPING, update_freq=1, route=route)
+    _step(model, seng, x, y)
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    plain = _inplace_model(inplace=False)
+    seng_plain = SENG(plain, damping=DAMPING, update_freq=1, route=route)
+    _step(plain, seng_plain, x, y)
+    for k, p in plain.named_parameters():
+        assert torch.equal(got[k], p.grad), k
+    _assert_matches_reference(plain, x, y)
