@@ -18,19 +18,20 @@ UPDATE_FREQ = 2
 LR = 0.1
 
 
-def _run(x, y, comm, route, sizes=None):
+def _run(x, y, comm, route, reduction="mean", sizes=None):
     """STEPS of SENG + plain SGD; returns the directions (``.grad`` after ``seng.step``) per step.
 
-    With ``sizes`` (distributed), the local mean-loss gradients are combined with weights ``n_r / N``
-    into the gradient of the global mean loss."""
+    With ``sizes`` (distributed), the local gradients are combined into the gradient of the global
+    loss: weights ``n_r / N`` for mean-reduced local losses, a plain sum for sum-reduced ones."""
     model = make_net()
-    seng = SENG(model, damping=0.3, update_freq=UPDATE_FREQ, route=route, svd_rank=2, comm=comm)
+    seng = SENG(model, damping=0.3, update_freq=UPDATE_FREQ, route=route, svd_rank=2, loss_reduction=reduction,
+                comm=comm)
     directions = []
     for _ in range(STEPS):
         model.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x), y, reduction=reduction).backward()
         if sizes is not None:
-            weight = x.shape[0] / sum(sizes)
+            weight = x.shape[0] / sum(sizes) if reduction == "mean" else 1.0
             for p in model.parameters():
                 p.grad.mul_(weight)
                 dist.all_reduce(p.grad)
@@ -38,7 +39,7 @@ def _run(x, y, comm, route, sizes=None):
         directions.append([p.grad.clone() for p in model.parameters()])
         with torch.no_grad():
             for p in model.parameters():
-                p.sub_(LR * p.grad)
+                p.sub_(LR * p.grad / (1 if reduction == "mean" else sum(SIZES)))
     return directions, seng
 
 
@@ -46,14 +47,14 @@ def _global_equals_single_process(rank, world_size):
     x, y = make_batch(sum(SIZES))
     start = sum(SIZES[:rank])
     local = slice(start, start + SIZES[rank])
-    for route in ("auto", "gram", "implicit"):
-        got, seng = _run(x[local], y[local], GlobalComm(), route, sizes=SIZES)
-        want, reference = _run(x, y, None, route)
+    for route, reduction in (("auto", "mean"), ("gram", "mean"), ("implicit", "mean"), ("auto", "sum")):
+        got, seng = _run(x[local], y[local], GlobalComm(loss_reduction=reduction), route, reduction, sizes=SIZES)
+        want, reference = _run(x, y, None, route, reduction)
         assert reference.stats["layers/" + ("explicit" if route == "auto" else route)] >= 1
         assert seng.stats["skipped_refreshes"] == 0
         for step, (g_step, w_step) in enumerate(zip(got, want)):
             for g, w in zip(g_step, w_step):
-                assert rel_err(g, w) < 1e-10, (route, step, rel_err(g, w))
+                assert rel_err(g, w) < 1e-10, (route, reduction, step, rel_err(g, w))
 
 
 def test_global_mode_equals_single_process_on_concatenated_batch():
