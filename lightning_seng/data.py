@@ -86,7 +86,8 @@ class _LoadersMixin:
 
 
 class DigitsDataModule(_LoadersMixin, pl.LightningDataModule):
-    """scikit-learn digits: 10 classes, fixed stratified split, features standardised with train statistics.
+    """scikit-learn digits: 10 classes, fixed stratified split, features standardised with train statistics
+    (``(x - mean) / max(std, 1)`` per pixel: the floor keeps near-constant border pixels from exploding).
 
     ``image_size=None`` gives flat ``(N, 64)`` features (for an MLP); an integer gives ``(N, 1, S, S)``
     images, bilinearly resampled from 8x8 when ``S != 8`` (for a CNN).
@@ -134,7 +135,9 @@ class DigitsDataModule(_LoadersMixin, pl.LightningDataModule):
         x = torch.as_tensor(x, dtype=torch.float32)
         y = torch.as_tensor(y, dtype=torch.long)
         mean = x[idx_train].mean(0)
-        std = x[idx_train].std(0).clamp_min(1e-3)  # constant border pixels have std 0
+        # Border pixels are (nearly) constant in the train split; dividing by their tiny std would blow a rare
+        # nonzero test pixel up to thousands. A floor of one intensity level (pixels take 0..16) bounds that.
+        std = x[idx_train].std(0).clamp_min(1.0)
         x = (x - mean) / std
         if self.image_size is not None:
             x = x.view(-1, 1, 8, 8)

@@ -27,6 +27,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import lightning_seng.strategy  # noqa: F401  (registers strategy="seng_ddp" / "seng_ddp_global")
 from lightning_seng.classifier import Classifier
 from lightning_seng.mixin import build_seng_callback
 
@@ -79,7 +80,7 @@ def build(cfg: DictConfig, seng_cfg: Any, optimizer_cfg: Any, run_name: str = "s
         seng=to_dict(seng_cfg), label_smoothing=cfg.get("label_smoothing", 0.0),
     )
     logger = _build_logger(cfg, run_name)
-    trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=logger if logger else False)
+    trainer = pl.Trainer(**_instantiate("trainer", cfg.trainer), logger=logger if logger else False)
     return module, datamodule, trainer
 
 

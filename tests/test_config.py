@@ -152,3 +152,13 @@ def test_wandb_sweep_is_a_valid_sweep_over_real_config_keys():
             assert param["values"]
     sweeps = pytest.importorskip("sweeps", reason="wandb[sweeps] validates the schema when installed")
     assert sweeps.schema_violations_from_proposed_config(spec) == []
+
+
+def test_trainer_strategy_config_is_built_into_an_object():
+    from lightning_seng.strategy import SENGStrategy
+    from lightning_seng.train import _instantiate
+
+    cfg = _compose(["trainer=ddp", "trainer.strategy.seng_mode=global"])
+    kwargs = _instantiate("trainer", cfg.trainer)
+    assert isinstance(kwargs["strategy"], SENGStrategy) and kwargs["strategy"].seng_mode == "global"
+    assert kwargs["accelerator"] == "gpu" and kwargs["precision"] == "16-mixed"
