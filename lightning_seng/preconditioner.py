@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
+import numbers
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -54,7 +56,10 @@ def _check_filter(key: str, value: LayerFilter) -> List[Union[str, type]]:
         return []
     if isinstance(value, (str, type)):
         value = [value]
-    items = list(value)
+    try:
+        items = list(value)
+    except TypeError:
+        raise ValueError(f"{key} must list module names (fnmatch patterns) or module types (got {value!r})") from None
     for item in items:
         if not isinstance(item, (str, type)):
             raise ValueError(f"{key} must list module names (fnmatch patterns) or module types (got {item!r})")
@@ -116,7 +121,12 @@ class SENG:
             raise ValueError(f"curvature_dtype must be torch.float32, torch.float64 or None (got {curvature_dtype!r})")
         include = _check_filter("include", include)
         exclude = _check_filter("exclude", exclude)
-        self.skip_nonfinite = bool(skip_nonfinite)
+        seed = _check_int("seed", seed, 0)
+        if not isinstance(skip_nonfinite, bool):
+            raise ValueError(f"skip_nonfinite must be True or False (got {skip_nonfinite!r})")
+        if comm is not None and not isinstance(comm, Communicator):
+            raise ValueError(f"comm must be a lightning_seng.distributed.Communicator or None (got {comm!r})")
+        self.skip_nonfinite = skip_nonfinite
         self.model = model
         self.comm = comm if comm is not None else Communicator()
 
@@ -150,12 +160,14 @@ class SENG:
         self.skipped_refreshes = 0
         self.nonfinite_steps = 0
         self._warned: set = set()
-        self.stats: Dict[str, float] = {}
+        self.stats: Dict[str, float] = {"skipped_refreshes": 0, "nonfinite_steps": 0}
 
     # ------------------------------------------------------------------ hooks
     def _hook(self, layer: LayerCurvature) -> Callable:
         def forward_hook(module: nn.Module, inputs, output) -> None:
-            if self.will_refresh and module.training and torch.is_grad_enabled():
+            # Eval mode still trains when grad is enabled (frozen BatchNorm statistics, no dropout);
+            # evaluation loops run under no_grad and are skipped by the grad check.
+            if self.will_refresh and torch.is_grad_enabled():
                 layer.capture(inputs, output)
         return forward_hook
 
@@ -189,6 +201,8 @@ class SENG:
         ``loss_scale`` is the factor the loss carried into backward relative to the batch loss
         (AMP scale / gradient-accumulation steps); captured output gradients are divided by it.
         """
+        if isinstance(loss_scale, bool) or not isinstance(loss_scale, numbers.Real) or not 0 < loss_scale < math.inf:
+            raise ValueError(f"loss_scale must be a finite number > 0 (got {loss_scale!r})")
         damping = self.damping
         refresh = self.will_refresh
         grads_finite = self._grads_finite()
@@ -229,7 +243,10 @@ class SENG:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if not grads:
             return True
-        return bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()))
+        if bool(torch.isfinite(torch.stack([n.double() for n in torch._foreach_norm(grads)]).sum())):
+            return True
+        # A norm also overflows for large but finite entries (|g|² > float max): only then look at the entries.
+        return all(bool(torch.isfinite(g).all()) for g in grads)
 
     def _record(self, pairs, others: List[nn.Parameter], damping: float) -> None:
         """``stats``: ‖g‖, ‖d‖ and cos(g, d) over all trainable parameters."""
@@ -249,8 +266,12 @@ class SENG:
     def _zero_nonfinite(self) -> None:
         self.nonfinite_steps += 1
         self.stats["nonfinite_steps"] = self.nonfinite_steps
-        self._warn_once("grad", "SENG: non-finite gradient; this step's gradients are zeroed "
-                                "(counted in stats['nonfinite_steps'])")
+        if "grad" not in self._warned:
+            names = list(dict.fromkeys(name.rpartition(".")[0] for name, p in self.model.named_parameters()
+                                       if p.grad is not None and not bool(torch.isfinite(p.grad).all())))
+            where = ", ".join(f"'{n}'" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            self._warn_once("grad", f"SENG: non-finite gradient in layer {where}; this step's gradients are "
+                                    "zeroed (counted in stats['nonfinite_steps'])")
         if self.skip_nonfinite:
             for p in self.model.parameters():
                 if p.grad is not None:
@@ -315,6 +336,7 @@ class SENG:
         self.epoch = int(state["epoch"])
         self.skipped_refreshes = int(state["skipped_refreshes"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.stats.update(skipped_refreshes=self.skipped_refreshes, nonfinite_steps=self.nonfinite_steps)
         self.generator.set_state(state["generator"])
         for name, layer in self.layers.items():
             layer.clear()

@@ -49,12 +49,15 @@ class ExponentialDamping(DampingSchedule):
     def __init__(self, damping: float, rate: float, period: float = 1.0, min_damping: float = 0.0,
                  staircase: bool = False):
         self.damping = _check_positive("damping", damping)
-        self.rate = _check_positive("damping_decay", rate)
-        self.period = _check_positive("damping_period", period)
-        if isinstance(min_damping, bool) or not isinstance(min_damping, (int, float)) or min_damping < 0:
-            raise ValueError(f"min_damping must be a number >= 0 (got {min_damping!r})")
+        self.rate = _check_positive("rate", rate)
+        self.period = _check_positive("period", period)
+        if (isinstance(min_damping, bool) or not isinstance(min_damping, (int, float))
+                or not math.isfinite(min_damping) or min_damping < 0):
+            raise ValueError(f"min_damping must be a finite number >= 0 (got {min_damping!r})")
+        if not isinstance(staircase, bool):
+            raise ValueError(f"staircase must be True or False (got {staircase!r})")
         self.min_damping = float(min_damping)
-        self.staircase = bool(staircase)
+        self.staircase = staircase
 
     def value(self, step: int, epoch: int) -> float:
         exponent = epoch / self.period

@@ -24,7 +24,7 @@ def test_make_damping_accepts_numbers_schedules_and_callables():
 
 @pytest.mark.parametrize("build,key", [
     (lambda: ConstantDamping(0), "damping"), (lambda: ConstantDamping(float("nan")), "damping"),
-    (lambda: ExponentialDamping(1.0, rate=0), "damping_decay"), (lambda: ExponentialDamping(1.0, 0.5, period=0), "damping_period"),
+    (lambda: ExponentialDamping(1.0, rate=0), "rate"), (lambda: ExponentialDamping(1.0, 0.5, period=0), "period"),
     (lambda: ExponentialDamping(1.0, 0.5, min_damping=-1), "min_damping"), (lambda: make_damping(True), "damping"),
     (lambda: make_damping(lambda s, e: -1.0)(0, 0), "damping"),
 ])

@@ -1,8 +1,8 @@
 """Affine weights of BatchNorm, LayerNorm, GroupNorm and RMSNorm.
 
-With ``x̂`` the normalised input (batch statistics for BatchNorm in training mode), the per-sample
-gradients are ``J_n = [Σ_s G[n,·,s] ∘ x̂[n,·,s], Σ_s G[n,·,s]]`` (weight, bias), summed over the positions
-``s`` that share a parameter. They are small (``2·C``), so ``U`` is built explicitly.
+With ``x̂`` the normalised input (batch statistics for BatchNorm in training mode, its running statistics
+in eval mode), the per-sample gradients are ``J_n = [Σ_s G[n,·,s] ∘ x̂[n,·,s], Σ_s G[n,·,s]]`` (weight,
+bias), summed over the positions ``s`` that share a parameter. They are small (``2·C``), so ``U`` is built explicitly.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ class NormLayer(LayerCurvature):
     def _normalised(self, x: Tensor) -> Tensor:
         m = self.module
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return F.batch_norm(x, None, None, training=True, eps=m.eps)
+            if m.training or m.running_mean is None:
+                return F.batch_norm(x, None, None, training=True, eps=m.eps)
+            # eval mode: the forward normalised with the (frozen) running statistics
+            return F.batch_norm(x, m.running_mean.to(x.dtype), m.running_var.to(x.dtype), training=False, eps=m.eps)
         if isinstance(m, nn.GroupNorm):
             return F.group_norm(x, m.num_groups, eps=m.eps)
         if isinstance(m, nn.LayerNorm):
