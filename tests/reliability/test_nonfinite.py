@@ -15,11 +15,6 @@ from tests.reference import per_sample_gradients, dense_direction
 from tests.reliability._reference import rel_err
 
 DAMPING = 0.4
-
-# Core fix proposed in /work/patches/nonfinite-reporting.diff (which turns this marker into a no-op).
-needs_nonfinite_patch = pytest.mark.xfail(reason="stats counters from step 0, layer names in the non-finite "
-                                          "gradient warning, overflow-safe finiteness check: "
-                                          "/work/patches/nonfinite-reporting.diff", strict=True)
 LR, MOMENTUM = 0.1, 0.9
 
 
@@ -108,7 +103,6 @@ def _warnings(caplog):
             if r.name == "lightning_seng.preconditioner" and r.levelno == logging.WARNING]
 
 
-@needs_nonfinite_patch
 def test_nan_batch_warns_once_naming_the_layer(caplog):
     caplog.set_level(logging.WARNING, logger="lightning_seng.preconditioner")
     _, seng, _, _ = _train(steps=7, bad_steps={2, 4, 6})
@@ -118,7 +112,6 @@ def test_nan_batch_warns_once_naming_the_layer(caplog):
     assert seng.stats["skipped_refreshes"] == 3 and seng.stats["nonfinite_steps"] == 3
 
 
-@needs_nonfinite_patch
 def test_nonfinite_gradient_warning_names_the_offending_layer(caplog):
     caplog.set_level(logging.WARNING, logger="lightning_seng.preconditioner")
     model = _mlp()
@@ -140,7 +133,6 @@ def test_nan_on_non_refresh_step_counts_step_but_not_a_skipped_refresh():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@needs_nonfinite_patch
 def test_counters_are_in_stats_from_the_first_clean_step():
     model, seng, _, _ = _train(steps=2, bad_steps=set())
     assert seng.stats["skipped_refreshes"] == 0
@@ -186,7 +178,6 @@ def test_overflowing_curvature_with_finite_gradient_preconditions_with_old_facto
     assert rel_err(model.bias.grad, ref["bias"]) < 1e-10
 
 
-@needs_nonfinite_patch
 def test_large_finite_gradient_is_not_treated_as_nonfinite():
     """A gradient whose squared norm overflows float32 is still finite: it must be preconditioned,
     not zeroed as a NaN/Inf step."""

@@ -17,25 +17,6 @@ from tests.reliability._reference import rel_err, seng_blocks
 
 nan, inf = math.nan, math.inf
 
-# Core fix proposed in /work/patches/boundary-validation.diff (which turns this marker into a no-op).
-needs_validation_patch = pytest.mark.xfail(reason="unvalidated seed/skip_nonfinite/comm/loss_scale, non-iterable "
-                                           "include/exclude, schedule keys rate/period/min_damping/staircase: "
-                                           "/work/patches/boundary-validation.diff", strict=True)
-
-
-def _pending(key, value):
-    """Cases the core does not validate yet (see ``needs_validation_patch``)."""
-    if key in ("seed", "skip_nonfinite", "comm", "rate", "period", "staircase", "loss_scale"):
-        return True
-    if key in ("include", "exclude") and not isinstance(value, list):
-        return True
-    return key == "min_damping" and isinstance(value, float) and not math.isfinite(value)
-
-
-def _params(cases, ids):
-    return [pytest.param(*case, id=i, marks=[needs_validation_patch] if _pending(case[0], case[-2]) else [])
-            for case, i in zip(cases, ids)]
-
 
 def _model():
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
@@ -78,7 +59,7 @@ def _assert_message(err, key, value, allowed):
     assert allowed in msg, msg
 
 
-@pytest.mark.parametrize("key, value, allowed", _params(SENG_CASES, [f"{k}={_id(v)}" for k, v, _ in SENG_CASES]))
+@pytest.mark.parametrize("key, value, allowed", SENG_CASES, ids=[f"{k}={_id(v)}" for k, v, _ in SENG_CASES])
 def test_seng_rejects_bad_argument_naming_key_value_and_allowed(key, value, allowed):
     model = _model()
     with pytest.raises(ValueError) as err:
@@ -109,8 +90,8 @@ SCHEDULE_CASES = [
 SCHEDULE_PARAMS = [(key, build, v, allowed) for key, build, values, allowed in SCHEDULE_CASES for v in values]
 
 
-@pytest.mark.parametrize("key, build, value, allowed", _params(
-    SCHEDULE_PARAMS, [f"{k}={_id(v)}-{i}" for i, (k, _, v, _) in enumerate(SCHEDULE_PARAMS)]))
+@pytest.mark.parametrize("key, build, value, allowed", SCHEDULE_PARAMS,
+                         ids=[f"{k}={_id(v)}-{i}" for i, (k, _, v, _) in enumerate(SCHEDULE_PARAMS)])
 def test_schedule_rejects_bad_argument_naming_key_value_and_allowed(key, build, value, allowed):
     with pytest.raises(ValueError) as err:
         build(value)
@@ -134,7 +115,6 @@ def test_set_epoch_rejects_bad_epoch(value):
     _assert_message(err, "epoch", value, ">= 0")
 
 
-@needs_validation_patch
 @pytest.mark.parametrize("value", [0.0, -2.0, nan, inf, "1"])
 def test_step_rejects_bad_loss_scale_without_touching_gradients(value):
     model = _model()
