@@ -180,3 +180,22 @@ def test_fp16_overflow_step_is_skipped_by_scaler_and_seng_alike():
     assert not all(torch.equal(a, b) for a, b in zip(history[-1][1], history[-1][2]))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(layer.curvature is not None for layer in seng.layers.values())
+
+
+@pytest.mark.parametrize("damping, tol", [(1.0, 1e-6), (1e-2, 1e-4), (1e-3, 1e-3)])
+def test_float32_curvature_tracks_float64_down_to_small_damping(damping, tol):
+    """The SMW form divides by λ, so float32 round-off grows like eps·‖UUᵀ‖/λ: still within ``tol`` of the
+    float64 direction for λ >= 1e-3 (N = 64 > d of the LayerNorm, whose N×N Gram is singular)."""
+    def direction(dtype):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.LayerNorm(32), nn.Linear(32, 10)).to(dtype)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(64, 20, generator=g).to(dtype), torch.randint(0, 10, (64,), generator=g)
+        seng = SENG(model, damping=damping, update_freq=1)
+        F.cross_entropy(model(x), y).backward()
+        seng.step()
+        return {k: p.grad.double() for k, p in model.named_parameters()}
+
+    ref, got = direction(torch.float64), direction(torch.float32)
+    for k in ref:
+        assert rel_err(got[k], ref[k]) < tol, k

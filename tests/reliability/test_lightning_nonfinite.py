@@ -1,5 +1,7 @@
 """A NaN batch inside a Lightning ``Trainer.fit`` with ``SENGCallback``: the refresh is skipped, the
-factors are kept, one warning, counters in ``seng.stats``, the run completes with finite weights."""
+factors are kept, one warning, counters in ``seng.stats``, the run completes with finite weights; in full
+precision and under ``bf16-mixed``. (On CPU Lightning turns ``16-mixed`` into ``bf16-mixed``, so its
+GradScaler path is not exercised here; the plain-loop fp16 + GradScaler checks are in ``test_amp.py``.)"""
 
 import logging
 
@@ -48,7 +50,8 @@ class Tiny(pl.LightningModule):
                 torch.equal(before[k], after[k]) for k in before)
 
 
-def test_nan_batch_in_trainer_is_skipped_and_training_completes(caplog):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_nan_batch_in_trainer_is_skipped_and_training_completes(caplog, precision):
     caplog.set_level(logging.WARNING, logger="lightning_seng")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 6, generator=g)
@@ -59,7 +62,8 @@ def test_nan_batch_in_trainer_is_skipped_and_training_completes(caplog):
     model = Tiny()
     callback = callback_module.SENGCallback(damping=0.5, update_freq=2)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                         precision=precision)
     trainer.fit(model, loader)
 
     seng = callback.seng
@@ -68,6 +72,7 @@ def test_nan_batch_in_trainer_is_skipped_and_training_completes(caplog):
     assert model.kept == {b: True for b in NAN_BATCHES}          # factors kept across each NaN step
     assert seng.stats["skipped_refreshes"] == 2 and seng.stats["nonfinite_steps"] == 2
     assert all(layer.curvature is not None for layer in seng.layers.values())
+    assert all(layer.curvature.gram.dtype == torch.float32 for layer in seng.layers.values())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
                 and r.name.startswith("lightning_seng") and "non-finite" in r.getMessage()]
     assert len(warnings) == 1, warnings
