@@ -116,6 +116,7 @@ def fit_and_test(cfg: DictConfig, label: str, seng_cfg: Any, optimizer_cfg: Any)
     fit_time = time.perf_counter() - start
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     metrics["fit_time_s"] = fit_time
+    metrics["optimizer.lr"] = optimizer_cfg.lr
     if trainer.logger is not None and hasattr(trainer.logger.experiment, "finish"):
         trainer.logger.experiment.finish()  # W&B: close this run before the next one starts
     return {k: float(v) for k, v in metrics.items()}
@@ -132,7 +133,8 @@ def format_results(results: dict[str, dict[str, float]]) -> str:
     lines = ["metric".ljust(14) + "".join(label.rjust(width) for label in labels)]
     for key in keys:
         row = [results[label].get(key) for label in labels]
-        lines.append(key.ljust(14) + "".join(("-" if v is None else f"{v:.4f}").rjust(width) for v in row))
+        lines.append(key.ljust(14) + "".join(("-" if v is None else f"{v:.4g}" if key == "optimizer.lr" else f"{v:.4f}")
+                                             .rjust(width) for v in row))
     return "\n".join(lines)
 
 
@@ -149,7 +151,7 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
 def main(cfg: DictConfig) -> float:
     results = run(cfg)
     print()
-    print(f"Test results: {cfg.get('title', '')}")
+    print(f"Test results: {cfg.get('title', '')} ({cfg.trainer.max_epochs} epochs, seed {cfg.seed})")
     print(format_results(results))
     return next(iter(results.values()))["test/acc"]
 

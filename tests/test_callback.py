@@ -273,3 +273,29 @@ def test_state_loaded_before_fit_is_applied_when_seng_is_created():
     assert target.seng is None and target.state_dict()["seng"]["step_count"] == 3  # kept while pending
     trainer([target], max_steps=1).fit(BoringClassifier(make_net()), loader(make_data()))
     assert target.seng.step_count == 4
+
+
+class _Scaler:
+    def __init__(self, scale: float, enabled: bool = True) -> None:
+        self.scale, self.enabled = scale, enabled
+
+    def get_scale(self) -> float:
+        return self.scale
+
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+
+@pytest.mark.parametrize("automatic, scaler, accumulate, manual_scale, expected", [
+    (True, _Scaler(1024.0), 4, 1.0, 256.0),      # AMP scale / accumulate_grad_batches
+    (True, None, 2, 1.0, 0.5),                   # no scaler (fp32, bf16)
+    (True, _Scaler(1024.0, enabled=False), 1, 1.0, 1.0),
+    (False, _Scaler(8.0), 4, 0.25, 2.0),         # manual: Lightning does not divide by accumulation
+])
+def test_loss_scale_combines_amp_scale_and_accumulation(automatic, scaler, accumulate, manual_scale, expected):
+    from types import SimpleNamespace
+
+    callback = SENGCallback(manual_loss_scale=manual_scale)
+    trainer_stub = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), accumulate_grad_batches=accumulate)
+    module_stub = SimpleNamespace(automatic_optimization=automatic)
+    assert callback._loss_scale(trainer_stub, module_stub) == pytest.approx(expected)
