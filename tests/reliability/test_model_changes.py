@@ -383,3 +383,84 @@ def test_module_replaced_after_attach_falls_back_and_warns(caplog):
         assert torch.allclose(got, raw[k] / (1 + DAMPING), rtol=1e-15, atol=0), k
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(messages) == 1 and "4.weight" in messages[0], messages
+
+
+# ------------------------------------------------------------------- silent approximations are named
+# Core fixes proposed in /work/patches/shared-parameters-warning.diff and row-count-warning.diff (each
+# turns its marker into a no-op). SENG stays approximate in both cases; the tests pin that it says so.
+needs_shared_warning_patch = pytest.mark.xfail(reason="tied parameters are preconditioned silently: "
+                                               "/work/patches/shared-parameters-warning.diff", strict=True)
+needs_rows_warning_patch = pytest.mark.xfail(reason="layers on flattened (N*T, d) rows are treated as N*T "
+                                             "samples silently: /work/patches/row-count-warning.diff", strict=True)
+
+
+class TiedHead(nn.Module):
+    """An embedding tied to the output layer, as in language models."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 5)
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.fc(self.emb(tokens).mean(1))))
+
+
+class FlatTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        return self.head(torch.tanh(self.fc(x.reshape(n * t, d))).reshape(n, t, -1).mean(1))
+
+
+def _warnings(caplog):
+    import logging
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("lightning_seng")]
+
+
+def test_tied_weights_keep_untied_layers_exact():
+    torch.manual_seed(0)
+    model = TiedHead().double()
+    x, y = torch.randint(0, 7, (6, 3)), torch.randint(0, 7, (6,))
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    _step(model, seng, x, y)
+    got = {k: p.grad.clone() for k, p in model.named_parameters()}
+    assert torch.isfinite(got["emb.weight"]).all()
+    _assert_matches_reference(model, x, y, got, names=["fc.weight", "fc.bias"])
+
+
+@needs_shared_warning_patch
+def test_tied_weights_are_reported_at_attach(caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="lightning_seng")
+    SENG(TiedHead().double(), damping=DAMPING)
+    messages = _warnings(caplog)
+    assert len(messages) == 1 and "'emb'" in messages[0] and "'head'" in messages[0], messages
+
+
+def test_flattened_token_rows_keep_other_layers_exact():
+    torch.manual_seed(0)
+    model = FlatTokens().double()
+    x, y = _data(n=6, shape=(3, 4))
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    _step(model, seng, x, y)
+    _assert_matches_reference(model, x, y, names=["head.weight", "head.bias"])
+
+
+@needs_rows_warning_patch
+def test_flattened_token_rows_are_reported_once(caplog):
+    import logging
+    caplog.set_level(logging.WARNING, logger="lightning_seng")
+    torch.manual_seed(0)
+    model = FlatTokens().double()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    for seed in range(3):
+        _step(model, seng, *_data(n=6, shape=(3, 4), seed=seed))
+    messages = _warnings(caplog)
+    assert len(messages) == 1 and "'fc': 18" in messages[0] and "'head': 6" in messages[0], messages
