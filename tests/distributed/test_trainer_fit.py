@@ -22,19 +22,22 @@ from .nets import make_batch, make_net
 
 STEPS_PER_EPOCH = 4   # 32 samples, 2 ranks, batch 4
 UPDATE_FREQ = 3       # refreshes at steps 0, 3, 6: the resumed epoch starts on a stored curvature
+# global mode trains a sum-reduced loss: the strategy must take the reduction from the callback
+REDUCTION = {"local": "mean", "global": "sum"}
 
 
 class _Module(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, reduction: str) -> None:
         super().__init__()
         self.net = make_net()
+        self.reduction = reduction
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return F.cross_entropy(self.net(x), y)
+        return F.cross_entropy(self.net(x), y, reduction=self.reduction)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=0.1 if self.reduction == "mean" else 0.025, momentum=0.9)
 
     def train_dataloader(self):
         x, y = make_batch(2 * 2 * STEPS_PER_EPOCH * 2)
@@ -42,16 +45,17 @@ class _Module(pl.LightningModule):
 
 
 def _fit(mode, root, max_epochs, ckpt_path=None, save_to=None):
-    callback = SENGCallback(damping=0.3, update_freq=UPDATE_FREQ)
+    callback = SENGCallback(damping=0.3, update_freq=UPDATE_FREQ, loss_reduction=REDUCTION[mode])
     trainer = pl.Trainer(accelerator="cpu", devices=2, precision="64-true", max_epochs=max_epochs,
                          strategy=SENGStrategy(seng_mode=mode, timeout=timedelta(seconds=60)),
                          callbacks=[callback], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
-    module = _Module()
+    module = _Module(REDUCTION[mode])
     trainer.fit(module, ckpt_path=ckpt_path)
     assert callback.seng.comm is trainer.strategy.seng_comm
     assert isinstance(callback.seng.comm, LocalComm if mode == "local" else GlobalComm)
     assert callback.seng.comm.calls > 0
+    assert getattr(callback.seng.comm, "loss_reduction", "mean") == REDUCTION[mode]
     if save_to is not None:
         trainer.save_checkpoint(save_to)
     return [p.detach().clone() for p in module.parameters()], callback.seng.step_count
