@@ -94,7 +94,8 @@ class SENGStrategy(DDPStrategy):
         return [cb for cb in trainer.callbacks if isinstance(cb, SENGCallback)]
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: _PATH, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: Dict[str, Any], filepath: _PATH,
+                        storage_options: Optional[Any] = None) -> None:
         """Called on every rank: rank 0 writes, with every rank's SENG callback state attached."""
         keys = [cb.state_key for cb in self._seng_callbacks()]
         if keys and self.world_size > 1 and dist.is_initialized():
