@@ -72,11 +72,12 @@ class _LoadersMixin:
         return DataLoader(
             self.train_set, batch_size=self.batch_size, sampler=EpochSeededSampler(len(self.train_set), self.seed),
             num_workers=self.num_workers, drop_last=False, persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
         )
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.eval_batch_size or self.batch_size, shuffle=False,
-                          num_workers=self.num_workers)
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)

@@ -162,3 +162,13 @@ def test_trainer_strategy_config_is_built_into_an_object():
     kwargs = _instantiate("trainer", cfg.trainer)
     assert isinstance(kwargs["strategy"], SENGStrategy) and kwargs["strategy"].seng_mode == "global"
     assert kwargs["accelerator"] == "gpu" and kwargs["precision"] == "16-mixed"
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "seng").glob("*.yaml") if p.stem != "none"))
+def test_every_seng_preset_builds_a_callback(preset):
+    from lightning_seng.mixin import build_seng_callback
+
+    callback = build_seng_callback(_compose([f"seng={preset}"]).seng)
+    assert isinstance(callback, SENGCallback)
+    damping = callback.seng_kwargs["damping"]
+    assert (damping(0, 0) if callable(damping) else damping) > 0
