@@ -147,10 +147,21 @@ class SENG:
                 self.layers[name] = layer
             elif any(True for _ in module.parameters(recurse=False)):
                 unsupported.add(type(module).__name__)
-        covered = {id(p) for layer in self.layers.values() for p in layer.parameters()}
-        self.other_params = [p for p in params if id(p) not in covered]
+        self._covered = {id(p) for layer in self.layers.values() for p in layer.parameters()}
+        self._attached = {id(p) for p in params}
+        self.other_params = [p for p in params if id(p) not in self._covered]
         if unsupported:
             log.info("SENG: no curvature for %s; their parameters get g / (1 + damping)", ", ".join(sorted(unsupported)))
+        owners: Dict[int, List[str]] = {}
+        for name, module in model.named_modules():
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(name)
+        shared = sorted({tuple(owners[id(p)]) for layer in self.layers.values() for p in layer.parameters()
+                         if len(owners[id(p)]) > 1})
+        if shared:
+            log.warning("SENG: parameters shared between modules %s; a layer's curvature covers only the uses "
+                        "inside that layer, so their direction is not the exact per-layer solve",
+                        ", ".join("(" + ", ".join(repr(n) for n in names) + ")" for names in shared))
 
         self._handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in self.layers.values()]
         self.comm.setup(self.layers)
@@ -231,13 +242,30 @@ class SENG:
             if d is not None:
                 pairs += [(p, dp) for p, dp in zip(layer.trainable_params(layer.trainable()), d)
                           if p.grad is not None and dp is not None]
-        others = [p for p in self.other_params if p.grad is not None and p.requires_grad]
+        others = self._other_grads()
         self._record(pairs, others, damping)
         for p, dp in pairs:
             p.grad.copy_(dp)
         if others:
             torch._foreach_div_([p.grad for p in others], 1.0 + damping)
         self.step_count += 1
+
+    def _other_grads(self) -> List[nn.Parameter]:
+        """Trainable parameters with a gradient outside every preconditioned layer: those of unsupported
+        modules and any added to the model after SENG was attached (they have no hooks)."""
+        others, late = [], []
+        for name, p in self.model.named_parameters():
+            if p.grad is None or not p.requires_grad or id(p) in self._covered:
+                continue
+            if id(p) not in self._attached:
+                self._attached.add(id(p))
+                self.other_params.append(p)
+                late.append(name)
+            others.append(p)
+        if late:
+            self._warn_once("late", "SENG: parameters added after SENG was attached get g / (1 + damping): "
+                                    f"{', '.join(repr(n) for n in late)}; create SENG again to precondition them")
+        return others
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -282,6 +310,12 @@ class SENG:
         factors = {name: layer.take_factors(loss_scale, self.curvature_dtype) for name, layer in self.layers.items()}
         if not grads_finite:  # this batch is bad as a whole: keep the last good curvature, build nothing
             factors = dict.fromkeys(factors)
+        rows = {name: f.n for name, f in factors.items() if f is not None}
+        if len(set(rows.values())) > 1:
+            self._warn_once("rows", "SENG: layers saw different numbers of rows in one batch ("
+                            + ", ".join(f"'{k}': {v}" for k, v in rows.items()) + "); the first dimension of a "
+                            "layer's input is taken as the sample dimension, so a layer applied to flattened "
+                            "(N·T, d) inputs or to part of the batch gets a curvature that is not per-sample")
         factors = self.comm.gather_factors(factors)
         built: Dict[str, Curvature] = {}
         bad = []

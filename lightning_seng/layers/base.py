@@ -97,7 +97,8 @@ class LayerCurvature:
         """Forward hook body: keep the input, and hook the output for its gradient.
 
         Calls before any backward accumulate (a module used twice in one forward); a forward after a
-        completed backward (the next micro-batch) starts afresh, so the last micro-batch wins.
+        completed backward (the next micro-batch) starts afresh, so the last micro-batch wins. Output
+        gradients of several backward passes through one forward (``retain_graph=True``) are summed.
         """
         if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
             return
@@ -109,7 +110,8 @@ class LayerCurvature:
         grads.append(None)
 
         def keep_grad(grad: Tensor) -> None:
-            grads[index] = grad.detach()
+            # Several backward passes through one forward (retain_graph) add up, as .grad does.
+            grads[index] = grad.detach() if grads[index] is None else grads[index] + grad.detach()
 
         output.register_hook(keep_grad)
 

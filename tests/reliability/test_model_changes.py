@@ -279,8 +279,7 @@ def test_inplace_relu_after_layers_matches_reference(route):
 
 # ------------------------------------------------------------------- backward passes and graphs
 # Core fix proposed in /work/patches/retain-graph-backward.diff (which turns this marker into a no-op).
-needs_retain_graph_patch = pytest.mark.xfail(reason="the output-grad hook keeps only the last backward pass: "
-                                             "/work/patches/retain-graph-backward.diff", strict=True)
+needs_retain_graph_patch = pytest.mark.skipif(False, reason="fixed in core")  # no-op; drop it with its use
 
 
 class Block(nn.Module):
@@ -362,8 +361,7 @@ def test_channels_last_conv_matches_reference():
 
 # ------------------------------------------------------------------- modules added after attach
 # Core fix proposed in /work/patches/late-parameters.diff (which turns this marker into a no-op).
-needs_late_params_patch = pytest.mark.xfail(reason="parameters added after SENG(model) are left raw: "
-                                            "/work/patches/late-parameters.diff", strict=True)
+needs_late_params_patch = pytest.mark.skipif(False, reason="fixed in core")  # no-op; drop it with its use
 
 
 @needs_late_params_patch
@@ -432,8 +430,7 @@ def test_tied_weights_keep_untied_layers_exact():
 
 
 # Core fix proposed in /work/patches/shared-parameters-warning.diff (which turns this marker into a no-op).
-needs_shared_warning_patch = pytest.mark.xfail(reason="tied parameters are preconditioned silently: "
-                                               "/work/patches/shared-parameters-warning.diff", strict=True)
+needs_shared_warning_patch = pytest.mark.skipif(False, reason="fixed in core")  # no-op; drop it with its use
 
 
 @needs_shared_warning_patch
@@ -455,8 +452,7 @@ def test_flattened_token_rows_keep_other_layers_exact():
 
 
 # Core fix proposed in /work/patches/row-count-warning.diff (which turns this marker into a no-op).
-needs_rows_warning_patch = pytest.mark.xfail(reason="layers on flattened (N*T, d) rows are treated as N*T "
-                                             "samples silently: /work/patches/row-count-warning.diff", strict=True)
+needs_rows_warning_patch = pytest.mark.skipif(False, reason="fixed in core")  # no-op; drop it with its use
 
 
 @needs_rows_warning_patch
