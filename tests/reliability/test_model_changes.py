@@ -278,9 +278,6 @@ def test_inplace_relu_after_layers_matches_reference(route):
 
 
 # ------------------------------------------------------------------- backward passes and graphs
-# Core fix proposed in /work/patches/retain-graph-backward.diff (which turns this marker into a no-op).
-needs_retain_graph_patch = pytest.mark.skipif(False, reason="fixed in core")  # no-op; drop it with its use
-
 
 class Block(nn.Module):
     def __init__(self, checkpointed=None):
@@ -315,7 +312,6 @@ def test_activation_checkpointing_matches_reference(reentrant):
     _assert_matches_reference(model, x.detach(), y, got)
 
 
-@needs_retain_graph_patch
 def test_two_backward_passes_through_one_forward_add_up():
     """``l1.backward(retain_graph=True); l2.backward()`` accumulates ``.grad`` of ``l1 + l2``; the curvature
     must be that of ``l1 + l2`` too (per-sample output gradients add), not of ``l2`` alone."""
@@ -360,11 +356,7 @@ def test_channels_last_conv_matches_reference():
 
 
 # ------------------------------------------------------------------- modules added after attach
-# Core fix proposed in /work/patches/late-parameters.diff (which turns this marker into a no-op).
-needs_late_params_patch = pytest.mark.skipif(False, reason="fixed in core")  # no-op; drop it with its use
 
-
-@needs_late_params_patch
 def test_module_replaced_after_attach_falls_back_and_warns(caplog):
     """A head swapped in after ``SENG(model)`` has no hooks; like any unsupported parameter it must get
     ``g / (1 + λ)`` (not the raw gradient), with one warning that says how to precondition it."""
@@ -429,11 +421,6 @@ def test_tied_weights_keep_untied_layers_exact():
     _assert_matches_reference(model, x, y, got, names=["fc.weight", "fc.bias"])
 
 
-# Core fix proposed in /work/patches/shared-parameters-warning.diff (which turns this marker into a no-op).
-needs_shared_warning_patch = pytest.mark.skipif(False, reason="fixed in core")  # no-op; drop it with its use
-
-
-@needs_shared_warning_patch
 def test_tied_weights_are_reported_at_attach(caplog):
     import logging
     caplog.set_level(logging.INFO, logger="lightning_seng")
@@ -451,11 +438,6 @@ def test_flattened_token_rows_keep_other_layers_exact():
     _assert_matches_reference(model, x, y, names=["head.weight", "head.bias"])
 
 
-# Core fix proposed in /work/patches/row-count-warning.diff (which turns this marker into a no-op).
-needs_rows_warning_patch = pytest.mark.skipif(False, reason="fixed in core")  # no-op; drop it with its use
-
-
-@needs_rows_warning_patch
 def test_flattened_token_rows_are_reported_once(caplog):
     import logging
     caplog.set_level(logging.WARNING, logger="lightning_seng")

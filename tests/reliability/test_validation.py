@@ -215,3 +215,21 @@ def test_multihead_attention_is_listed_and_falls_back_without_crashing(caplog):
             assert torch.allclose(p.grad, raw[k] / (1 + damping), rtol=1e-15, atol=0), k
     assert seng.layers["head"].curvature is not None
     assert seng.layers["attn.out_proj"].curvature is None
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: nn.Sequential(), lambda: torch.randn(3, 4, requires_grad=True)),
+    (lambda: nn.ReLU(), lambda: torch.randn(3, 4, requires_grad=True)),
+    (lambda: nn.Embedding(5, 4), lambda: torch.randint(0, 5, (3,))),
+    (lambda: nn.Linear(4, 4).requires_grad_(False), lambda: torch.randn(3, 4, requires_grad=True)),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False)), lambda: torch.randn(3, 4)),
+    (lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4, elementwise_affine=False)), lambda: torch.randn(3, 4)),
+], ids=["empty", "no-parameters", "only-unsupported", "all-frozen", "batchnorm-no-affine", "layernorm-no-affine"])
+def test_degenerate_models_attach_and_step(make, x):
+    model = make()
+    seng = SENG(model, damping=0.5, update_freq=1)
+    for _ in range(2):
+        model(x()).square().sum().backward()
+        seng.step()
+    assert seng.step_count == 2
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
