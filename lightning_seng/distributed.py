@@ -19,8 +19,9 @@ from .layers import Factors, LayerCurvature, RouteSettings
 class Communicator:
     """How one SENG step talks to the other ranks. The base class is one process on its own."""
 
-    def setup(self, layers: Dict[str, LayerCurvature]) -> None:
-        """Called once by SENG with the layers it preconditions, by module name."""
+    def setup(self, layers: Dict[str, LayerCurvature], seng=None) -> None:
+        """Called once by SENG with the layers it preconditions, by module name, and itself (for its
+        settings: ``seng.loss_reduction``, ``seng.settings``, ``seng.curvature_dtype``)."""
         self.layers = layers
 
     def gather_factors(self, factors: Dict[str, Optional[Factors]]) -> Dict[str, Optional[Factors]]:
@@ -111,8 +112,8 @@ class ProcessGroupComm(Communicator):
         self.calls = 0
         self.bytes_received = 0
 
-    def setup(self, layers: Dict[str, LayerCurvature]) -> None:
-        super().setup(layers)
+    def setup(self, layers: Dict[str, LayerCurvature], seng=None) -> None:
+        super().setup(layers, seng)
         self.names = list(layers)
         params = [p for layer in layers.values() for p in layer.parameters()]
         if params:
@@ -249,8 +250,11 @@ class GlobalComm(ProcessGroupComm):
         self.batch_size_hint = batch_size_hint
         self.route_settings = route_settings if route_settings is not None else RouteSettings()
 
-    def setup(self, layers: Dict[str, LayerCurvature]) -> None:
-        super().setup(layers)
+    def setup(self, layers: Dict[str, LayerCurvature], seng=None) -> None:
+        super().setup(layers, seng)
+        if seng is not None:  # SENG's own settings win over the constructor's
+            self.loss_reduction = seng.loss_reduction
+            self.route_settings = seng.settings
         n = self.batch_size_hint * self.world_size
         costs = {name: float(layer.estimated_cost(n, self.route_settings)) for name, layer in layers.items()}
         self.owners = assign_owners(costs, self.world_size)

@@ -164,7 +164,7 @@ class SENG:
                         ", ".join("(" + ", ".join(repr(n) for n in names) + ")" for names in shared))
 
         self._handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in self.layers.values()]
-        self.comm.setup(self.layers)
+        self.comm.setup(self.layers, self)
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
         self.epoch = 0
@@ -335,10 +335,13 @@ class SENG:
             for name in bad:
                 self._warn_once(name, f"SENG: non-finite curvature in layer '{name}'; refresh skipped, "
                                       "the last good factors are kept")
-        routes = {key: 0 for key in ROUTES + ("norm", "diagonal")}
-        for layer in self.layers.values():
+        routes = {key: 0 for key in ROUTES + ("norm", "diagonal", "remote")}
+        for name, layer in self.layers.items():
             cur = layer.curvature
-            key = "diagonal" if cur is None else ("norm" if layer.kind == "norm" else cur.route.name)
+            if not self.comm.owns(name):
+                key = "remote"  # another rank owns it (global mode)
+            else:
+                key = "diagonal" if cur is None else ("norm" if layer.kind == "norm" else cur.route.name)
             routes[key] += 1
         self.stats.update({f"layers/{k}": v for k, v in routes.items()})
         self.stats["skipped_refreshes"] = self.skipped_refreshes
