@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_seng import SENG
 from tests.reference import dense_direction, per_sample_gradients
-from tests.reliability._reference import layer_blocks, rel_err, seng_blocks
+from tests.reliability._reference import layer_blocks, rel_err
 
 DAMPING = 0.3
 

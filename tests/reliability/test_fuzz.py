@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_seng import SENG
-from tests.reliability._reference import batch_gradient, layer_blocks, rel_err, seng_blocks
+from tests.reliability._reference import batch_gradient, layer_blocks, seng_blocks
 
 N_CASES = 30
 TOL = 1e-9
@@ -72,19 +72,18 @@ def build_case(seed):
     n = rng.randint(1, 8)
     classes = rng.randint(2, 4)
     prog = Program()
-    i = 0
     if kind in ("vec", "seq"):
         d = rng.randint(2, 5)
         shape = (d,) if kind == "vec" else (rng.randint(2, 4), d)
-        for _ in range(rng.randint(1, 3)):
+        for i in range(rng.randint(1, 3)):
             d_out = rng.randint(2, 6)
-            prog.add(f"fc{i}", _linear(rng, d, d_out)); i += 1
+            prog.add(f"fc{i}", _linear(rng, d, d_out))
             d = d_out
             if rng.random() < 0.4:
-                prog.add(f"ln{i}", nn.LayerNorm(d, bias=rng.random() < 0.7)); i += 1
-            prog.add("", None, "act") if False else prog.steps.append(("act", rng.randrange(len(ACTS))))
+                prog.add(f"ln{i}", nn.LayerNorm(d, bias=rng.random() < 0.7))
+            prog.steps.append(("act", rng.randrange(len(ACTS))))
             if rng.random() < 0.5:
-                name = f"shared{i}"; i += 1
+                name = f"shared{i}"
                 prog.add(name, nn.Linear(d, d))
                 prog.steps.append(("act", 0))
                 prog.add(name, prog.mods[name], "shared")
@@ -96,22 +95,22 @@ def build_case(seed):
         c = rng.randint(1, 3)
         size = rng.randint(4, 6)
         shape = (c,) + (size,) * dims
-        for _ in range(rng.randint(1, 2)):
+        for i in range(rng.randint(1, 2)):
             conv, c = _conv(rng, dims, c, size)
-            prog.add(f"conv{i}", conv); i += 1
+            prog.add(f"conv{i}", conv)
             if rng.random() < 0.5:
                 groups = rng.choice([g for g in (1, 2, c) if c % g == 0])
-                prog.add(f"gn{i}", nn.GroupNorm(groups, c, affine=rng.random() < 0.85)); i += 1
+                prog.add(f"gn{i}", nn.GroupNorm(groups, c, affine=rng.random() < 0.85))
             prog.steps.append(("act", rng.randrange(len(ACTS))))
-            size = Program.__call__(prog, torch.zeros(1, *shape)).shape[-1]
+            size = prog(torch.zeros(1, *shape)).shape[-1]
             if rng.random() < 0.4:
-                name = f"shared{i}"; i += 1
+                name = f"shared{i}"
                 conv_cls = nn.Conv1d if dims == 1 else nn.Conv2d
                 prog.add(name, conv_cls(c, c, 3, padding=1, padding_mode=rng.choice(["zeros", "circular"])))
                 prog.steps.append(("act", 0))
                 prog.add(name, prog.mods[name], "shared")
         prog.steps.append(("flatten", None))
-        flat = Program.__call__(prog, torch.zeros(1, *shape)).shape[1]
+        flat = prog(torch.zeros(1, *shape)).shape[1]
         prog.add("head", _linear(rng, flat, classes))
 
     torch.manual_seed(seed)

@@ -2,6 +2,8 @@
 freezing a weight but not its bias mid-training), weight sharing, layers skipped in a step, modules in
 eval mode and in-place activations. float64 against the dense per-sample reference where one exists."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -278,7 +280,6 @@ def test_inplace_relu_after_layers_matches_reference(route):
 
 
 # ------------------------------------------------------------------- backward passes and graphs
-
 class Block(nn.Module):
     def __init__(self, checkpointed=None):
         super().__init__()
@@ -356,11 +357,9 @@ def test_channels_last_conv_matches_reference():
 
 
 # ------------------------------------------------------------------- modules added after attach
-
 def test_module_replaced_after_attach_falls_back_and_warns(caplog):
     """A head swapped in after ``SENG(model)`` has no hooks; like any unsupported parameter it must get
     ``g / (1 + λ)`` (not the raw gradient), with one warning that says how to precondition it."""
-    import logging
     caplog.set_level(logging.WARNING, logger="lightning_seng")
     model = _mlp()
     seng = SENG(model, damping=DAMPING, update_freq=1)
@@ -406,8 +405,8 @@ class FlatTokens(nn.Module):
 
 
 def _warnings(caplog):
-    import logging
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("lightning_seng")]
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and r.name.startswith("lightning_seng")]
 
 
 def test_tied_weights_keep_untied_layers_exact():
@@ -422,7 +421,6 @@ def test_tied_weights_keep_untied_layers_exact():
 
 
 def test_tied_weights_are_reported_at_attach(caplog):
-    import logging
     caplog.set_level(logging.INFO, logger="lightning_seng")
     SENG(TiedHead().double(), damping=DAMPING)
     messages = _warnings(caplog)
@@ -439,7 +437,6 @@ def test_flattened_token_rows_keep_other_layers_exact():
 
 
 def test_flattened_token_rows_are_reported_once(caplog):
-    import logging
     caplog.set_level(logging.WARNING, logger="lightning_seng")
     torch.manual_seed(0)
     model = FlatTokens().double()

@@ -4,7 +4,6 @@ warning per layer (naming it), counters in ``seng.stats``, and training goes on 
 import logging
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
