@@ -24,7 +24,15 @@ TIMEOUT = 120
 def _launch(ckpt, out, *extra):
     cmd = [sys.executable, "-m", "tests.reliability.resume_train", "--ckpt", str(ckpt), "--out", str(out), *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = open(f"{out}.stderr", "w")  # a file, not a pipe nobody drains while we read stdout
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    proc.stderr_file = stderr.name
+    stderr.close()
+    return proc
+
+
+def _stderr(proc):
+    return Path(proc.stderr_file).read_text()
 
 
 def _kill_when_paused(proc, step):
@@ -36,13 +44,13 @@ def _kill_when_paused(proc, step):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait(TIMEOUT)
-    assert proc.returncode == -signal.SIGKILL, (lines, proc.stderr.read())
+    assert proc.returncode == -signal.SIGKILL, (lines, _stderr(proc))
     return lines
 
 
 def _finish(proc):
-    out, err = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 0, err
+    out, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, _stderr(proc)
     return out.split("\n")
 
 

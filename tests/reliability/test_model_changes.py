@@ -345,6 +345,17 @@ def test_step_without_backward_changes_nothing():
     _assert_matches_reference(model, *_data())
 
 
+def test_skipped_batch_forward_without_backward_or_step_does_not_leak_into_curvature():
+    """A batch whose loss is dropped (e.g. ``training_step`` returning None in Lightning): its forward ran on
+    a refresh step, no backward, no ``seng.step()``; the next batch's refresh is still exact."""
+    model = _mlp()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    model(_data(seed=7)[0])
+    x, y = _data(seed=8)
+    _step(model, seng, x, y)
+    _assert_matches_reference(model, x, y)
+
+
 def test_channels_last_conv_matches_reference():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 2, 2, stride=2), nn.Tanh(),

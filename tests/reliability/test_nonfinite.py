@@ -223,3 +223,25 @@ def test_singular_system_skips_refresh_keeps_factors_and_names_layer(monkeypatch
     assert len(messages) == 1 and "'3'" in messages[0] and "refresh skipped" in messages[0], messages
     assert seng.stats["skipped_refreshes"] == 1 and seng.nonfinite_steps == 0
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_skip_nonfinite_false_leaves_gradients_for_the_caller():
+    """``skip_nonfinite=False``: SENG counts the step and keeps its factors but hands the NaN gradient back
+    untouched (e.g. for a GradScaler or a custom guard to act on)."""
+    model = _mlp()
+    seng = SENG(model, damping=DAMPING, update_freq=1, skip_nonfinite=False)
+    x, y = _batch(0)
+    F.cross_entropy(model(x), y).backward()
+    seng.step()
+    model.zero_grad(set_to_none=True)
+    kept = _snapshot(seng)
+    x, y = _batch(1)
+    x[0, 0] = float("nan")
+    F.cross_entropy(model(x), y).backward()
+    raw = [p.grad.clone() for p in model.parameters()]
+    seng.step()
+    _assert_same_factors(kept, seng)
+    assert seng.stats["nonfinite_steps"] == 1 and seng.stats["skipped_refreshes"] == 1
+    for a, p in zip(raw, model.parameters()):
+        assert torch.equal(a.isnan(), p.grad.isnan()) and torch.equal(a.nan_to_num(), p.grad.nan_to_num())
+    assert any(p.grad.isnan().any() for p in model.parameters())
