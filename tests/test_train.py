@@ -111,3 +111,24 @@ def test_imagenet_resnet50_recipe_smoke_run_on_a_local_folder(tmp_path):
                     "seng.update_freq=1", "trainer.limit_train_batches=1"])
     results = run(cfg)
     assert list(results) == ["SENG+SGD"] and 0 <= results["SENG+SGD"]["test/acc"] <= 1
+
+
+def test_cli_resume_from_ckpt_path_reproduces_the_uninterrupted_run(tmp_path):
+    from lightning_seng.train import run
+
+    # T_max fixed: by default it follows trainer.max_epochs, which differs between the 2- and 3-epoch runs.
+    common = ["baseline.enabled=false", "trainer.enable_checkpointing=true", "trainer.limit_train_batches=4",
+              "seng.update_freq=3", "scheduler.T_max=3"]
+    full = run(_compose([*common, "trainer.max_epochs=3", f"log_dir={tmp_path / 'full'}"]))
+    run(_compose([*common, "trainer.max_epochs=2", f"log_dir={tmp_path / 'part'}"]))
+    (ckpt,) = (tmp_path / "part").rglob("*.ckpt")
+    resumed = run(_compose([*common, "trainer.max_epochs=3", f"log_dir={tmp_path / 'resumed'}", f"ckpt_path='{ckpt}'"]))  # quoted: the name holds '='
+    assert resumed["SENG+SGD"]["test/loss"] == full["SENG+SGD"]["test/loss"]
+    assert resumed["SENG+SGD"]["test/acc"] == full["SENG+SGD"]["test/acc"]
+
+
+def test_ckpt_path_with_baseline_is_rejected():
+    from lightning_seng.train import plan_runs
+
+    with pytest.raises(ValueError, match=r"set baseline.enabled=false with ckpt_path"):
+        plan_runs(_compose(["ckpt_path=/some/last.ckpt"]))
