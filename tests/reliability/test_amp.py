@@ -199,3 +199,16 @@ def test_float32_curvature_tracks_float64_down_to_small_damping(damping, tol):
     ref, got = direction(torch.float64), direction(torch.float32)
     for k in ref:
         assert rel_err(got[k], ref[k]) < tol, k
+
+
+def test_bf16_parameters_get_float32_curvature_and_a_close_direction():
+    """Pure bf16 training (parameters in bf16, no autocast): factors and solves in float32, the direction
+    written back in bf16 and close to the float32 model's."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    x, y = _data()
+    ref, _ = _direction(model, x, y)
+    got, seng = _direction(model.to(torch.bfloat16), x.to(torch.bfloat16), y)
+    assert all(layer.curvature.gram.dtype == torch.float32 for layer in seng.layers.values())
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in got.values())
+    assert rel_err(_flat(got), _flat(ref)) < 0.03
