@@ -174,9 +174,11 @@ class ResNet(nn.Module):
             )
         else:
             raise ValueError(f"model.stem must be one of ['cifar', 'imagenet'] (got {stem!r})")
+        if len(blocks) != 4 or any(not isinstance(b, int) or b < 1 for b in blocks):
+            raise ValueError(f"model.blocks must list 4 positive block counts, one per stage (got {list(blocks)})")
         stages = []
         c_in = 64
-        for i, (width, n_blocks) in enumerate(zip((64, 128, 256, 512), blocks)):
+        for i, (width, n_blocks) in enumerate(zip((64, 128, 256, 512), blocks, strict=True)):
             layers = []
             for j in range(n_blocks):
                 layers.append(block(c_in, width, stride=2 if (i > 0 and j == 0) else 1))

@@ -55,7 +55,8 @@ def main() -> None:
                       f"val/loss={metrics['val/loss']:.4f} test/acc={metrics['test/acc']:.4f}", flush=True)
 
     mean = lambda runs, key: statistics.fmean(r[key] for r in runs)  # noqa: E731
-    print(f"\n{'optimizer':>10} {'lr':>7} {'val/acc':>8} {'val/loss':>9} {'test/acc':>9}   (means over seeds {args.seeds})")
+    header = f"{'optimizer':>10} {'lr':>7} {'val/acc':>8} {'val/loss':>9} {'test/acc':>9}"
+    print(f"\n{header}   (means over seeds {args.seeds})")
     best: dict[str, tuple[float, float, float]] = {}
     for (label, lr), runs in rows.items():
         va, vl, ta = mean(runs, "val/acc"), mean(runs, "val/loss"), mean(runs, "test/acc")

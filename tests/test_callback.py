@@ -96,7 +96,7 @@ def test_grad_is_the_seng_direction_of_the_same_batch():
     x, y = next(iter(loader(make_data())))
     nn.functional.cross_entropy(raw_net(x), y).backward()
     raw = [p.grad for p in raw_net.parameters()]
-    for got, want, g in zip(recorder.grads[0], expected, raw):
+    for got, want, g in zip(recorder.grads[0], expected, raw, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
         assert not torch.allclose(got, g, rtol=1e-3, atol=0), "the callback left the raw gradient in place"
 
@@ -108,7 +108,7 @@ def test_training_follows_the_plain_loop_over_refresh_and_reuse_steps():
     trainer([callback], max_steps=5).fit(BoringClassifier(net), loader(make_data()))
     plain_loop(reference_net, make_data(), KNOBS, steps=5)
     assert callback.seng.step_count == 5
-    for p, q in zip(net.parameters(), reference_net.parameters()):
+    for p, q in zip(net.parameters(), reference_net.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
@@ -119,7 +119,7 @@ def test_accumulation_and_clipping_apply_after_seng_with_scaled_loss():
     t = trainer([SENGCallback(**KNOBS), recorder], max_steps=3, accumulate_grad_batches=2, gradient_clip_val=0.05)
     t.fit(BoringClassifier(net), loader(make_data()))
     plain_loop(reference_net, make_data(), KNOBS, steps=3, accumulate=2, clip=0.05)
-    for p, q in zip(net.parameters(), reference_net.parameters()):
+    for p, q in zip(net.parameters(), reference_net.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     # The recorder sees the SENG direction before clipping: it is longer than the clip threshold.
     assert torch.linalg.vector_norm(torch.cat([g.flatten() for g in recorder.grads[0]])) > 0.05
@@ -128,7 +128,11 @@ def test_accumulation_and_clipping_apply_after_seng_with_scaled_loss():
 def test_loss_scale_divides_by_accumulate_grad_batches(monkeypatch):
     scales = []
     original = SENG.step
-    monkeypatch.setattr(SENG, "step", lambda self, loss_scale=1.0: (scales.append(loss_scale), original(self, loss_scale))[1])
+    def recording_step(self, loss_scale=1.0):
+        scales.append(loss_scale)
+        return original(self, loss_scale)
+
+    monkeypatch.setattr(SENG, "step", recording_step)
     trainer([SENGCallback(**KNOBS)], max_steps=2, accumulate_grad_batches=3).fit(
         BoringClassifier(make_net()), loader(make_data()))
     assert scales == [pytest.approx(1 / 3)] * 2
@@ -158,7 +162,7 @@ def test_checkpoint_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
     assert state["step_count"] == 12 and state["layers"], "the checkpoint lacks SENG's state"
     resumed, callback = _resumable_run(tmp_path / "c", max_epochs=4, ckpt_path=tmp_path / "b" / "last.ckpt")
     assert callback.seng.step_count == 24 and callback.seng.epoch == 3
-    for (name, p), q in zip(uninterrupted.named_parameters(), resumed.parameters()):
+    for (name, p), q in zip(uninterrupted.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q), f"{name} differs after resume"
 
 
@@ -171,7 +175,7 @@ def test_resume_without_seng_state_would_differ(tmp_path):
     ckpt["callbacks"]["SENGCallback"] = {}
     torch.save(ckpt, ckpt_file)
     resumed, _ = _resumable_run(tmp_path / "c", max_epochs=4, ckpt_path=ckpt_file)
-    assert not all(torch.equal(p, q) for p, q in zip(uninterrupted.parameters(), resumed.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(uninterrupted.parameters(), resumed.parameters(), strict=True))
 
 
 def test_damping_schedule_follows_the_epoch():
@@ -242,7 +246,7 @@ def test_only_the_named_optimizers_are_preconditioned():
     trainer([callback, Probe()], max_steps=2).fit(module, loader(make_data()))
     first_a, first_b = steps[0], steps[1]
     assert first_a[0] == 0 and first_b[0] == 1
-    assert all(torch.equal(g, r) for g, r in zip(first_a[1], first_a[2])), "optimizer 0 was preconditioned"
+    assert all(torch.equal(g, r) for g, r in zip(first_a[1], first_a[2], strict=True)), "optimizer 0 was preconditioned"
     assert not torch.allclose(first_b[1][2], first_b[2][2]), "optimizer 1 was not preconditioned"
     assert callback.seng.step_count == 1
 

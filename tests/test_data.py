@@ -82,7 +82,10 @@ def test_cifar10_datamodule_reads_a_local_directory(tmp_path):
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
 
 
-@pytest.mark.parametrize("root, pattern", [(None, r"data.root is not set"), ("/nonexistent", r"data.root: no CIFAR-10")])
+@pytest.mark.parametrize("root, pattern", [
+    (None, r"data.root is not set"),
+    ("/nonexistent", r"data.root: no CIFAR-10"),
+])
 def test_cifar10_without_data_names_the_key(root, pattern):
     with pytest.raises(FileNotFoundError, match=pattern):
         CIFAR10DataModule(root=root).setup()

@@ -46,3 +46,10 @@ def test_resnet50_has_the_reference_parameter_count():
 def test_bad_arguments_name_the_key(build, pattern):
     with pytest.raises(ValueError, match=pattern):
         build()
+
+
+def test_resnet_needs_four_stages():
+    from lightning_seng.models import BasicBlock, ResNet
+
+    with pytest.raises(ValueError, match=r"model.blocks must list 4 positive block counts.* \(got \[2, 2, 2\]\)"):
+        ResNet(BasicBlock, [2, 2, 2], num_classes=10)

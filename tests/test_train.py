@@ -105,7 +105,8 @@ def test_imagenet_resnet50_recipe_smoke_run_on_a_local_folder(tmp_path):
         for cls in ("n01", "n02"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(2):
-                Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                pixels = rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
     cfg = _compose(["recipe=imagenet_resnet50", f"data.root={tmp_path}", "trainer=cpu", "trainer.precision=32-true",
                     "num_classes=2", "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
                     "seng.update_freq=1", "trainer.limit_train_batches=1"])
@@ -122,7 +123,8 @@ def test_cli_resume_from_ckpt_path_reproduces_the_uninterrupted_run(tmp_path):
     full = run(_compose([*common, "trainer.max_epochs=3", f"log_dir={tmp_path / 'full'}"]))
     run(_compose([*common, "trainer.max_epochs=2", f"log_dir={tmp_path / 'part'}"]))
     (ckpt,) = (tmp_path / "part").rglob("*.ckpt")
-    resumed = run(_compose([*common, "trainer.max_epochs=3", f"log_dir={tmp_path / 'resumed'}", f"ckpt_path='{ckpt}'"]))  # quoted: the name holds '='
+    resume = [f"log_dir={tmp_path / 'resumed'}", f"ckpt_path='{ckpt}'"]  # quoted: the file name holds '='
+    resumed = run(_compose([*common, "trainer.max_epochs=3", *resume]))
     assert resumed["SENG+SGD"]["test/loss"] == full["SENG+SGD"]["test/loss"]
     assert resumed["SENG+SGD"]["test/acc"] == full["SENG+SGD"]["test/acc"]
 
