@@ -456,3 +456,18 @@ def test_flattened_token_rows_are_reported_once(caplog):
         _step(model, seng, *_data(n=6, shape=(3, 4), seed=seed))
     messages = _warnings(caplog)
     assert len(messages) == 1 and "'fc': 18" in messages[0] and "'head': 6" in messages[0], messages
+
+
+# ------------------------------------------------------------------- lazy modules
+def test_lazy_modules_attached_before_materialisation_match_reference():
+    """``SENG(model)`` before the first forward of ``LazyLinear``/``LazyConv2d`` (uninitialised parameters):
+    materialisation keeps the Parameter objects, so the layers are preconditioned exactly afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyConv2d(3, 2), nn.Tanh(), nn.Flatten(), nn.LazyLinear(6), nn.Tanh(),
+                          nn.LazyLinear(3)).double()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    assert set(seng.layers) == {"0", "3", "5"}
+    x, y = _data(shape=(2, 4, 4))
+    _step(model, seng, x, y)
+    assert all(layer.curvature is not None for layer in seng.layers.values())
+    _assert_matches_reference(model, x, y)

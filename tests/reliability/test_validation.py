@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_seng import SENG
 from lightning_seng.schedules import ConstantDamping, ExponentialDamping, LambdaDamping, make_damping
+from tests.reference import dense_direction
 from tests.reliability._reference import rel_err, seng_blocks
 
 nan, inf = math.nan, math.inf
@@ -184,6 +185,44 @@ def test_unsupported_parameters_get_gradient_over_one_plus_damping():
         assert torch.allclose(params[k].grad, raw[k] / (1 + damping), rtol=1e-15, atol=0), k
     for k in names:
         assert rel_err(params[k].grad, ref[k]) < 1e-10, k
+
+
+def test_recurrent_layer_falls_back_and_the_head_stays_exact():
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(4, 5, batch_first=True)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    damping = 0.3
+    model = Recurrent().double()
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    # per-sample gradients by a loop (torch.func's vmap does not batch nn.GRU's hidden state)
+    names = ["head.weight", "head.bias"]
+    per_sample = {k: [] for k in names}
+    for i in range(x.shape[0]):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for k, p in model.named_parameters():
+            if k in names:
+                per_sample[k].append(p.grad.clone())
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    g = {k: p.grad.clone() for k, p in model.named_parameters() if k in names}
+    model.zero_grad(set_to_none=True)
+    ref = dense_direction({k: torch.stack(v) for k, v in per_sample.items()}, g, damping, x.shape[0] ** -0.5)
+    seng = SENG(model, damping=damping, update_freq=1)
+    F.cross_entropy(model(x), y).backward()
+    raw = {k: p.grad.clone() for k, p in model.named_parameters()}
+    seng.step()
+    for k, p in model.named_parameters():
+        if k.startswith("rnn."):
+            assert torch.allclose(p.grad, raw[k] / (1 + damping), rtol=1e-15, atol=0), k
+        else:
+            assert rel_err(p.grad, ref[k]) < 1e-10, k
 
 
 def test_multihead_attention_is_listed_and_falls_back_without_crashing(caplog):
