@@ -57,6 +57,7 @@ def plot_problem(problem, runs_by_opt: dict, path: Path) -> None:
     else:
         for col in range(2):
             axes[1, col].set_yscale("log")
+    _clip_wall_axis(axes[:, 1], runs_by_opt)
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     handles, labels = axes[1, 0].get_legend_handles_labels()
@@ -66,6 +67,20 @@ def plot_problem(problem, runs_by_opt: dict, path: Path) -> None:
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _clip_wall_axis(axes, runs_by_opt: dict) -> None:
+    """When one optimizer's runs take more than twice as long as every other's, end the
+    wall-time axes at 1.1x the second slowest so the others stay readable, and say so."""
+    finals = sorted(((max(r.wall_s[-1] for r in runs), name)
+                     for name, runs in runs_by_opt.items()), reverse=True)
+    if len(finals) < 2 or finals[0][0] <= 2 * finals[1][0]:
+        return
+    (slowest, name), (second, _) = finals[0], finals[1]
+    for ax in axes:
+        ax.set_xlim(0, 1.1 * second)
+        ax.set_title(f"axis clipped: {LABELS.get(name, name)} runs to {slowest:.0f} s",
+                     fontsize=9)
 
 
 def _pm(mean: float, std: float, fmt: str) -> str:
@@ -126,3 +141,52 @@ def _ratio(peer: dict, seng: dict, key: str) -> str:
     if not (math.isfinite(a) and math.isfinite(b)) or b == 0:
         return "n/a"
     return f"{a / b:.2f}"
+
+
+def runs_from_curves(path: Path) -> dict:
+    """Rebuild per-run records from a curves.csv: {problem: {optimizer: [RunResult, ...]}}."""
+    import csv
+
+    from benchmarks.compare import RunResult
+
+    runs: dict = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            key = (row["optimizer"], int(row["seed"]))
+            by_opt = runs.setdefault(row["problem"], {})
+            seeds = by_opt.setdefault(row["optimizer"], {})
+            run = seeds.get(key)
+            if run is None:
+                run = seeds[key] = RunResult(row["problem"], row["optimizer"], int(row["seed"]),
+                                             float(row["lr"]))
+            run.train_loss.append(float(row["train_loss"]))
+            run.eval_loss.append(float(row["test_loss"]))
+            run.eval_metric.append(float(row["test_metric"]))
+            run.wall_s.append(float(row["wall_s"]))
+            run.steps.append(int(row["steps"]))
+    return {p: {o: list(s.values()) for o, s in by_opt.items()} for p, by_opt in runs.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Redraw the PNGs of a finished run from its CSVs (problem settings from compare.yaml):
+    ``python benchmarks/report.py [RESULTS_DIR]``."""
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from benchmarks.problems import build_problem
+
+    argv = sys.argv[1:] if argv is None else argv
+    out_dir = Path(argv[0] if argv else "benchmarks/results")
+    cfg = OmegaConf.load(Path(__file__).parent / "conf" / "compare.yaml")
+    for problem_name, runs_by_opt in runs_from_curves(out_dir / "curves.csv").items():
+        problem = build_problem(problem_name, cfg.problem[problem_name])
+        plot_problem(problem, runs_by_opt, out_dir / f"{problem_name}.png")
+        print(f"wrote {out_dir / f'{problem_name}.png'}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    main()

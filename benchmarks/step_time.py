@@ -1,0 +1,104 @@
+"""Per-step cost of every optimizer, measured round-robin so that load from other processes on a
+shared machine hits all optimizers alike.
+
+    python benchmarks/step_time.py                    # reads benchmarks/results/summary.csv
+    python benchmarks/step_time.py step_time.rounds=5 step_time.steps=20
+
+For each problem, every optimizer (with the learning rate compare.py chose, read from
+``summary.csv``) gets a model of its own; then ``rounds`` times, each optimizer in turn runs
+``steps`` training steps (``step_time`` block of conf/compare.yaml) (a multiple of the curvature refresh interval, so refresh steps count at
+their real rate) on batches of ``batch_size``. The reported time is the median over rounds of the
+mean step time, with the min and max; written to ``step_time.csv`` and ``step_time.md`` beside
+summary.csv.
+"""
+from __future__ import annotations
+
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.peers import make_stepper, missing_reason  # noqa: E402
+from benchmarks.problems import build_problem  # noqa: E402
+from benchmarks.report import LABELS  # noqa: E402
+
+COLUMNS = ["problem", "optimizer", "lr", "steps_per_round", "rounds", "step_ms_median",
+           "step_ms_min", "step_ms_max", "vs_sgd"]
+
+
+def chosen_lrs(summary_csv: Path) -> dict[tuple[str, str], float]:
+    with open(summary_csv, newline="") as f:
+        return {(r["problem"], r["optimizer"]): float(r["lr"]) for r in csv.DictReader(f)}
+
+
+def time_problem(problem, lrs: dict, cfg: DictConfig) -> list[dict]:
+    batch_size = int(cfg.batch_size)
+    steps, rounds = int(cfg.step_time.steps), int(cfg.step_time.rounds)
+    data = problem.train_full
+    steppers, orders = {}, {}
+    for name in cfg.optimizers:
+        if (problem.name, name) not in lrs or missing_reason(name) is not None:
+            continue
+        torch.manual_seed(0)
+        model = problem.make_model()
+        steppers[name] = make_stepper(name, model, problem.loss_fn, lrs[(problem.name, name)],
+                                      cfg.optim[name], 0, problem.loss_kind, batch_size)
+        orders[name] = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    n_batches = len(data) // batch_size
+    for r in range(rounds + 1):  # round 0 warms up (first-call allocations, lazy inits)
+        for name, stepper in steppers.items():
+            start = time.perf_counter()
+            for s in range(steps):
+                b = (r * steps + s) % n_batches
+                idx = orders[name][b * batch_size:(b + 1) * batch_size]
+                stepper.train_step(data.x[idx], data.y[idx])
+            if r > 0:
+                times[name].append(1000.0 * (time.perf_counter() - start) / steps)
+    sgd = statistics.median(times["sgd"]) if "sgd" in times else float("nan")
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append(dict(problem=problem.name, optimizer=name, lr=lrs[(problem.name, name)],
+                         steps_per_round=steps, rounds=rounds, step_ms_median=med,
+                         step_ms_min=min(ts), step_ms_max=max(ts), vs_sgd=med / sgd))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| problem | optimizer | ms / step (median) | min – max | × SGD |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['problem']} | {LABELS.get(r['optimizer'], r['optimizer'])} | "
+                     f"{r['step_ms_median']:.1f} | {r['step_ms_min']:.1f} – {r['step_ms_max']:.1f} | "
+                     f"{r['vs_sgd']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="compare")
+def main(cfg: DictConfig) -> None:
+    torch.set_num_threads(int(cfg.threads))
+    out_dir = Path(cfg.out_dir)
+    lrs = chosen_lrs(out_dir / "summary.csv")
+    rows = []
+    for problem_name in cfg.problems:
+        rows += time_problem(build_problem(problem_name, cfg.problem[problem_name]), lrs, cfg)
+    with open(out_dir / "step_time.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    table = markdown(rows)
+    (out_dir / "step_time.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
