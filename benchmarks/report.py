@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 COLORS = {"seng": "#d62728", "sgd": "#1f77b4", "adamw": "#2ca02c", "kfac": "#9467bd",
           "shampoo": "#ff7f0e", "soap": "#8c564b"}
 LABELS = {"seng": "SENG", "sgd": "SGD+momentum", "adamw": "AdamW", "kfac": "K-FAC (asdl)",
-          "shampoo": "Shampoo (pytorch-optimizer)", "soap": "SOAP (pytorch-optimizer)"}
+          "shampoo": "Shampoo (pytorch-optimizer ScalableShampoo)", "soap": "SOAP (pytorch-optimizer)"}
 METRIC_LABELS = {"test_acc": "test accuracy", "test_recon": "test reconstruction error"}
 
 
@@ -167,8 +167,21 @@ def runs_from_curves(path: Path) -> dict:
     return {p: {o: list(s.values()) for o, s in by_opt.items()} for p, by_opt in runs.items()}
 
 
+def summaries_from_csv(path: Path) -> list[dict]:
+    """Rows of a summary.csv with their numbers parsed back."""
+    import csv
+
+    text_keys = {"problem", "optimizer", "metric_name"}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (v if k in text_keys else (int(v) if k in ("seeds", "seeds_reached", "epochs")
+                                             else float(v)))
+             for k, v in row.items()} for row in rows]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Redraw the PNGs of a finished run from its CSVs (problem settings from compare.yaml):
+    """Redraw summary.md and the PNGs of a finished run from its CSVs (problem settings from
+    compare.yaml):
     ``python benchmarks/report.py [RESULTS_DIR]``."""
     import sys
 
@@ -179,6 +192,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     out_dir = Path(argv[0] if argv else "benchmarks/results")
     cfg = OmegaConf.load(Path(__file__).parent / "conf" / "compare.yaml")
+    summaries = summaries_from_csv(out_dir / "summary.csv")
+    (out_dir / "summary.md").write_text(summary_markdown(summaries, cfg))
+    print(f"wrote {out_dir / 'summary.md'}")
     for problem_name, runs_by_opt in runs_from_curves(out_dir / "curves.csv").items():
         problem = build_problem(problem_name, cfg.problem[problem_name])
         plot_problem(problem, runs_by_opt, out_dir / f"{problem_name}.png")

@@ -35,3 +35,16 @@ def test_quick_config_writes_expected_csvs(tmp_path):
     assert len(search) == 4 * 2  # lr_grid_size=2 values per problem and optimizer
     assert sum(r["chosen"] == "True" for r in search) == 4
     assert (tmp_path / "summary.md").read_text().startswith("| problem |")
+
+
+def test_missing_peer_is_skipped_with_install_hint(monkeypatch):
+    import importlib.util
+
+    from benchmarks import peers
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(peers.importlib.util, "find_spec",
+                        lambda name: None if name == "asdl" else real_find_spec(name))
+    reason = peers.missing_reason("kfac")
+    assert reason is not None and "skipping kfac" in reason and ".[bench]" in reason
+    assert peers.missing_reason("sgd") is None
