@@ -39,8 +39,8 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-_LOSS_REDUCTIONS = ("mean", "sum")
-_ROUTES = ("auto", "explicit", "gram", "implicit")
+from lightning_seng.preconditioner import check_int, check_settings
+
 
 
 class SENGCallback(Callback):
@@ -91,43 +91,22 @@ class SENGCallback(Callback):
         manual_loss_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        _check_int("update_freq", update_freq, minimum=1)
-        if sketch_size is not None:
-            _check_int("sketch_size", sketch_size, minimum=1)
-        _check_int("svd_rank", svd_rank, minimum=1)
-        _check_int("implicit_threshold", implicit_threshold, minimum=0)
-        _check_int("seed", seed, minimum=0)
-        if isinstance(damping, (int, float)) and not isinstance(damping, bool) and not damping > 0:
-            raise ValueError(f"damping must be > 0 (got {damping!r})")
-        if loss_reduction not in _LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction must be one of {list(_LOSS_REDUCTIONS)} (got {loss_reduction!r})")
-        if route not in _ROUTES:
-            raise ValueError(f"route must be one of {list(_ROUTES)} (got {route!r})")
+        # SENG's own validation, run now so that a bad value fails before fit starts
+        self.seng_kwargs: dict[str, Any] = check_settings(
+            damping=damping, update_freq=update_freq, sketch_size=sketch_size, svd_rank=svd_rank,
+            implicit_threshold=implicit_threshold, loss_reduction=loss_reduction, include=include, exclude=exclude,
+            route=route, curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite)
         if isinstance(optimizers, int) and not isinstance(optimizers, bool):
             optimizers = (optimizers,)
         optimizers = tuple(optimizers)
         if not optimizers:
             raise ValueError("optimizers must list at least one optimizer index (got [])")
         for index in optimizers:
-            _check_int("optimizers", index, minimum=0)
+            check_int("optimizers", index, 0)
         if log_every_n_steps is not None:
-            _check_int("log_every_n_steps", log_every_n_steps, minimum=0)
+            check_int("log_every_n_steps", log_every_n_steps, 0)
         if not manual_loss_scale > 0:
             raise ValueError(f"manual_loss_scale must be > 0 (got {manual_loss_scale!r})")
-        self.seng_kwargs: dict[str, Any] = dict(
-            damping=damping,
-            update_freq=update_freq,
-            sketch_size=sketch_size,
-            svd_rank=svd_rank,
-            implicit_threshold=implicit_threshold,
-            loss_reduction=loss_reduction,
-            include=include,
-            exclude=exclude,
-            route=route,
-            curvature_dtype=_as_dtype(curvature_dtype),
-            seed=seed,
-            skip_nonfinite=bool(skip_nonfinite),
-        )
         self.optimizers = optimizers
         self.log_every_n_steps = log_every_n_steps
         self.log_prog_bar = log_prog_bar
@@ -232,21 +211,6 @@ class SENGCallback(Callback):
         else:
             # The SENG object is built at fit start, after Lightning restores callback states.
             self._pending_state = dict(state)
-
-
-def _check_int(key: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum} (got {value!r})")
-
-
-def _as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """Accept ``torch.float64`` or the config spelling ``"float64"``."""
-    if value is None or value in (torch.float32, torch.float64):
-        return value
-    dtype = {"float32": torch.float32, "float64": torch.float64}.get(str(value).removeprefix("torch."))
-    if dtype is None:
-        raise ValueError(f"curvature_dtype must be one of [null, 'float32', 'float64'] (got {value!r})")
-    return dtype
 
 
 def _to_device(state: Any, device: torch.device) -> Any:

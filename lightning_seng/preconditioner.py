@@ -36,7 +36,8 @@ LOSS_REDUCTIONS = ("mean", "sum")
 LayerFilter = Optional[Sequence[Union[str, type]]]
 
 
-def _check_int(key: str, value, minimum: int, allow_none: bool = False) -> Optional[int]:
+def check_int(key: str, value, minimum: int, allow_none: bool = False) -> Optional[int]:
+    """``value`` if it is an int >= ``minimum`` (or None where allowed), else ValueError naming ``key``."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -45,7 +46,8 @@ def _check_int(key: str, value, minimum: int, allow_none: bool = False) -> Optio
     return value
 
 
-def _check_choice(key: str, value, allowed: Sequence[str]) -> str:
+def check_choice(key: str, value, allowed: Sequence[str]) -> str:
+    """``value`` if it is one of ``allowed``, else ValueError naming ``key`` and the choices."""
     if value not in allowed:
         raise ValueError(f"{key} must be one of {list(allowed)} (got {value!r})")
     return value
@@ -73,6 +75,42 @@ def _matches(name: str, module: nn.Module, patterns: List[Union[str, type]]) -> 
         if isinstance(p, str) and (fnmatch.fnmatchcase(name, p) or type(module).__name__ == p):
             return True
     return False
+
+
+def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_size: Optional[int] = None,
+                   svd_rank: int = 16, implicit_threshold: int = 700_000, loss_reduction: str = "mean",
+                   include: LayerFilter = None, exclude: LayerFilter = None, route: str = "auto",
+                   curvature_dtype: Union[torch.dtype, str, None] = None, seed: int = 0,
+                   skip_nonfinite: bool = True) -> dict:
+    """Validate SENG's settings (all but the model and ``comm``) and return them normalised.
+
+    Raises ``ValueError`` naming the key, the value and what is allowed. ``curvature_dtype`` may also
+    be spelled ``"float32"`` / ``"float64"`` (as in configs). The Lightning callback calls this at
+    construction, so a bad value fails before training starts.
+    """
+    make_damping(damping)
+    if isinstance(curvature_dtype, str):
+        curvature_dtype = {"float32": torch.float32, "float64": torch.float64}.get(
+            curvature_dtype.removeprefix("torch."), curvature_dtype)
+    if curvature_dtype is not None and curvature_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"curvature_dtype must be torch.float32, torch.float64 or None, or the strings 'float32' / "
+                         f"'float64' (got {curvature_dtype!r})")
+    if not isinstance(skip_nonfinite, bool):
+        raise ValueError(f"skip_nonfinite must be True or False (got {skip_nonfinite!r})")
+    return dict(
+        damping=damping,
+        update_freq=check_int("update_freq", update_freq, 1),
+        sketch_size=check_int("sketch_size", sketch_size, 1, allow_none=True),
+        svd_rank=check_int("svd_rank", svd_rank, 1),
+        implicit_threshold=check_int("implicit_threshold", implicit_threshold, 0),
+        loss_reduction=check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS),
+        include=_check_filter("include", include),
+        exclude=_check_filter("exclude", exclude),
+        route=check_choice("route", route, ("auto",) + ROUTES),
+        curvature_dtype=curvature_dtype,
+        seed=check_int("seed", seed, 0),
+        skip_nonfinite=skip_nonfinite,
+    )
 
 
 class SENG:
@@ -108,24 +146,19 @@ class SENG:
                  skip_nonfinite: bool = True, comm: Optional[Communicator] = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
-        self.damping_schedule = make_damping(damping)
-        self.settings = RouteSettings(
-            route=_check_choice("route", route, ("auto",) + ROUTES),
-            sketch_size=_check_int("sketch_size", sketch_size, 1, allow_none=True),
-            svd_rank=_check_int("svd_rank", svd_rank, 1),
-            implicit_threshold=_check_int("implicit_threshold", implicit_threshold, 0),
-            update_freq=_check_int("update_freq", update_freq, 1),
-        )
-        self.loss_reduction = _check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS)
-        if curvature_dtype is not None and curvature_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"curvature_dtype must be torch.float32, torch.float64 or None (got {curvature_dtype!r})")
-        include = _check_filter("include", include)
-        exclude = _check_filter("exclude", exclude)
-        seed = _check_int("seed", seed, 0)
-        if not isinstance(skip_nonfinite, bool):
-            raise ValueError(f"skip_nonfinite must be True or False (got {skip_nonfinite!r})")
         if comm is not None and not isinstance(comm, Communicator):
             raise ValueError(f"comm must be a lightning_seng.distributed.Communicator or None (got {comm!r})")
+        checked = check_settings(damping=damping, update_freq=update_freq, sketch_size=sketch_size,
+                                 svd_rank=svd_rank, implicit_threshold=implicit_threshold,
+                                 loss_reduction=loss_reduction, include=include, exclude=exclude, route=route,
+                                 curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite)
+        self.damping_schedule = make_damping(checked["damping"])
+        self.settings = RouteSettings(route=checked["route"], sketch_size=checked["sketch_size"],
+                                      svd_rank=checked["svd_rank"], implicit_threshold=checked["implicit_threshold"],
+                                      update_freq=checked["update_freq"])
+        self.loss_reduction = checked["loss_reduction"]
+        include, exclude = checked["include"], checked["exclude"]
+        curvature_dtype = checked["curvature_dtype"]
         self.skip_nonfinite = skip_nonfinite
         self.model = model
         self.comm = comm if comm is not None else Communicator()
@@ -201,7 +234,7 @@ class SENG:
         return self.damping_schedule(self.step_count, self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = _check_int("epoch", epoch, 0)
+        self.epoch = check_int("epoch", epoch, 0)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

@@ -76,7 +76,7 @@ def test_trainer_attaches_the_callback_and_preconditions():
     ({"optimizer": {"lr": 0.1}}, r"optimizer must have a '_target_'"),
     ({"scheduler": {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 1, "interval": "batch"}},
      r"scheduler.interval must be one of \['epoch', 'step'\] \(got 'batch'\)"),
-    ({"seng": {"update_freq": 0}}, r"seng: .*update_freq must be an integer >= 1 \(got 0\)"),
+    ({"seng": {"update_freq": 0}}, r"seng: .*update_freq must be an int >= 1 \(got 0\)"),
     ({"seng": {"sketchsize": 3}}, r"seng: .*sketchsize"),
 ])
 def test_bad_config_names_the_key(hparams, pattern):

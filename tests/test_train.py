@@ -65,7 +65,7 @@ def test_cifar10_resnet18_recipe_runs_on_a_local_pickle_directory(tmp_path):
 def test_bad_seng_value_on_the_command_line_names_the_key(tmp_path):
     proc = train(tmp_path, "seng.update_freq=0", *TINY)
     assert proc.returncode != 0
-    assert "update_freq must be an integer >= 1 (got 0)" in proc.stderr
+    assert "update_freq must be an int >= 1 (got 0)" in proc.stderr
 
 
 def test_wandb_logger_works_offline(tmp_path):

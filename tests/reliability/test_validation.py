@@ -40,7 +40,7 @@ SENG_CASES = [
     ("curvature_dtype", torch.float16, "torch.float32, torch.float64 or None"),
     ("curvature_dtype", torch.bfloat16, "torch.float32, torch.float64 or None"),
     ("curvature_dtype", torch.int64, "torch.float32, torch.float64 or None"),
-    ("curvature_dtype", "float64", "torch.float32, torch.float64 or None"),
+    ("curvature_dtype", "float16", "torch.float32, torch.float64 or None"),
     ("seed", -1, ">= 0"), ("seed", 1.5, ">= 0"), ("seed", "0", ">= 0"), ("seed", None, ">= 0"),
     ("include", 5, "module names"), ("include", [3], "module names"), ("include", [None], "module names"),
     ("exclude", 7, "module names"), ("exclude", ["0", 1.5], "module names"),
