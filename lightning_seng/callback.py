@@ -39,6 +39,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from lightning_seng import strategy as _strategy  # noqa: F401  registers strategy="seng_ddp" / "seng_ddp_global"
 from lightning_seng.preconditioner import check_int, check_settings
 
 
