@@ -6,12 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_seng import SENG
 from lightning_seng.layers.conv import unfold_patches
+from tests.layers._seng_run import DAMPING, seng_direction
 from tests.reference import layerwise_dense_directions, rel_err
-
-DAMPING = 0.3
-
 
 def _net(conv, flat):
     return nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(flat, 3)).double()
@@ -22,21 +19,12 @@ def _flat_size(conv, x):
         return conv.double()(x).numel() // x.shape[0]
 
 
-def _direction(model, x, y, **kwargs):
-    seng = SENG(model, damping=DAMPING, update_freq=1, **kwargs)
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    seng.step()
-    seng.remove()
-    return {k: p.grad.clone() for k, p in model.named_parameters()}, seng
-
-
 def _assert_exact(conv, x, **kwargs):
     model = _net(conv, _flat_size(conv, x))
     y = torch.randint(0, 3, (x.shape[0],))
     names = [k for k, _ in model.named_parameters()]
     ref = layerwise_dense_directions(model, F.cross_entropy, x, y, DAMPING, names)
-    got, seng = _direction(model, x, y, **kwargs)
+    got, seng = seng_direction(model, x, y, **kwargs)
     for k in names:
         assert rel_err(got[k], ref[k]) < 1e-10, k
     return seng
@@ -93,10 +81,10 @@ def test_implicit_route_error_against_exact_is_reported():
     x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
     model = _net(conv, _flat_size(conv, x))
     y = torch.randint(0, 3, (8,))
-    exact, _ = _direction(model, x, y, route="gram")
+    exact, _ = seng_direction(model, x, y, route="gram")
     errors = {}
     for rank in (1, 2, 4, 8, 16):
-        got, seng = _direction(model, x, y, route="implicit", svd_rank=rank)
+        got, seng = seng_direction(model, x, y, route="implicit", svd_rank=rank)
         assert seng.layers["0"].curvature.route.name == "implicit"
         errors[rank] = rel_err(got["0.weight"], exact["0.weight"])
     print("\nimplicit route, conv 3->16 on 6x6 (P=36), relative error of d vs exact:",

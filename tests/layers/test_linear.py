@@ -5,26 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_seng import SENG
+from tests.layers._seng_run import DAMPING, seng_direction
 from tests.reference import layerwise_dense_directions, rel_err
-
-DAMPING = 0.3
-
-
-def _seng_direction(model, x, y, reduction="mean", **kwargs):
-    seng = SENG(model, damping=DAMPING, update_freq=1, loss_reduction=reduction, **kwargs)
-    model.zero_grad()
-    loss = F.cross_entropy(model(x), y, reduction=reduction)
-    loss.backward()
-    seng.step()
-    seng.remove()
-    return {k: p.grad.clone() for k, p in model.named_parameters()}, seng
-
 
 def _assert_exact(model, x, y, reduction="mean", **kwargs):
     names = [k for k, _ in model.named_parameters()]
     ref = layerwise_dense_directions(model, F.cross_entropy, x, y, DAMPING, names, reduction)
-    got, seng = _seng_direction(model, x, y, reduction, **kwargs)
+    got, seng = seng_direction(model, x, y, reduction, **kwargs)
     for k in names:
         assert rel_err(got[k], ref[k]) < 1e-10, k
     return seng

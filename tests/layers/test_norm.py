@@ -5,20 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_seng import SENG
+from tests.layers._seng_run import DAMPING, seng_direction
 from tests.reference import dense_direction, layerwise_dense_directions, per_sample_jacobian, rel_err
-
-DAMPING = 0.3
-
-
-def _seng_grads(model, x, y, **kwargs):
-    seng = SENG(model, damping=DAMPING, update_freq=1, **kwargs)
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    seng.step()
-    seng.remove()
-    return {k: p.grad.clone() for k, p in model.named_parameters()}, seng
-
 
 @pytest.mark.parametrize("make,shape", [
     (lambda: nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)), (10, 5)),
@@ -32,7 +20,7 @@ def test_per_sample_norms_match_dense(make, shape):
     x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
     names = [k for k, _ in model.named_parameters()]
     ref = layerwise_dense_directions(model, F.cross_entropy, x, y, DAMPING, names)
-    got, seng = _seng_grads(model, x, y)
+    got, seng = seng_direction(model, x, y)
     assert seng.stats["layers/norm"] == 1
     for k in names:
         assert rel_err(got[k], ref[k]) < 1e-10, k
@@ -43,7 +31,7 @@ def test_layernorm_over_sequences_sums_positions():
     x, y = torch.randn(8, 3, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     names = [k for k, _ in model.named_parameters()]
     ref = layerwise_dense_directions(model, F.cross_entropy, x, y, DAMPING, names)
-    got, _ = _seng_grads(model, x, y)
+    got, _ = seng_direction(model, x, y)
     for k in names:
         assert rel_err(got[k], ref[k]) < 1e-10, k
 
@@ -57,7 +45,7 @@ def test_batchnorm_matches_per_sample_jacobian(bn, shape):
     model = nn.Sequential(bn, nn.Tanh(), nn.Flatten(), nn.Linear(int(torch.tensor(shape[1:]).prod()), 3)).double()
     x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
     n = shape[0]
-    got, seng = _seng_grads(model, x, y)
+    got, seng = seng_direction(model, x, y)
     jac = per_sample_jacobian(model, lambda out: F.cross_entropy(out, y, reduction="none"), x, ["0.weight", "0.bias"])
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
