@@ -8,7 +8,8 @@ For each problem, every optimizer (with the learning rate compare.py chose, read
 ``summary.csv``) gets a model of its own; then ``rounds`` times, each optimizer in turn runs
 ``steps`` training steps (``step_time`` block of conf/compare.yaml) (a multiple of the curvature refresh interval, so refresh steps count at
 their real rate) on batches of ``batch_size``. The reported time is the median over rounds of the
-mean step time, with the min and max; written to ``step_time.csv`` and ``step_time.md`` beside
+mean step time, with the min and max, and the wall time to target that step time implies with
+the epochs compare.py measured; written to ``step_time.csv`` and ``step_time.md`` beside
 summary.csv.
 """
 from __future__ import annotations
@@ -31,21 +32,26 @@ from benchmarks.problems import build_problem  # noqa: E402
 from benchmarks.report import LABELS  # noqa: E402
 
 COLUMNS = ["problem", "optimizer", "lr", "steps_per_round", "rounds", "step_ms_median",
-           "step_ms_min", "step_ms_max", "vs_sgd"]
+           "step_ms_min", "step_ms_max", "vs_sgd", "epochs_to_target_mean",
+           "est_wall_to_target_s"]
 
 
-def chosen_lrs(summary_csv: Path) -> dict[tuple[str, str], float]:
+def read_summary(summary_csv: Path) -> dict[tuple[str, str], dict]:
     with open(summary_csv, newline="") as f:
-        return {(r["problem"], r["optimizer"]): float(r["lr"]) for r in csv.DictReader(f)}
+        return {(r["problem"], r["optimizer"]): r for r in csv.DictReader(f)}
 
 
-def time_problem(problem, lrs: dict, cfg: DictConfig) -> list[dict]:
+def time_problem(problem, summary: dict, cfg: DictConfig) -> list[dict]:
+    """Round-robin step times of every optimizer in ``summary`` on ``problem``, and the wall time
+    to target they imply: ``est_wall_to_target_s = epochs_to_target_mean x steps per epoch x
+    step_ms_median`` (an estimate from the measured epochs and these steadier step times)."""
+    lrs = {key: float(row["lr"]) for key, row in summary.items()}
     batch_size = int(cfg.batch_size)
     steps, rounds = int(cfg.step_time.steps), int(cfg.step_time.rounds)
     data = problem.train_full
     steppers, orders = {}, {}
     for name in cfg.optimizers:
-        if (problem.name, name) not in lrs or missing_reason(name) is not None:
+        if (problem.name, name) not in summary or missing_reason(name) is not None:
             continue
         torch.manual_seed(0)
         model = problem.make_model()
@@ -67,18 +73,23 @@ def time_problem(problem, lrs: dict, cfg: DictConfig) -> list[dict]:
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
+        epochs = float(summary[(problem.name, name)]["epochs_to_target_mean"])
         rows.append(dict(problem=problem.name, optimizer=name, lr=lrs[(problem.name, name)],
                          steps_per_round=steps, rounds=rounds, step_ms_median=med,
-                         step_ms_min=min(ts), step_ms_max=max(ts), vs_sgd=med / sgd))
+                         step_ms_min=min(ts), step_ms_max=max(ts), vs_sgd=med / sgd,
+                         epochs_to_target_mean=epochs,
+                         est_wall_to_target_s=epochs * n_batches * med / 1000.0))
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| problem | optimizer | ms / step (median) | min – max | × SGD |", "|---|---|---|---|---|"]
+    lines = ["| problem | optimizer | ms / step (median) | min – max | × SGD | "
+             "est. wall s to target |", "|---|---|---|---|---|---|"]
     for r in rows:
+        est = r["est_wall_to_target_s"]
         lines.append(f"| {r['problem']} | {LABELS.get(r['optimizer'], r['optimizer'])} | "
                      f"{r['step_ms_median']:.1f} | {r['step_ms_min']:.1f} – {r['step_ms_max']:.1f} | "
-                     f"{r['vs_sgd']:.2f} |")
+                     f"{r['vs_sgd']:.2f} | {'—' if est != est else f'{est:.2f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -86,10 +97,10 @@ def markdown(rows: list[dict]) -> str:
 def main(cfg: DictConfig) -> None:
     torch.set_num_threads(int(cfg.threads))
     out_dir = Path(cfg.out_dir)
-    lrs = chosen_lrs(out_dir / "summary.csv")
+    summary = read_summary(out_dir / "summary.csv")
     rows = []
     for problem_name in cfg.problems:
-        rows += time_problem(build_problem(problem_name, cfg.problem[problem_name]), lrs, cfg)
+        rows += time_problem(build_problem(problem_name, cfg.problem[problem_name]), summary, cfg)
     with open(out_dir / "step_time.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
