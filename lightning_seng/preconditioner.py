@@ -249,7 +249,8 @@ class SENG:
             raise ValueError(f"loss_scale must be a finite number > 0 (got {loss_scale!r})")
         damping = self.damping
         refresh = self.will_refresh
-        grads_finite = self._grads_finite()
+        grad_sq = self._grad_squares()
+        grads_finite = grad_sq is not None
         if refresh:
             self._refresh(damping, loss_scale, grads_finite)
         if not grads_finite:
@@ -276,7 +277,7 @@ class SENG:
                 pairs += [(p, dp) for p, dp in zip(layer.trainable_params(layer.trainable()), d)
                           if p.grad is not None and dp is not None]
         others = self._other_grads()
-        self._record(pairs, others, damping)
+        self._record(pairs, others, grad_sq, damping)
         for p, dp in pairs:
             p.grad.copy_(dp)
         if others:
@@ -300,26 +301,31 @@ class SENG:
                                     f"{', '.join(repr(n) for n in late)}; create SENG again to precondition them")
         return others
 
-    def _grads_finite(self) -> bool:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return True
-        if bool(torch.isfinite(torch.stack([n.double() for n in torch._foreach_norm(grads)]).sum())):
-            return True
-        # A norm also overflows for large but finite entries (|g|² > float max): only then look at the entries.
-        return all(bool(torch.isfinite(g).all()) for g in grads)
+    def _grad_squares(self) -> Optional[Dict[int, float]]:
+        """``{id(param): ‖grad‖²}`` for every parameter with a gradient, from one fused norm; ``None`` if a
+        gradient holds NaN/Inf."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return {}
+        squares = torch.stack([n.double() for n in torch._foreach_norm([p.grad for p in params])]).square()
+        if not bool(torch.isfinite(squares.sum())):
+            # A norm also overflows for large but finite entries (|g|² > float max): only then look at the entries.
+            if not all(bool(torch.isfinite(p.grad).all()) for p in params):
+                return None
+        return dict(zip(map(id, params), squares.tolist()))
 
-    def _record(self, pairs, others: List[nn.Parameter], damping: float) -> None:
-        """``stats``: ‖g‖, ‖d‖ and cos(g, d) over all trainable parameters."""
+    def _record(self, pairs, others: List[nn.Parameter], grad_sq: Dict[int, float], damping: float) -> None:
+        """``stats``: ‖g‖, ‖d‖ and cos(g, d) over all trainable parameters (``grad_sq``: ‖g‖² per parameter,
+        taken before the gradients were rewritten)."""
         g_sq = d_sq = dot = 0.0
         if pairs:
-            g = [p.grad.to(dp.dtype) for p, dp in pairs]
-            d = [dp for _, dp in pairs]
-            g_sq = float(torch.stack(torch._foreach_norm(g)).square().sum())
-            d_sq = float(torch.stack(torch._foreach_norm(d)).square().sum())
-            dot = float(sum(torch.vdot(a.reshape(-1), b.reshape(-1)) for a, b in zip(g, d)))
+            # a layer whose module left the model after attach is not in grad_sq: measure it here
+            g_sq = sum(grad_sq[id(p)] if id(p) in grad_sq else float(p.grad.double().square().sum()) for p, _ in pairs)
+            d_sq = float(torch.stack([n.double() for n in torch._foreach_norm([dp for _, dp in pairs])]).square().sum())
+            dot = float(torch.stack([torch.vdot(p.grad.reshape(-1).to(dp.dtype), dp.reshape(-1)).double()
+                                     for p, dp in pairs]).sum())
         if others:
-            s = float(torch.stack([n.double() for n in torch._foreach_norm([p.grad for p in others])]).square().sum())
+            s = sum(grad_sq[id(p)] for p in others)
             g_sq, d_sq, dot = g_sq + s, d_sq + s / (1 + damping) ** 2, dot + s / (1 + damping)
         self.stats.update(damping=damping, grad_norm=g_sq ** 0.5, direction_norm=d_sq ** 0.5,
                           cosine=dot / max((g_sq * d_sq) ** 0.5, 1e-300))

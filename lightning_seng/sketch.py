@@ -21,15 +21,12 @@ _GRAM_CHUNK_ELEMENTS = 1 << 24
 
 
 def per_sample_grads(G: Tensor, X: Tensor, bias: bool = False) -> Tensor:
-    """Explicit ``U``: ``U[n] = vec_g(Σ_p G[n,g,:,p] X̃[n,g,:,p]ᵀ)``, shape ``(N, groups·d_out·(d_in+bias))``.
-
-    ``X̃`` is ``X`` with a row of ones appended when ``bias`` (never materialised: the bias column of
-    ``J_n`` is ``Σ_p G[n,g,:,p]``).
-    """
-    J = torch.einsum("ngop,ngip->ngoi", G, X)
+    """Explicit ``U``, shape ``(N, groups·d_out·d_in + groups·d_out·bias)``: per sample, the weight block
+    ``vec_g(Σ_p G[n,g,:,p] X[n,g,:,p]ᵀ)`` followed (``bias``) by the bias block ``vec_g(Σ_p G[n,g,:,p])``."""
+    J = torch.einsum("ngop,ngip->ngoi", G, X).reshape(G.shape[0], -1)
     if bias:
-        J = torch.cat([J, G.sum(3, keepdim=True)], dim=3)
-    return J.reshape(G.shape[0], -1)
+        J = torch.cat([J, G.sum(3).reshape(G.shape[0], -1)], dim=1)
+    return J
 
 
 def patch_gram(G: Tensor, X: Tensor, bias: bool = False) -> Tensor:
@@ -59,30 +56,43 @@ def patch_gram(G: Tensor, X: Tensor, bias: bool = False) -> Tensor:
     return out
 
 
-def patch_u_dot(G: Tensor, X: Tensor, W: Tensor, bias: bool = False) -> Tensor:
-    """``U vec(W)``: ``(U w)[n] = Σ_{g,p} G[n,g,:,p]ᵀ W[g] X̃[n,g,:,p]``, shape ``(N,)``; ``W`` is
-    ``(groups, d_out, d_in + bias)`` with the bias as last column."""
-    d_in = X.shape[2]
-    if G.shape[3] == 1 and G.shape[1] == 1:
-        wx = G[:, 0, :, 0] @ W[0, :, :d_in]
-        out = (wx * X[:, 0, :, 0]).sum(1)
-        return out + G[:, 0, :, 0] @ W[0, :, d_in] if bias else out
-    out = (torch.einsum("goi,ngip->ngop", W[:, :, :d_in], X) * G).sum(dim=(1, 2, 3))
-    if bias:
-        out = out + torch.einsum("ngo,go->n", G.sum(3), W[:, :, d_in])
+def patch_u_dot(G: Tensor, X: Tensor, Ww: Optional[Tensor], Wb: Optional[Tensor] = None,
+                xb: Optional[Tensor] = None) -> Tensor:
+    """``U g`` for a gradient split into weight ``Ww (groups, d_out, d_in)`` and bias ``Wb (groups, d_out)``
+    (either may be ``None``): ``(U g)[n] = Σ_{g,p} G[n,g,:,p]ᵀ (Ww[g] X[n,g,:,p] + Wb[g] · xb[n,g,p])``.
+
+    ``xb (N, groups, P)`` is the bias row of the inputs; ``None`` means ones. Shape ``(N,)``.
+    """
+    N, groups, _, P = G.shape
+    out = G.new_zeros(N)
+    if Ww is not None:
+        if P == 1 and groups == 1:
+            out = ((G[:, 0, :, 0] @ Ww[0]) * X[:, 0, :, 0]).sum(1)
+        else:
+            out = (torch.einsum("goi,ngip->ngop", Ww, X) * G).sum(dim=(1, 2, 3))
+    if Wb is not None:
+        gb = G.sum(3) if xb is None else (G * xb[:, :, None, :]).sum(3)  # (N, groups, d_out)
+        out = out + (gb * Wb).sum(dim=(1, 2))
     return out
 
 
-def patch_u_t(G: Tensor, X: Tensor, v: Tensor, bias: bool = False) -> Tensor:
-    """``Uᵀ v`` as a gradient matrix: ``Σ_n v[n] Σ_p G[n,g,:,p] X̃[n,g,:,p]ᵀ``, shape
-    ``(groups, d_out, d_in + bias)``."""
-    if G.shape[3] == 1 and G.shape[1] == 1:
-        gv = G[:, 0, :, 0] * v[:, None]
-        out = (gv.T @ X[:, 0, :, 0]).unsqueeze(0)
-        return torch.cat([out, gv.sum(0)[None, :, None]], dim=2) if bias else out
+def patch_apply(G: Tensor, X: Tensor, v: Tensor, Ww: Optional[Tensor], Wb: Optional[Tensor], damping: float,
+                xb: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(g − Uᵀv) / λ`` split like :func:`patch_u_dot`: ``Uᵀv`` is ``Σ_n v[n] Σ_p G[n,g,:,p] X[n,g,:,p]ᵀ``
+    for the weight and ``Σ_n v[n] Σ_p G[n,g,:,p] xb[n,g,p]`` for the bias. For a plain Linear the weight
+    part is one fused ``addmm``."""
+    N, groups, _, P = G.shape
     gv = G * v[:, None, None, None]
-    out = torch.einsum("ngop,ngip->goi", gv, X)
-    return torch.cat([out, gv.sum(dim=(0, 3))[..., None]], dim=2) if bias else out
+    Dw = Db = None
+    if Ww is not None:
+        if P == 1 and groups == 1:
+            Dw = torch.addmm(Ww[0], gv[:, 0, :, 0].T, X[:, 0, :, 0], beta=1 / damping, alpha=-1 / damping)[None]
+        else:
+            Dw = (Ww - torch.einsum("ngop,ngip->goi", gv, X)) / damping
+    if Wb is not None:
+        ub = gv.sum(dim=(0, 3)) if xb is None else (gv * xb[:, :, None, :]).sum(dim=(0, 3))
+        Db = (Wb - ub) / damping
+    return Dw, Db
 
 
 def sample_indices(n: int, size: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
@@ -104,23 +114,20 @@ def sample_rows(A: Tensor, size: int, dim: int, generator: Optional[torch.Genera
     return A.index_select(dim, idx) * (n / size) ** 0.5
 
 
-def low_rank(G: Tensor, X: Tensor, rank: int, bias: bool = False) -> Tuple[Tensor, Tensor]:
-    """Truncate each ``G[n,g]`` (``d_out × P``) to rank ``p`` by SVD: ``G ≈ Ĝ Vᵀ``, ``X̂ = X̃ V``.
+def low_rank(G: Tensor, X: Tensor, rank: int, bias: bool = False) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Truncate each ``G[n,g]`` (``d_out × P``) to rank ``p`` by SVD: ``G ≈ Ĝ Vᵀ``, ``X̂ = X V``.
 
-    Returns ``Ĝ`` of shape ``(N, groups, d_out, p)`` and ``X̂`` of shape ``(N, groups, d_in + bias, p)``
-    (the bias row of ones becomes ``1ᵀV``, so ``X̂`` needs no further bias handling), with
-    ``Σ_p Ĝ[:, p] ⊗ X̂[:, p] = Σ_p (G Π)[:, p] ⊗ X̃[:, p]``, Π the projector on the top ``p`` right
-    singular vectors: exact when ``p >= min(d_out, P)``.
+    Returns ``Ĝ (N, groups, d_out, p)``, ``X̂ (N, groups, d_in, p)`` and, with ``bias``, the bias row of
+    ones projected the same way, ``x̂b = 1ᵀV (N, groups, p)`` (else ``None``): then
+    ``Σ_p Ĝ[:, p] ⊗ [X̂; x̂b][:, p] = Σ_p (G Π)[:, p] ⊗ [X; 1][:, p]``, Π the projector on the top ``p``
+    right singular vectors: exact when ``p >= min(d_out, P)``.
     """
     N, groups, d_out, P = G.shape
     p = min(rank, d_out, P)
     u, s, vh = torch.linalg.svd(G.reshape(N * groups, d_out, P), full_matrices=False)
     g_hat = (u[..., :p] * s[..., None, :p]).reshape(N, groups, d_out, p)
     v = vh[..., :p, :].transpose(1, 2).reshape(N, groups, P, p)
-    x_hat = X @ v
-    if bias:
-        x_hat = torch.cat([x_hat, v.sum(2, keepdim=True)], dim=2)
-    return g_hat, x_hat
+    return g_hat, X @ v, (v.sum(2) if bias else None)
 
 
 def damped_cholesky(K: Tensor, damping: float, max_tries: int = 6) -> Optional[Tensor]:

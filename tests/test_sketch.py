@@ -14,30 +14,50 @@ def _factors(n=6, groups=2, d_out=3, d_in=4, P=5):
 
 
 def _explicit_U(G, X, bias=False):
-    """Per-sample gradients by a Python loop over samples, groups and positions (``bias``: a row of
-    ones appended to ``X``)."""
-    if bias:
-        X = torch.cat([X, torch.ones(X.shape[0], X.shape[1], 1, X.shape[3], dtype=X.dtype)], dim=2)
+    """Per-sample gradients by a Python loop over samples, groups and positions: the weight block
+    ``(groups, d_out, d_in)`` flattened, then (``bias``) the bias block ``(groups, d_out)``."""
     n, groups, d_out, P = G.shape
     rows = []
     for i in range(n):
-        blocks = [sum(torch.outer(G[i, g, :, p], X[i, g, :, p]) for p in range(P)) for g in range(groups)]
-        rows.append(torch.stack(blocks).reshape(-1))
+        w = torch.stack([sum(torch.outer(G[i, g, :, p], X[i, g, :, p]) for p in range(P)) for g in range(groups)])
+        b = torch.stack([sum(G[i, g, :, p] for p in range(P)) for g in range(groups)])
+        rows.append(torch.cat([w.reshape(-1), b.reshape(-1)]) if bias else w.reshape(-1))
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [dict(P=1, groups=1), dict(P=1, groups=3), dict(P=5, groups=1), dict(P=5, groups=2),
-                                   dict(P=3, d_in=0)])
+SHAPES = [dict(P=1, groups=1), dict(P=1, groups=3), dict(P=5, groups=1), dict(P=5, groups=2)]
+
+
+@pytest.mark.parametrize("shape,bias", [(s, b) for s in SHAPES for b in (False, True)] + [(dict(P=3, d_in=0), True)])
 def test_patch_gram_and_products_match_explicit_U(shape, bias):
     G, X = _factors(**shape)
+    groups, d_out, d_in = G.shape[1], G.shape[2], X.shape[2]
     U = _explicit_U(G, X, bias)
     torch.testing.assert_close(sketch.per_sample_grads(G, X, bias), U, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sketch.patch_gram(G, X, bias), U @ U.T, rtol=1e-12, atol=1e-12)
-    W = torch.randn(G.shape[1], G.shape[2], X.shape[2] + bias, dtype=D)
-    torch.testing.assert_close(sketch.patch_u_dot(G, X, W, bias), U @ W.reshape(-1), rtol=1e-12, atol=1e-12)
+    Ww = torch.randn(groups, d_out, d_in, dtype=D) if d_in else None
+    Wb = torch.randn(groups, d_out, dtype=D) if bias else None
+    g = torch.cat([t.reshape(-1) for t in (Ww, Wb) if t is not None])
+    torch.testing.assert_close(sketch.patch_u_dot(G, X, Ww, Wb), U @ g, rtol=1e-12, atol=1e-12)
     v = torch.randn(G.shape[0], dtype=D)
-    torch.testing.assert_close(sketch.patch_u_t(G, X, v, bias).reshape(-1), U.T @ v, rtol=1e-12, atol=1e-12)
+    Dw, Db = sketch.patch_apply(G, X, v, Ww, Wb, 0.7)
+    got = torch.cat([t.reshape(-1) for t in (Dw, Db) if t is not None])
+    torch.testing.assert_close(got, (g - U.T @ v) / 0.7, rtol=1e-12, atol=1e-12)
+
+
+def test_products_with_a_projected_bias_row_match_explicit_U():
+    """The implicit route's bias row ``xb`` is an ordinary input row: same products as appending it to X."""
+    G, X = _factors(P=4)
+    xb = torch.randn(G.shape[0], G.shape[1], 4, dtype=D)
+    X_full = torch.cat([X, xb[:, :, None, :]], dim=2)
+    U = _explicit_U(G, X_full)
+    Ww, Wb = torch.randn(2, 3, 4, dtype=D), torch.randn(2, 3, dtype=D)
+    g = torch.cat([Ww, Wb[..., None]], dim=2).reshape(-1)
+    torch.testing.assert_close(sketch.patch_u_dot(G, X, Ww, Wb, xb), U @ g, rtol=1e-12, atol=1e-12)
+    v = torch.randn(G.shape[0], dtype=D)
+    Dw, Db = sketch.patch_apply(G, X, v, Ww, Wb, 0.7, xb)
+    torch.testing.assert_close(torch.cat([Dw, Db[..., None]], dim=2).reshape(-1), (g - U.T @ v) / 0.7,
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_patch_gram_chunks_give_the_same_result(monkeypatch):
@@ -49,13 +69,15 @@ def test_patch_gram_chunks_give_the_same_result(monkeypatch):
 
 def test_low_rank_is_exact_at_full_rank_and_a_projection_below():
     G, X = _factors(d_out=3, P=6)
-    g_hat, x_hat = sketch.low_rank(G, X, rank=3)
+    g_hat, x_hat, xb = sketch.low_rank(G, X, rank=3)
+    assert xb is None
     torch.testing.assert_close(sketch.per_sample_grads(g_hat, x_hat), sketch.per_sample_grads(G, X),
                                rtol=1e-10, atol=1e-10)
-    g_hat, x_hat = sketch.low_rank(G, X, rank=3, bias=True)
-    torch.testing.assert_close(sketch.per_sample_grads(g_hat, x_hat), sketch.per_sample_grads(G, X, bias=True),
-                               rtol=1e-10, atol=1e-10)
-    g1, x1 = sketch.low_rank(G, X, rank=1)
+    g_hat, x_hat, xb = sketch.low_rank(G, X, rank=3, bias=True)
+    ones = torch.ones(6, 2, 1, 6, dtype=D)
+    torch.testing.assert_close(sketch.per_sample_grads(g_hat, torch.cat([x_hat, xb[:, :, None, :]], dim=2)),
+                               sketch.per_sample_grads(G, torch.cat([X, ones], dim=2)), rtol=1e-10, atol=1e-10)
+    g1, x1, _ = sketch.low_rank(G, X, rank=1)
     assert g1.shape == (6, 2, 3, 1) and x1.shape == (6, 2, 4, 1)
     # rank-1 truncation keeps the top singular triple of each G_n: G_n v v^T for its top right vector v
     _, _, vh = torch.linalg.svd(G[0, 0], full_matrices=False)
@@ -81,9 +103,9 @@ def test_explicit_coordinate_sketch_is_unbiased():
     for seeds in (50, 800):
         K_sum, ug_sum = torch.zeros_like(exact_K), torch.zeros_like(exact_ug)
         for s in range(seeds):
-            route = ExplicitRoute.build(U, (1, 1, 40), 10, torch.Generator().manual_seed(s))
+            route = ExplicitRoute.build(U, [40], 10, torch.Generator().manual_seed(s))
             K_sum += route.gram(None)
-            ug_sum += route.u_dot(W)
+            ug_sum += route.u_dot([W.reshape(-1)])
         errors[seeds] = ((K_sum / seeds - exact_K).norm() / exact_K.norm()).item()
         assert (ug_sum / seeds - exact_ug).norm() / exact_ug.norm() < 3 * seeds ** -0.5
     print(f"\nexplicit sketch s=10 of d=40, relative error of the mean Gram: 50 seeds {errors[50]:.3f}, "
@@ -94,7 +116,7 @@ def test_explicit_coordinate_sketch_is_unbiased():
 
 def test_implicit_row_sampling_is_unbiased():
     G, X = _factors(n=4, d_out=12, d_in=10, P=3)
-    exact = sketch.patch_gram(*sketch.low_rank(G, X, rank=3))
+    exact = sketch.patch_gram(*sketch.low_rank(G, X, rank=3)[:2])
     route = ImplicitRoute.build(G, X, bias=False, rank=3, sketch_size=4)
     seeds = 1000
     gen = torch.Generator().manual_seed(0)

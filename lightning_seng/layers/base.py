@@ -2,7 +2,7 @@
 
 A layer kind supplies three things (STYLE.md): how to turn captured calls into per-sample factors
 (``_factors``), how to build a route from scaled factors (``_route``), and how its parameter
-gradients map to and from a gradient matrix (``grad_matrix`` / ``split``). This base class does the
+gradients map to and from the route's shapes (``grad_parts`` / ``to_params``). This base class does the
 SENG direction for all of them:
 
     d = (1/λ) · ( g − Uᵀ (λI_N + UUᵀ)^{-1} U g ),
@@ -157,11 +157,14 @@ class LayerCurvature:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- apply
-    def grad_matrix(self, mask: Mask, dtype: torch.dtype) -> Optional[Tensor]:
+    def grad_parts(self, mask: Mask, dtype: torch.dtype) -> Optional[List[Tensor]]:
+        """The trainable parameters' gradients in the route's shapes (views where possible), in ``dtype``;
+        ``None`` if one is missing."""
         raise NotImplementedError
 
-    def split(self, matrix: Tensor, mask: Mask) -> List[Tensor]:
-        raise NotImplementedError
+    def to_params(self, parts: List[Tensor], mask: Mask) -> List[Tensor]:
+        """Route-shaped parts back to the trainable parameters' shapes."""
+        return [part.reshape(p.shape) for part, p in zip(parts, self.trainable_params(mask))]
 
     def direction(self, damping: float) -> Optional[List[Tensor]]:
         """``(F + λI)^{-1} g`` for the trainable parameters, in their order; ``None`` when this layer
@@ -169,16 +172,16 @@ class LayerCurvature:
         cur = self.curvature
         if cur is None or self.trainable() != cur.mask:
             return None
-        W = self.grad_matrix(cur.mask, cur.gram.dtype)
-        if W is None:
+        parts = self.grad_parts(cur.mask, cur.gram.dtype)
+        if parts is None:
             return None
         if damping != cur.damping:
             chol = sketch.damped_cholesky(cur.gram, damping)
             if chol is None:
                 return None
             cur.chol, cur.damping = chol, damping
-        w = sketch.cholesky_solve_vec(cur.chol, cur.route.u_dot(W))
-        return self.split((W - cur.route.u_t(w)) / damping, cur.mask)
+        w = sketch.cholesky_solve_vec(cur.chol, cur.route.u_dot(parts))
+        return self.to_params(cur.route.apply(parts, w, damping), cur.mask)
 
     def trainable_params(self, mask: Mask) -> List[nn.Parameter]:
         return [p for p, m in zip(self.param_slots(), mask) if m]
@@ -187,9 +190,9 @@ class LayerCurvature:
 class MatrixLayer(LayerCurvature):
     """Layers whose gradient is a matrix ``[W | b]`` per group: Linear and Conv.
 
-    Gradient matrix shape ``(groups, d_out/groups, d_in_g + 1)``: the weight reshaped to
-    ``(groups, d_out/groups, d_in_g)`` with the bias as a last column (dropped when absent or frozen;
-    with a frozen weight only the bias column remains). The input factors get a matching row of ones.
+    Parts: the weight gradient as ``(groups, d_out/groups, d_in_g)`` and the bias gradient as
+    ``(groups, d_out/groups)`` (each only while trainable). The bias's row of ones in the input factors
+    is never materialised.
     """
 
     groups = 1
@@ -199,26 +202,17 @@ class MatrixLayer(LayerCurvature):
         w = self.module.weight
         return w.shape[0] // self.groups, w[0].numel()
 
-    def grad_matrix(self, mask: Mask, dtype: torch.dtype) -> Optional[Tensor]:
+    def grad_parts(self, mask: Mask, dtype: torch.dtype) -> Optional[List[Tensor]]:
         params = self.trainable_params(mask)
         if any(p.grad is None for p in params):
             return None
         d_out, d_in = self._matrix_dims()
         parts = []
         if mask[0]:
-            parts.append(self.module.weight.grad.reshape(self.groups, d_out, d_in))
+            parts.append(self.module.weight.grad.reshape(self.groups, d_out, d_in).to(dtype))
         if mask[1]:
-            parts.append(self.module.bias.grad.reshape(self.groups, d_out, 1))
-        return torch.cat(parts, dim=2).to(dtype)
-
-    def split(self, matrix: Tensor, mask: Mask) -> List[Tensor]:
-        out = []
-        d_in = self._matrix_dims()[1]
-        if mask[0]:
-            out.append(matrix[:, :, :d_in].reshape(self.module.weight.shape))
-        if mask[1]:
-            out.append(matrix[:, :, -1].reshape(self.module.bias.shape))
-        return out
+            parts.append(self.module.bias.grad.reshape(self.groups, d_out).to(dtype))
+        return parts
 
     def _assemble(self, G: Tensor, X: Tensor, mask: Mask) -> Factors:
         """Factors from ``G (N, groups, d_out, P)`` and inputs ``X (N, groups, d_in, P)``. The bias's row of

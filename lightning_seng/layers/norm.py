@@ -55,21 +55,15 @@ class NormLayer(LayerCurvature):
         return Factors(J, None)
 
     def _route(self, factors: Factors, scale: float, settings: RouteSettings, generator) -> Route:
-        return ExplicitRoute.build(factors.grad_side * scale, (1, 1, factors.grad_side.shape[1]), None, None)
+        blocks = [p.numel() for p in self.trainable_params(factors.mask)]
+        return ExplicitRoute.build(factors.grad_side * scale, blocks, None, None)
 
     def estimated_cost(self, n: int, settings: RouteSettings) -> float:
         d = sum(p.numel() for p in self.parameters())
         return n * n * d / settings.update_freq + 2 * n * d
 
-    def grad_matrix(self, mask: Mask, dtype: torch.dtype) -> Optional[Tensor]:
+    def grad_parts(self, mask: Mask, dtype: torch.dtype) -> Optional[List[Tensor]]:
         params = self.trainable_params(mask)
         if any(p.grad is None for p in params):
             return None
-        return torch.cat([p.grad.reshape(-1) for p in params]).to(dtype).reshape(1, 1, -1)
-
-    def split(self, matrix: Tensor, mask: Mask) -> List[Tensor]:
-        flat, out, start = matrix.reshape(-1), [], 0
-        for p in self.trainable_params(mask):
-            out.append(flat[start:start + p.numel()].reshape(p.shape))
-            start += p.numel()
-        return out
+        return [p.grad.reshape(-1).to(dtype) for p in params]

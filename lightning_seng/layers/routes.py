@@ -1,15 +1,17 @@
 """The three ways of applying one layer's ``U``: explicit, Gram and implicit (low rank).
 
-A route holds what a layer needs between curvature refreshes and answers three questions:
-``gram()`` (``UUᵀ``, possibly sketched, ``(N, N)``), ``u_dot(W)`` (``U vec(W)``, ``(N,)``) and
-``u_t(v)`` (``Uᵀ v`` as a gradient matrix ``(groups, d_out, d_in)``). The factors it receives are
-already scaled so that ``U``'s rows are ``√N·J_n`` (mean reduction) or ``J_n/√N`` (sum reduction).
+A route holds what a layer needs between curvature refreshes and answers three questions about a
+gradient given as ``parts`` (the layer's trainable parameter gradients, weight first, in the route's
+shapes: ``(groups, d_out, d_in)`` and ``(groups, d_out)`` for Linear/Conv, flat for norm layers):
+``gram()`` (``UUᵀ``, possibly sketched, ``(N, N)``), ``u_dot(parts)`` (``U g``, ``(N,)``) and
+``apply(parts, v, λ)`` (``(g − Uᵀv)/λ``, as parts). The factors it receives are already scaled so that
+``U``'s rows are ``√N·J_n`` (mean reduction) or ``J_n/√N`` (sum reduction).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -23,86 +25,92 @@ EXPLICIT_MAX_ELEMENTS = 1 << 26
 
 
 class Route:
-    """Base class; subclasses hold route-specific tensors in ``tensors``."""
+    """Base class; subclasses hold route-specific tensors in ``tensors`` and plain values in ``options``."""
 
     name = ""
 
-    def __init__(self, tensors: Dict[str, Tensor], shape: Tuple[int, int, int], options: Optional[dict] = None):
+    def __init__(self, tensors: Dict[str, Tensor], options: Optional[dict] = None):
         self.tensors = tensors
-        self.shape = tuple(shape)  # gradient matrix shape (groups, d_out, d_in)
         self.options = dict(options or {})
 
     def gram(self, generator: Optional[torch.Generator]) -> Tensor:
         raise NotImplementedError
 
-    def u_dot(self, W: Tensor) -> Tensor:
+    def u_dot(self, parts: Sequence[Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def u_t(self, v: Tensor) -> Tensor:
+    def apply(self, parts: Sequence[Tensor], v: Tensor, damping: float) -> List[Tensor]:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "shape": self.shape, "tensors": dict(self.tensors), "options": dict(self.options)}
+        return {"name": self.name, "tensors": dict(self.tensors), "options": dict(self.options)}
 
 
 class ExplicitRoute(Route):
-    """``U`` materialised, ``(N, d)``. With ``sketch_size = s < d`` the Gram and ``U g`` use ``s``
-    sampled coordinates rescaled by ``d/s`` (unbiased); ``Uᵀ v`` uses all coordinates."""
+    """``U`` materialised, ``(N, d)``, its columns in blocks of ``options["blocks"]`` sizes, one per part.
+    With ``sketch_size = s < d`` the Gram and ``U g`` use ``s`` sampled coordinates rescaled by ``d/s``
+    (unbiased); ``Uᵀ v`` uses all coordinates."""
 
     name = "explicit"
 
     @classmethod
-    def build(cls, U: Tensor, shape, sketch_size: Optional[int], generator) -> "ExplicitRoute":
+    def build(cls, U: Tensor, blocks: Sequence[int], sketch_size: Optional[int], generator) -> "ExplicitRoute":
         tensors = {"U": U}
         d = U.shape[1]
         if sketch_size is not None and sketch_size < d:
             tensors["index"] = sketch.sample_indices(d, sketch_size, generator, U.device)
-        return cls(tensors, shape)
+        return cls(tensors, {"blocks": [int(b) for b in blocks]})
 
-    def _sampled(self) -> Tuple[Tensor, float]:
-        U = self.tensors["U"]
-        index = self.tensors.get("index")
-        if index is None:
-            return U, 1.0
-        return U[:, index], U.shape[1] / index.numel()
+    def _blocks(self):
+        start = 0
+        for size in self.options["blocks"]:
+            yield slice(start, start + size)
+            start += size
 
     def gram(self, generator) -> Tensor:
-        Us, scale = self._sampled()
-        return (Us @ Us.T) * scale
-
-    def u_dot(self, W: Tensor) -> Tensor:
-        w = W.reshape(-1)
-        index = self.tensors.get("index")
-        U = self.tensors["U"]
+        U, index = self.tensors["U"], self.tensors.get("index")
         if index is None:
-            return U @ w
-        return (U[:, index] @ w[index]) * (U.shape[1] / index.numel())
+            return U @ U.T
+        Us = U[:, index]
+        return (Us @ Us.T) * (U.shape[1] / index.numel())
 
-    def u_t(self, v: Tensor) -> Tensor:
-        return (v @ self.tensors["U"]).reshape(self.shape)
+    def u_dot(self, parts: Sequence[Tensor]) -> Tensor:
+        U, index = self.tensors["U"], self.tensors.get("index")
+        if index is None:
+            return sum(U[:, cols] @ part.reshape(-1) for cols, part in zip(self._blocks(), parts))
+        flat = torch.cat([part.reshape(-1) for part in parts])
+        return (U[:, index] @ flat[index]) * (U.shape[1] / index.numel())
+
+    def apply(self, parts: Sequence[Tensor], v: Tensor, damping: float) -> List[Tensor]:
+        U = self.tensors["U"]
+        return [torch.addmv(part.reshape(-1), U[:, cols].T, v, beta=1 / damping, alpha=-1 / damping).reshape(part.shape)
+                for cols, part in zip(self._blocks(), parts)]
 
 
 class GramRoute(Route):
-    """Factors ``G (N, groups, d_out, P)`` and ``X (N, groups, d_in, P)`` kept; ``U`` never built."""
+    """Factors ``G (N, groups, d_out, P)`` and ``X (N, groups, d_in, P)`` kept; ``U`` never built. The
+    bias's input row is ones (``options["bias"]``) or, after a low-rank projection, ``xb (N, groups, P)``."""
 
     name = "gram"
 
     @classmethod
     def build(cls, G: Tensor, X: Tensor, bias: bool) -> "GramRoute":
-        return cls({"G": G, "X": X}, (G.shape[1], G.shape[2], X.shape[2] + bias), {"bias": bias})
+        return cls({"G": G, "X": X}, {"bias": bias})
 
-    @property
-    def bias(self) -> bool:
-        return bool(self.options.get("bias", False))
+    def _split(self, parts: Sequence[Tensor]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        has_weight = self.tensors["X"].shape[2] > 0
+        return (parts[0] if has_weight else None), (parts[-1] if self.options["bias"] else None)
 
     def gram(self, generator) -> Tensor:
-        return sketch.patch_gram(self.tensors["G"], self.tensors["X"], self.bias)
+        return sketch.patch_gram(self.tensors["G"], self.tensors["X"], self.options["bias"])
 
-    def u_dot(self, W: Tensor) -> Tensor:
-        return sketch.patch_u_dot(self.tensors["G"], self.tensors["X"], W, self.bias)
+    def u_dot(self, parts: Sequence[Tensor]) -> Tensor:
+        return sketch.patch_u_dot(self.tensors["G"], self.tensors["X"], *self._split(parts), self.tensors.get("xb"))
 
-    def u_t(self, v: Tensor) -> Tensor:
-        return sketch.patch_u_t(self.tensors["G"], self.tensors["X"], v, self.bias)
+    def apply(self, parts: Sequence[Tensor], v: Tensor, damping: float) -> List[Tensor]:
+        Ww, Wb = self._split(parts)
+        out = sketch.patch_apply(self.tensors["G"], self.tensors["X"], v, Ww, Wb, damping, self.tensors.get("xb"))
+        return [d for d in out if d is not None]
 
 
 class ImplicitRoute(GramRoute):
@@ -113,11 +121,17 @@ class ImplicitRoute(GramRoute):
 
     @classmethod
     def build(cls, G: Tensor, X: Tensor, bias: bool, rank: int, sketch_size: Optional[int] = None) -> "ImplicitRoute":
-        g_hat, x_hat = sketch.low_rank(G, X, rank, bias)  # the bias row is folded into x_hat
-        return cls({"G": g_hat, "X": x_hat}, (G.shape[1], G.shape[2], x_hat.shape[2]), {"sketch_size": sketch_size})
+        g_hat, x_hat, xb = sketch.low_rank(G, X, rank, bias)
+        tensors = {"G": g_hat, "X": x_hat}
+        if xb is not None:
+            tensors["xb"] = xb
+        return cls(tensors, {"bias": bias, "sketch_size": sketch_size})
 
     def gram(self, generator) -> Tensor:
         G, X = self.tensors["G"], self.tensors["X"]
+        xb = self.tensors.get("xb")
+        if xb is not None:  # the projected bias row is an ordinary input row for the Gram
+            X = torch.cat([X, xb[:, :, None, :]], dim=2)
         s = self.options.get("sketch_size")
         if s is not None:
             G = sketch.sample_rows(G, s, 2, generator)
@@ -130,7 +144,7 @@ ROUTE_CLASSES = {cls.name: cls for cls in (ExplicitRoute, GramRoute, ImplicitRou
 
 def route_from_state(state: dict) -> Route:
     cls = ROUTE_CLASSES[state["name"]]
-    return cls(dict(state["tensors"]), tuple(state["shape"]), state.get("options"))
+    return cls(dict(state["tensors"]), state.get("options"))
 
 
 @dataclass
@@ -180,8 +194,8 @@ def build_route(G: Tensor, X: Tensor, bias: bool, settings: RouteSettings, gener
     d_in = X.shape[2] + bias
     name = choose_route(n, groups, d_out, d_in, P, settings)
     if name == "explicit":
-        return ExplicitRoute.build(sketch.per_sample_grads(G, X, bias), (groups, d_out, d_in),
-                                   settings.sketch_size, generator)
+        blocks = ([groups * d_out * X.shape[2]] if X.shape[2] else []) + ([groups * d_out] if bias else [])
+        return ExplicitRoute.build(sketch.per_sample_grads(G, X, bias), blocks, settings.sketch_size, generator)
     if name == "implicit":
         return ImplicitRoute.build(G, X, bias, settings.svd_rank, settings.sketch_size)
     return GramRoute.build(G, X, bias)
