@@ -6,6 +6,7 @@ the optimizer and the data were in place; on CUDA it is ``torch.cuda.max_memory_
 
     python benchmarks/overhead.py                      # CPU, table on stdout
     python benchmarks/overhead.py --sketch-size 1024      # adds sketched-Gram rows
+    python benchmarks/overhead.py --curvature-samples 32  # adds rows with U from 32 of the batch's samples
     python benchmarks/overhead.py --device cuda --steps 100
 """
 
@@ -40,16 +41,16 @@ def make_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     raise ValueError(f"model must be one of ['mlp', 'cnn'] (got {name!r})")
 
 
-def measure(model_name: str, optimizer: str, update_freq: int, sketch_size: int | None, batch_size: int,
-            steps: int, warmup: int, device: str, threads: int) -> dict:
+def measure(model_name: str, optimizer: str, update_freq: int, sketch_size: int | None,
+            curvature_samples: int | None, batch_size: int, steps: int, warmup: int, device: str, threads: int) -> dict:
     """Median seconds per training step and peak memory growth for one configuration."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, shape = make_model(model_name)
     model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    seng = (SENG(model, damping=0.5, update_freq=update_freq, sketch_size=sketch_size)
-            if optimizer == "seng" else None)
+    seng = (SENG(model, damping=0.5, update_freq=update_freq, sketch_size=sketch_size,
+                 curvature_samples=curvature_samples) if optimizer == "seng" else None)
     xs = torch.randn(4, batch_size, *shape, device=device)
     ys = torch.randint(0, 10, (4, batch_size), device=device)
     cuda = device.startswith("cuda")
@@ -85,6 +86,7 @@ def measure(model_name: str, optimizer: str, update_freq: int, sketch_size: int 
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
     cycles = [sum(times[i:i + update_freq]) / update_freq for i in range(0, steps, update_freq)]
     return {"model": model_name, "optimizer": optimizer, "update_freq": update_freq, "sketch_size": sketch_size,
+            "curvature_samples": curvature_samples,
             "step_ms": 1000 * statistics.median(cycles), "peak_mib": max(peak, 0) / 2 ** 20}
 
 
@@ -98,37 +100,44 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--sketch-size", type=int, default=None,
                         help="also measure SENG with this sketch_size (coordinate sampling of the Gram)")
+    parser.add_argument("--curvature-samples", type=int, default=None,
+                        help="also measure SENG with U built from this many samples of the batch")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration, print JSON
     args = parser.parse_args()
     if args.one:
-        model_name, optimizer, freq, sketch = args.one.split(":")
-        print(json.dumps(measure(model_name, optimizer, int(freq), int(sketch) if sketch else None, args.batch_size,
-                                 args.steps, args.warmup, args.device, args.threads)))
+        model_name, optimizer, freq, sketch, samples = args.one.split(":")
+        print(json.dumps(measure(model_name, optimizer, int(freq), int(sketch) if sketch else None,
+                                 int(samples) if samples else None, args.batch_size, args.steps, args.warmup,
+                                 args.device, args.threads)))
         return
 
     rows = []
     for model_name in args.models.split(","):
-        configs = [("sgd", 1, None), ("seng", 1, None), ("seng", 10, None)]
+        configs = [("sgd", 1, None, None), ("seng", 1, None, None), ("seng", 10, None, None)]
         if args.sketch_size:
-            configs += [("seng", 1, args.sketch_size), ("seng", 10, args.sketch_size)]
-        for optimizer, freq, sketch in configs:
-            cmd = [sys.executable, __file__, "--one", f"{model_name}:{optimizer}:{freq}:{sketch or ''}",
+            configs += [("seng", 1, args.sketch_size, None), ("seng", 10, args.sketch_size, None)]
+        if args.curvature_samples:
+            configs += [("seng", 1, None, args.curvature_samples), ("seng", 10, None, args.curvature_samples)]
+        for optimizer, freq, sketch, samples in configs:
+            cmd = [sys.executable, __file__, "--one",
+                   f"{model_name}:{optimizer}:{freq}:{sketch or ''}:{samples or ''}",
                    "--device", args.device,
                    "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
                    "--threads", str(args.threads)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"  measured {model_name} {optimizer} update_freq={freq} sketch_size={sketch}", file=sys.stderr,
-                  flush=True)
+            print(f"  measured {model_name} {optimizer} update_freq={freq} sketch_size={sketch} "
+                  f"curvature_samples={samples}", file=sys.stderr, flush=True)
     sgd = {r["model"]: r for r in rows if r["optimizer"] == "sgd"}
     print(f"device={args.device} batch_size={args.batch_size} threads={args.threads} steps={args.steps}")
-    print(f"{'model':6} {'optimizer':9} {'update_freq':>11} {'sketch':>7} {'ms/step':>9} {'x SGD':>7} {'peak MiB':>9} "
-          f"{'target':>7}")
+    print(f"{'model':6} {'optimizer':9} {'update_freq':>11} {'sketch':>7} {'samples':>7} {'ms/step':>9} {'x SGD':>7} "
+          f"{'peak MiB':>9} {'target':>7}")
     for r in rows:
         ratio = r["step_ms"] / sgd[r["model"]]["step_ms"]
         target = "" if r["optimizer"] == "sgd" else ("<=2.0" if r["update_freq"] == 1 else "<=1.3")
         verdict = "" if not target else (" ok" if ratio <= float(target[2:]) else " MISS")
         print(f"{r['model']:6} {r['optimizer']:9} {r['update_freq']:>11} {str(r['sketch_size'] or '-'):>7} "
+              f"{str(r['curvature_samples'] or '-'):>7} "
               f"{r['step_ms']:>9.2f} {ratio:>7.2f} "
               f"{r['peak_mib']:>9.1f} {target:>7}{verdict}")
 

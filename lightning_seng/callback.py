@@ -56,6 +56,7 @@ class SENGCallback(Callback):
             ``(step, epoch) -> float``.
         update_freq: curvature refresh every ``update_freq`` optimizer steps.
         sketch_size: sampling size of the sketched routes; ``None`` = exact.
+        curvature_samples: samples of the refresh batch that form ``U`` (uniform subset); ``None`` = all.
         svd_rank: rank of the implicit (low-rank) route.
         implicit_threshold: layers with at least this many parameters use the implicit route (``route="auto"``).
         loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step``'s loss reduces over the batch.
@@ -77,6 +78,7 @@ class SENGCallback(Callback):
         damping: float | Callable[[int, int], float] | Any = 0.5,
         update_freq: int = 10,
         sketch_size: int | None = None,
+        curvature_samples: int | None = None,
         svd_rank: int = 16,
         implicit_threshold: int = 700_000,
         loss_reduction: str = "mean",
@@ -94,7 +96,8 @@ class SENGCallback(Callback):
         super().__init__()
         # SENG's own validation, run now so that a bad value fails before fit starts
         self.seng_kwargs: dict[str, Any] = check_settings(
-            damping=damping, update_freq=update_freq, sketch_size=sketch_size, svd_rank=svd_rank,
+            damping=damping, update_freq=update_freq, sketch_size=sketch_size,
+            curvature_samples=curvature_samples, svd_rank=svd_rank,
             implicit_threshold=implicit_threshold, loss_reduction=loss_reduction, include=include, exclude=exclude,
             route=route, curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite)
         if isinstance(optimizers, int) and not isinstance(optimizers, bool):

@@ -25,6 +25,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from . import sketch
 from .distributed import Communicator
 from .layers import ROUTES, LayerCurvature, RouteSettings, layer_for
 from .layers.base import Curvature
@@ -78,7 +79,7 @@ def _matches(name: str, module: nn.Module, patterns: List[Union[str, type]]) -> 
 
 
 def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_size: Optional[int] = None,
-                   svd_rank: int = 16, implicit_threshold: int = 700_000, loss_reduction: str = "mean",
+                   curvature_samples: Optional[int] = None, svd_rank: int = 16, implicit_threshold: int = 700_000, loss_reduction: str = "mean",
                    include: LayerFilter = None, exclude: LayerFilter = None, route: str = "auto",
                    curvature_dtype: Union[torch.dtype, str, None] = None, seed: int = 0,
                    skip_nonfinite: bool = True) -> dict:
@@ -101,6 +102,7 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
         damping=damping,
         update_freq=check_int("update_freq", update_freq, 1),
         sketch_size=check_int("sketch_size", sketch_size, 1, allow_none=True),
+        curvature_samples=check_int("curvature_samples", curvature_samples, 1, allow_none=True),
         svd_rank=check_int("svd_rank", svd_rank, 1),
         implicit_threshold=check_int("implicit_threshold", implicit_threshold, 0),
         loss_reduction=check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS),
@@ -124,6 +126,9 @@ class SENG:
         update_freq: refresh the curvature every ``update_freq`` optimizer steps (step 0 refreshes).
         sketch_size: coordinates (explicit route) or rows (implicit route) sampled for the Gram matrix;
             ``None`` computes it exactly.
+        curvature_samples: build ``U`` from this many samples of the refresh batch, drawn uniformly without
+            replacement (an unbiased estimate of the empirical Fisher); cuts refresh and per-step cost in
+            proportion. ``None`` uses the whole batch.
         svd_rank: rank ``p`` of the implicit route's truncation of each output gradient.
         implicit_threshold: in ``route="auto"``, layers with at least this many parameters whose
             positions (sequence length, patches) exceed ``svd_rank`` use the implicit route.
@@ -140,7 +145,8 @@ class SENG:
     """
 
     def __init__(self, model: nn.Module, damping: DampingLike = 0.5, update_freq: int = 10,
-                 sketch_size: Optional[int] = None, svd_rank: int = 16, implicit_threshold: int = 700_000,
+                 sketch_size: Optional[int] = None, curvature_samples: Optional[int] = None, svd_rank: int = 16,
+                 implicit_threshold: int = 700_000,
                  loss_reduction: str = "mean", include: LayerFilter = None, exclude: LayerFilter = None,
                  route: str = "auto", curvature_dtype: Optional[torch.dtype] = None, seed: int = 0,
                  skip_nonfinite: bool = True, comm: Optional[Communicator] = None):
@@ -149,7 +155,7 @@ class SENG:
         if comm is not None and not isinstance(comm, Communicator):
             raise ValueError(f"comm must be a lightning_seng.distributed.Communicator or None (got {comm!r})")
         checked = check_settings(damping=damping, update_freq=update_freq, sketch_size=sketch_size,
-                                 svd_rank=svd_rank, implicit_threshold=implicit_threshold,
+                                 curvature_samples=curvature_samples, svd_rank=svd_rank, implicit_threshold=implicit_threshold,
                                  loss_reduction=loss_reduction, include=include, exclude=exclude, route=route,
                                  curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite)
         self.damping_schedule = make_damping(checked["damping"])
@@ -157,6 +163,7 @@ class SENG:
                                       svd_rank=checked["svd_rank"], implicit_threshold=checked["implicit_threshold"],
                                       update_freq=checked["update_freq"])
         self.loss_reduction = checked["loss_reduction"]
+        self.curvature_samples = checked["curvature_samples"]
         include, exclude = checked["include"], checked["exclude"]
         curvature_dtype = checked["curvature_dtype"]
         self.skip_nonfinite = skip_nonfinite
@@ -346,7 +353,8 @@ class SENG:
 
     def _refresh(self, damping: float, loss_scale: float, grads_finite: bool) -> None:
         start = time.perf_counter()
-        factors = {name: layer.take_factors(loss_scale, self.curvature_dtype) for name, layer in self.layers.items()}
+        pick = self._sample_picker()
+        factors = {name: layer.take_factors(loss_scale, self.curvature_dtype, pick) for name, layer in self.layers.items()}
         if not grads_finite:  # this batch is bad as a whole: keep the last good curvature, build nothing
             factors = dict.fromkeys(factors)
         rows = {name: f.n for name, f in factors.items() if f is not None}
@@ -386,6 +394,23 @@ class SENG:
         self.stats["skipped_refreshes"] = self.skipped_refreshes
         self.stats["refresh_time"] = time.perf_counter() - start
 
+    def _sample_picker(self) -> Optional[Callable[[int], Optional[tuple]]]:
+        """For ``curvature_samples = m``: ``pick(N)`` gives the rows to keep of an ``N``-sample batch (the same
+        rows for every layer of this refresh) and the factor for the output gradients: ``N/m`` under mean
+        reduction, so that the kept rows are those of the mean loss over the ``m`` samples."""
+        m = self.curvature_samples
+        if m is None:
+            return None
+        chosen: Dict[int, Optional[tuple]] = {}
+
+        def pick(n: int) -> Optional[tuple]:
+            if n not in chosen:
+                chosen[n] = None if m >= n else (
+                    sketch.sample_indices(n, m, self.generator, torch.device("cpu")),
+                    n / m if self.loss_reduction == "mean" else 1.0)
+            return chosen[n]
+        return pick
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -422,5 +447,5 @@ class SENG:
     def __repr__(self) -> str:
         s = self.settings
         return (f"SENG(layers={len(self.layers)}, damping={self.damping_schedule!r}, update_freq={s.update_freq}, "
-                f"sketch_size={s.sketch_size}, svd_rank={s.svd_rank}, route={s.route!r}, "
+                f"sketch_size={s.sketch_size}, curvature_samples={self.curvature_samples}, svd_rank={s.svd_rank}, route={s.route!r}, "
                 f"loss_reduction={self.loss_reduction!r})")

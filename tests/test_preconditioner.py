@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_seng import SENG, ExponentialDamping
+from lightning_seng import SENG, ExponentialDamping, sketch
 from tests.reference import layerwise_dense_directions, rel_err
 
 D = torch.float64
@@ -182,8 +182,36 @@ def test_curvature_dtype_is_float32_for_float32_models_and_stats_are_consistent(
     (dict(update_freq=2.5), "update_freq"), (dict(sketch_size=0), "sketch_size"), (dict(svd_rank=0), "svd_rank"),
     (dict(loss_reduction="avg"), "loss_reduction"), (dict(route="dense"), "route"),
     (dict(implicit_threshold=-1), "implicit_threshold"), (dict(include=[3]), "include"),
+    (dict(curvature_samples=0), "curvature_samples"),
     (dict(curvature_dtype=torch.float16), "curvature_dtype"),
 ])
 def test_bad_settings_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         SENG(_mlp(), **kwargs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_curvature_samples_build_U_from_a_uniform_subset_of_the_batch(reduction):
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 9, 3)).double()
+    x, y = torch.randn(9, 2, 5, 5, dtype=D), torch.randint(0, 3, (9,))
+    seng = SENG(model, damping=0.4, update_freq=1, curvature_samples=5, loss_reduction=reduction, seed=3)
+    F.cross_entropy(model(x), y, reduction=reduction).backward()
+    g = _grads(model)
+    seng.step()
+    rows = sketch.sample_indices(9, 5, torch.Generator().manual_seed(3), torch.device("cpu"))
+    ref = layerwise_dense_directions(model, F.cross_entropy, x[rows], y[rows], 0.4, _names(model), grads=g)
+    for k, p in model.named_parameters():
+        assert rel_err(p.grad, ref[k]) < 1e-10, k
+    assert seng.layers["0"].curvature.gram.shape == (5, 5)
+
+
+def test_curvature_samples_at_least_the_batch_use_every_sample():
+    model = _mlp()
+    seng = SENG(model, damping=0.4, update_freq=1, curvature_samples=50)
+    x, y = _batch(6)
+    _backward(model, x, y)
+    g = _grads(model)
+    seng.step()
+    ref = layerwise_dense_directions(model, F.cross_entropy, x, y, 0.4, _names(model), grads=g)
+    for k, p in model.named_parameters():
+        assert rel_err(p.grad, ref[k]) < 1e-10

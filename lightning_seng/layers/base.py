@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -119,15 +119,25 @@ class LayerCurvature:
         self._inputs = []
         self._grads = []
 
-    def take_factors(self, loss_scale: float, dtype: torch.dtype) -> Optional[Factors]:
-        """Per-sample factors of the captured calls (in ``dtype``); clears the capture."""
+    def take_factors(self, loss_scale: float, dtype: torch.dtype,
+                     pick: Optional[Callable[[int], Optional[Tuple[Tensor, float]]]] = None) -> Optional[Factors]:
+        """Per-sample factors of the captured calls (in ``dtype``); clears the capture.
+
+        ``pick(N)`` may return ``(rows, factor)``: keep those samples only, output gradients times ``factor``.
+        """
         calls = [(x, g) for x, g in zip(self._inputs, self._grads) if g is not None]
         self.clear()
         mask = self.trainable()
         if not calls or not any(mask):
             return None
         n = calls[-1][0].shape[0]
-        calls = [(x.to(dtype), g.to(dtype)) for x, g in calls if x.shape[0] == n]
+        calls = [(x, g) for x, g in calls if x.shape[0] == n]
+        chosen = pick(n) if pick is not None else None
+        if chosen is not None:
+            rows, factor = chosen
+            rows = rows.to(calls[0][0].device)
+            calls = [(x.index_select(0, rows), g.index_select(0, rows) * factor) for x, g in calls]
+        calls = [(x.to(dtype), g.to(dtype)) for x, g in calls]
         factors = self._factors(calls, mask)
         if loss_scale != 1.0:
             factors.grad_side = factors.grad_side / loss_scale
