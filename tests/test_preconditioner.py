@@ -33,6 +33,11 @@ def _names(model):
     return [k for k, _ in model.named_parameters()]
 
 
+def _assert_grads_match(model, ref):
+    for k, p in model.named_parameters():
+        assert rel_err(p.grad, ref[k]) < 1e-10, k
+
+
 def test_hooks_capture_only_on_refresh_steps_with_grad_enabled():
     model = _mlp()
     seng = SENG(model, update_freq=3)
@@ -62,8 +67,7 @@ def test_stored_factors_precondition_later_gradients():
     g_b = _grads(model)
     seng.step()  # no refresh: factors of A, gradient of B
     ref = layerwise_dense_directions(model, F.cross_entropy, xa, ya, 0.4, _names(model), grads=g_b)
-    for k, p in model.named_parameters():
-        assert rel_err(p.grad, ref[k]) < 1e-10
+    _assert_grads_match(model, ref)
 
 
 def test_curvature_comes_from_the_last_micro_batch_with_loss_scale():
@@ -75,8 +79,7 @@ def test_curvature_comes_from_the_last_micro_batch_with_loss_scale():
     g = _grads(model)
     seng.step(loss_scale=0.5)
     ref = layerwise_dense_directions(model, F.cross_entropy, x2, y2, 0.4, _names(model), grads=g)
-    for k, p in model.named_parameters():
-        assert rel_err(p.grad, ref[k]) < 1e-10
+    _assert_grads_match(model, ref)
 
 
 def test_changing_batch_size_between_refreshes():
@@ -89,8 +92,7 @@ def test_changing_batch_size_between_refreshes():
         g = _grads(model)
         seng.step()
         ref = layerwise_dense_directions(model, F.cross_entropy, x, y, 0.4, _names(model), grads=g)
-        for k, p in model.named_parameters():
-            assert rel_err(p.grad, ref[k]) < 1e-10
+        _assert_grads_match(model, ref)
         assert seng.layers["0"].curvature.gram.shape == (n, n)
 
 
@@ -107,8 +109,7 @@ def test_damping_schedule_refactors_stored_curvature():
     g = _grads(model)
     seng.step()
     ref = layerwise_dense_directions(model, F.cross_entropy, x, y, 0.01, _names(model), grads=g)
-    for k, p in model.named_parameters():
-        assert rel_err(p.grad, ref[k]) < 1e-10
+    _assert_grads_match(model, ref)
 
 
 def test_excluded_and_unsupported_parameters_get_damped_gradient():
@@ -200,8 +201,7 @@ def test_curvature_samples_build_U_from_a_uniform_subset_of_the_batch(reduction)
     seng.step()
     rows = sketch.sample_indices(9, 5, torch.Generator().manual_seed(3), torch.device("cpu"))
     ref = layerwise_dense_directions(model, F.cross_entropy, x[rows], y[rows], 0.4, _names(model), grads=g)
-    for k, p in model.named_parameters():
-        assert rel_err(p.grad, ref[k]) < 1e-10, k
+    _assert_grads_match(model, ref)
     assert seng.layers["0"].curvature.gram.shape == (5, 5)
 
 
@@ -213,5 +213,4 @@ def test_curvature_samples_at_least_the_batch_use_every_sample():
     g = _grads(model)
     seng.step()
     ref = layerwise_dense_directions(model, F.cross_entropy, x, y, 0.4, _names(model), grads=g)
-    for k, p in model.named_parameters():
-        assert rel_err(p.grad, ref[k]) < 1e-10
+    _assert_grads_match(model, ref)
