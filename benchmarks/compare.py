@@ -31,7 +31,6 @@ import csv
 import ctypes
 import gc
 import math
-import os
 import resource
 import statistics
 import sys

@@ -20,7 +20,7 @@ import logging
 import math
 import numbers
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
