@@ -59,7 +59,8 @@ def dense_direction(per_sample: Dict[str, Tensor], g: Dict[str, Tensor], damping
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    """``‖a − b‖ / ‖b‖`` (0 when both are zero)."""
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def layerwise_dense_directions(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor,

@@ -8,7 +8,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tests.reference import dense_direction, per_sample_gradients
+from tests.reference import dense_direction, per_sample_gradients, rel_err  # noqa: F401  (re-exported)
 
 
 def module_of(param_name: str) -> str:
@@ -48,10 +48,6 @@ def layer_blocks(model: nn.Module, names: Iterable[str]) -> List[List[str]]:
     for k in names:
         blocks.setdefault(module_of(k), []).append(k)
     return list(blocks.values())
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 ce = F.cross_entropy
