@@ -256,7 +256,8 @@ class SENG:
             raise ValueError(f"loss_scale must be a finite number > 0 (got {loss_scale!r})")
         damping = self.damping
         refresh = self.will_refresh
-        grad_sq = self._grad_squares()
+        with_grad = [(name, p) for name, p in self.model.named_parameters() if p.grad is not None]
+        grad_sq = self._grad_squares([p for _, p in with_grad])
         grads_finite = grad_sq is not None
         if refresh:
             self._refresh(damping, loss_scale, grads_finite)
@@ -283,7 +284,7 @@ class SENG:
             if d is not None:
                 pairs += [(p, dp) for p, dp in zip(layer.trainable_params(layer.trainable()), d)
                           if p.grad is not None and dp is not None]
-        others = self._other_grads()
+        others = self._other_grads(with_grad)
         self._record(pairs, others, grad_sq, damping)
         for p, dp in pairs:
             p.grad.copy_(dp)
@@ -291,12 +292,12 @@ class SENG:
             torch._foreach_div_([p.grad for p in others], 1.0 + damping)
         self.step_count += 1
 
-    def _other_grads(self) -> List[nn.Parameter]:
+    def _other_grads(self, with_grad: List[tuple]) -> List[nn.Parameter]:
         """Trainable parameters with a gradient outside every preconditioned layer: those of unsupported
         modules and any added to the model after SENG was attached (they have no hooks)."""
         others, late = [], []
-        for name, p in self.model.named_parameters():
-            if p.grad is None or not p.requires_grad or id(p) in self._covered:
+        for name, p in with_grad:
+            if not p.requires_grad or id(p) in self._covered:
                 continue
             if id(p) not in self._attached:
                 self._attached.add(id(p))
@@ -308,10 +309,9 @@ class SENG:
                                     f"{', '.join(repr(n) for n in late)}; create SENG again to precondition them")
         return others
 
-    def _grad_squares(self) -> Optional[Dict[int, float]]:
+    def _grad_squares(self, params: List[nn.Parameter]) -> Optional[Dict[int, float]]:
         """``{id(param): ‖grad‖²}`` for every parameter with a gradient, from one fused norm; ``None`` if a
         gradient holds NaN/Inf."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
             return {}
         squares = torch.stack([n.double() for n in torch._foreach_norm([p.grad for p in params])]).square()
