@@ -12,6 +12,7 @@ from lightning_seng.data import (
     CIFAR10DataModule, DigitsDataModule, EpochSeededSampler, ImageNetDataModule, SyntheticImagesDataModule,
     load_cifar10_batch,
 )
+from tests.fakes import write_image_folder
 
 
 def test_digits_split_is_fixed_disjoint_and_standardised_on_train():
@@ -92,15 +93,7 @@ def test_cifar10_without_data_names_the_key(root, pattern):
 
 
 def test_imagenet_folder_tree_is_read_with_pil(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("n01", "n02"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(2):
-                pixels = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.JPEG")
+    write_image_folder(tmp_path, 40, 50, "JPEG")
     dm = ImageNetDataModule(root=str(tmp_path), image_size=32, num_workers=0)
     dm.prepare_data()
     dm.setup()

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fakes import write_image_folder
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["trainer.max_epochs=1", "+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1",
         "+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", "hydra.run.dir=."]
@@ -96,17 +98,9 @@ def test_cnn_recipe_smoke_run():
 
 
 def test_imagenet_resnet50_recipe_smoke_run_on_a_local_folder(tmp_path):
-    from PIL import Image
-
     from lightning_seng.train import run
 
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for cls in ("n01", "n02"):
-            (tmp_path / split / cls).mkdir(parents=True)
-            for i in range(2):
-                pixels = rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    write_image_folder(tmp_path, 36, 36, "png")
     cfg = _compose(["recipe=imagenet_resnet50", f"data.root={tmp_path}", "trainer=cpu", "trainer.precision=32-true",
                     "num_classes=2", "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
                     "seng.update_freq=1", "trainer.limit_train_batches=1"])
