@@ -5,6 +5,7 @@ The callback only translates Lightning events into calls on :class:`lightning_se
 - ``on_fit_start``: ``SENG(pl_module, **knobs, comm=trainer.strategy.seng_comm)``; apply the state
   restored from a checkpoint.
 - ``on_train_epoch_start``: ``seng.set_epoch(trainer.current_epoch)`` (epoch-based damping).
+- ``on_train_batch_start``: ``seng.observe_batch(batch)``: the batch size ``N`` of this step.
 - ``on_before_optimizer_step``: ``seng.step(loss_scale)`` for the optimizers named in ``optimizers``.
 - ``on_train_batch_end``: log ``seng.stats`` as ``seng/<key>``.
 - ``state_dict`` / ``load_state_dict``: ``seng.state_dict()`` / ``seng.load_state_dict()`` in checkpoints.
@@ -65,6 +66,9 @@ class SENGCallback(Callback):
         curvature_dtype: dtype of the curvature solves; ``None`` follows the parameters.
         seed: seed of the sketch RNG.
         skip_nonfinite: zero all gradients of a step whose gradient holds NaN/Inf (see :class:`SENG`).
+        batch_axis: axis of the batch's first tensor that counts the samples (or a callable
+            ``(args, kwargs) -> N``, called with ``((batch,), {})`` here and with the model's forward
+            arguments when the LightningModule's own forward runs); see :class:`SENG`.
         optimizers: indices into ``trainer.optimizers`` whose steps are preconditioned.
         log_every_n_steps: log ``seng/*`` statistics every this many optimizer steps; ``None`` follows
             ``Trainer(log_every_n_steps=...)``; ``0`` disables logging.
@@ -88,6 +92,7 @@ class SENGCallback(Callback):
         curvature_dtype: torch.dtype | str | None = None,
         seed: int = 0,
         skip_nonfinite: bool = True,
+        batch_axis: int | Callable[[tuple, dict], int] = 0,
         optimizers: Sequence[int] = (0,),
         log_every_n_steps: int | None = None,
         log_prog_bar: bool = False,
@@ -99,7 +104,8 @@ class SENGCallback(Callback):
             damping=damping, update_freq=update_freq, sketch_size=sketch_size,
             curvature_samples=curvature_samples, svd_rank=svd_rank,
             implicit_threshold=implicit_threshold, loss_reduction=loss_reduction, include=include, exclude=exclude,
-            route=route, curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite)
+            route=route, curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite,
+            batch_axis=batch_axis)
         if isinstance(optimizers, int) and not isinstance(optimizers, bool):
             optimizers = (optimizers,)
         optimizers = tuple(optimizers)
@@ -161,6 +167,11 @@ class SENGCallback(Callback):
         self.seng.set_epoch(trainer.current_epoch)
 
     # ------------------------------------------------------------------ the step
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # training_step often calls a submodule rather than the LightningModule's own forward, so the batch
+        # tells SENG its size (batch_axis of its first tensor)
+        self.seng.observe_batch((batch,), {})
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:

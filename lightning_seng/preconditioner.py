@@ -20,14 +20,15 @@ import logging
 import math
 import numbers
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import sketch
+from .coverage import Coverage, CoverageRow
 from .distributed import Communicator
-from .layers import ROUTES, LayerCurvature, RouteSettings, layer_for
+from .layers import ROUTES, LayerCurvature, NotExact, RouteSettings, build_layers
 from .layers.base import Curvature
 from .schedules import DampingLike, make_damping
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 LOSS_REDUCTIONS = ("mean", "sum")
 LayerFilter = Optional[Sequence[Union[str, type]]]
+BatchAxis = Union[int, Callable[[tuple, dict], int]]
 
 
 def check_int(key: str, value, minimum: int, allow_none: bool = False) -> Optional[int]:
@@ -78,11 +80,28 @@ def _matches(name: str, module: nn.Module, patterns: List[Union[str, type]]) -> 
     return False
 
 
+def _tensors(tree: Any):
+    """The tensors of a nested structure of tuples, lists and dicts, depth first."""
+    if isinstance(tree, Tensor):
+        yield tree
+    elif isinstance(tree, (tuple, list)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
+
+
+def _numel(params: List[nn.Parameter]) -> int:
+    """Elements of ``params``; a lazy module's parameters count 0 until materialised."""
+    return sum(0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel() for p in params)
+
+
 def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_size: Optional[int] = None,
                    curvature_samples: Optional[int] = None, svd_rank: int = 16, implicit_threshold: int = 700_000, loss_reduction: str = "mean",
                    include: LayerFilter = None, exclude: LayerFilter = None, route: str = "auto",
                    curvature_dtype: Union[torch.dtype, str, None] = None, seed: int = 0,
-                   skip_nonfinite: bool = True) -> dict:
+                   skip_nonfinite: bool = True, batch_axis: BatchAxis = 0) -> dict:
     """Validate SENG's settings (all but the model and ``comm``) and return them normalised.
 
     Raises ``ValueError`` naming the key, the value and what is allowed. ``curvature_dtype`` may also
@@ -98,6 +117,8 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
                          f"'float64' (got {curvature_dtype!r})")
     if not isinstance(skip_nonfinite, bool):
         raise ValueError(f"skip_nonfinite must be True or False (got {skip_nonfinite!r})")
+    if not callable(batch_axis):
+        check_int("batch_axis", batch_axis, 0)
     return dict(
         damping=damping,
         update_freq=check_int("update_freq", update_freq, 1),
@@ -112,6 +133,7 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
         curvature_dtype=curvature_dtype,
         seed=check_int("seed", seed, 0),
         skip_nonfinite=skip_nonfinite,
+        batch_axis=batch_axis,
     )
 
 
@@ -120,7 +142,8 @@ class SENG:
 
     Args:
         model: the network; hooks are registered on its supported submodules (Linear, Conv1d/2d/3d,
-            BatchNorm, LayerNorm, GroupNorm, RMSNorm).
+            BatchNorm, LayerNorm, GroupNorm, RMSNorm, whose ``forward`` is torch's own). Parameters of
+            other modules get ``g / (1 + λ)`` and are listed by :meth:`coverage` and at WARNING level.
         damping: ``λ > 0``: a number, a :class:`~lightning_seng.schedules.DampingSchedule`, or a
             callable ``(step, epoch) -> float``.
         update_freq: refresh the curvature every ``update_freq`` optimizer steps (step 0 refreshes).
@@ -141,6 +164,10 @@ class SENG:
         seed: seed of the sketches' random generator.
         skip_nonfinite: if the gradient holds NaN/Inf, zero all gradients for this step (the wrapped
             optimizer then moves by momentum only), warn once and count it in ``stats``.
+        batch_axis: where the batch size ``N`` is read on each refresh step: the axis of the first tensor
+            passed to the model's forward (default 0; 1 for sequence-first models fed ``(T, N, ...)``), or a
+            callable ``(args, kwargs) -> N``. Each layer's sample axis is the one axis of size ``N`` in its
+            input; a layer with none or several falls back, with a warning.
         comm: a :class:`~lightning_seng.distributed.Communicator` for DDP; ``None`` for one process.
     """
 
@@ -149,7 +176,7 @@ class SENG:
                  implicit_threshold: int = 700_000,
                  loss_reduction: str = "mean", include: LayerFilter = None, exclude: LayerFilter = None,
                  route: str = "auto", curvature_dtype: Optional[torch.dtype] = None, seed: int = 0,
-                 skip_nonfinite: bool = True, comm: Optional[Communicator] = None):
+                 skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, comm: Optional[Communicator] = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
         if comm is not None and not isinstance(comm, Communicator):
@@ -157,7 +184,8 @@ class SENG:
         checked = check_settings(damping=damping, update_freq=update_freq, sketch_size=sketch_size,
                                  curvature_samples=curvature_samples, svd_rank=svd_rank, implicit_threshold=implicit_threshold,
                                  loss_reduction=loss_reduction, include=include, exclude=exclude, route=route,
-                                 curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite)
+                                 curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite,
+                                 batch_axis=batch_axis)
         self.damping_schedule = make_damping(checked["damping"])
         self.settings = RouteSettings(route=checked["route"], sketch_size=checked["sketch_size"],
                                       svd_rank=checked["svd_rank"], implicit_threshold=checked["implicit_threshold"],
@@ -167,6 +195,7 @@ class SENG:
         include, exclude = checked["include"], checked["exclude"]
         curvature_dtype = checked["curvature_dtype"]
         self.skip_nonfinite = skip_nonfinite
+        self.batch_axis = checked["batch_axis"]
         self.model = model
         self.comm = comm if comm is not None else Communicator()
 
@@ -175,52 +204,65 @@ class SENG:
             curvature_dtype = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
         self.curvature_dtype = curvature_dtype
 
-        self.layers: Dict[str, LayerCurvature] = {}
-        unsupported = set()
-        for name, module in model.named_modules():
-            if include and not _matches(name, module, include):
-                continue
-            if exclude and _matches(name, module, exclude):
-                continue
-            layer = layer_for(name, module)
-            if layer is not None:
-                self.layers[name] = layer
-            elif any(True for _ in module.parameters(recurse=False)):
-                unsupported.add(type(module).__name__)
+        self.layers, self._fallbacks, shared = build_layers(
+            model, lambda name, module: (not include or _matches(name, module, include))
+            and not (exclude and _matches(name, module, exclude)))
         self._covered = {id(p) for layer in self.layers.values() for p in layer.parameters()}
         self._attached = {id(p) for p in params}
         self.other_params = [p for p in params if id(p) not in self._covered]
-        if unsupported:
-            log.info("SENG: no curvature for %s; their parameters get g / (1 + damping)", ", ".join(sorted(unsupported)))
-        owners: Dict[int, List[str]] = {}
-        for name, module in model.named_modules():
-            for p in module.parameters(recurse=False):
-                owners.setdefault(id(p), []).append(name)
-        shared = sorted({tuple(owners[id(p)]) for layer in self.layers.values() for p in layer.parameters()
-                         if len(owners[id(p)]) > 1})
-        if shared:
-            log.warning("SENG: parameters shared between modules %s; a layer's curvature covers only the uses "
-                        "inside that layer, so their direction is not the exact per-layer solve",
-                        ", ".join("(" + ", ".join(repr(n) for n in names) + ")" for names in shared))
+        self._shared = shared
+        self._reasons: Dict[str, str] = {}  # layer -> why it has no curvature now (NotExact, never captured)
+        self._warned: set = set()
 
-        self._handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in self.layers.values()]
+        self._handles = [module.register_forward_hook(self._hook(layer), with_kwargs=True, prepend=True)
+                         for layer in self.layers.values() for module in layer.modules()]
+        self._handles.append(model.register_forward_pre_hook(self._observe_input, with_kwargs=True))
+        self._batch_size: Optional[int] = None
+        self._in_step = False
         self.comm.setup(self.layers, self)
         self.generator = torch.Generator().manual_seed(seed)
         self.step_count = 0
         self.epoch = 0
         self.skipped_refreshes = 0
         self.nonfinite_steps = 0
-        self._warned: set = set()
         self.stats: Dict[str, float] = {"skipped_refreshes": 0, "nonfinite_steps": 0}
+        self._announce_coverage()
 
     # ------------------------------------------------------------------ hooks
+    @property
+    def capturing(self) -> bool:
+        """Whether forward calls are recorded now: on refresh steps, while autograd records, outside ``step``.
+
+        Eval mode still trains when grad is enabled (frozen BatchNorm statistics, no dropout); evaluation
+        loops run under no_grad and are skipped by the grad check.
+        """
+        return self.will_refresh and torch.is_grad_enabled() and not self._in_step
+
     def _hook(self, layer: LayerCurvature) -> Callable:
-        def forward_hook(module: nn.Module, inputs, output) -> None:
-            # Eval mode still trains when grad is enabled (frozen BatchNorm statistics, no dropout);
-            # evaluation loops run under no_grad and are skipped by the grad check.
-            if self.will_refresh and torch.is_grad_enabled():
-                layer.capture(inputs, output)
+        def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if self.capturing:
+                layer.capture(args, kwargs, output)
         return forward_hook
+
+    def _observe_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.capturing:
+            self.observe_batch(args, kwargs)
+
+    def observe_batch(self, args: Any, kwargs: Optional[dict] = None) -> None:
+        """Learn this step's batch size ``N`` from the inputs of a forward call (or a whole batch, as the
+        Lightning callback passes it): ``batch_axis`` of the first tensor found, or ``batch_axis(args, kwargs)``.
+        The model's own forward calls this on refresh steps."""
+        kwargs = kwargs or {}
+        if callable(self.batch_axis):
+            self._batch_size = check_int("batch_axis(args, kwargs)", self.batch_axis(args, kwargs), 1)
+            return
+        first = next((t for t in _tensors((args, kwargs))), None)
+        if first is None:
+            return
+        if first.dim() <= self.batch_axis:
+            raise ValueError(f"batch_axis must be an axis of the model's first input, of shape {tuple(first.shape)} "
+                             f"(got {self.batch_axis}); pass batch_axis=callable(args, kwargs) -> N otherwise")
+        self._batch_size = int(first.shape[self.batch_axis])
 
     def remove(self) -> None:
         """Detach all hooks and drop captured tensors."""
@@ -254,6 +296,13 @@ class SENG:
         """
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, numbers.Real) or not 0 < loss_scale < math.inf:
             raise ValueError(f"loss_scale must be a finite number > 0 (got {loss_scale!r})")
+        self._in_step = True
+        try:
+            self._step(loss_scale)
+        finally:
+            self._in_step = False
+
+    def _step(self, loss_scale: float) -> None:
         damping = self.damping
         refresh = self.will_refresh
         with_grad = [(name, p) for name, p in self.model.named_parameters() if p.grad is not None]
@@ -273,8 +322,12 @@ class SENG:
                 continue
             d = layer.direction(damping)
             if d is None:
+                params = layer.trainable_params(layer.trainable())
+                if layer.curvature is None and name not in self._reasons and any(p.grad is not None for p in params):
+                    self._fall_back(name, "its parameters have gradients but its forward did not run on a refresh "
+                                          "step (are they used outside the module's forward?)")
                 d = [p.grad.to(self.curvature_dtype) / (1.0 + damping) if p.grad is not None else None
-                     for p in layer.trainable_params(layer.trainable())]
+                     for p in params]
             directions[name] = d
         directions = self.comm.reduce_directions(directions)
 
@@ -354,15 +407,16 @@ class SENG:
     def _refresh(self, damping: float, loss_scale: float, grads_finite: bool) -> None:
         start = time.perf_counter()
         pick = self._sample_picker()
-        factors = {name: layer.take_factors(loss_scale, self.curvature_dtype, pick) for name, layer in self.layers.items()}
+        n, self._batch_size = self._batch_size, None
+        factors = {}
+        for name, layer in self.layers.items():
+            try:
+                factors[name] = layer.take_factors(loss_scale, self.curvature_dtype, pick, n)
+            except NotExact as reason:
+                factors[name] = None
+                self._fall_back(name, str(reason))
         if not grads_finite:  # this batch is bad as a whole: keep the last good curvature, build nothing
             factors = dict.fromkeys(factors)
-        rows = {name: f.n for name, f in factors.items() if f is not None}
-        if len(set(rows.values())) > 1:
-            self._warn_once("rows", "SENG: layers saw different numbers of rows in one batch ("
-                            + ", ".join(f"'{k}': {v}" for k, v in rows.items()) + "); the first dimension of a "
-                            "layer's input is taken as the sample dimension, so a layer applied to flattened "
-                            "(N·T, d) inputs or to part of the batch gets a curvature that is not per-sample")
         factors = self.comm.gather_factors(factors)
         built: Dict[str, Curvature] = {}
         bad = []
@@ -377,6 +431,7 @@ class SENG:
         if self.comm.agree(not bad and grads_finite):
             for name, cur in built.items():
                 self.layers[name].curvature = cur
+                self._reasons.pop(name, None)
         else:
             self.skipped_refreshes += 1
             for name in bad:
@@ -384,15 +439,71 @@ class SENG:
                                       "the last good factors are kept")
         routes = {key: 0 for key in ROUTES + ("norm", "diagonal", "remote")}
         for name, layer in self.layers.items():
-            cur = layer.curvature
-            if not self.comm.owns(name):
-                key = "remote"  # another rank owns it (global mode)
-            else:
-                key = "diagonal" if cur is None else ("norm" if layer.kind == "norm" else cur.route.name)
-            routes[key] += 1
+            key = self._route_key(name, layer)
+            routes[key] = routes.get(key, 0) + 1
         self.stats.update({f"layers/{k}": v for k, v in routes.items()})
+        self.stats["coverage"] = self.coverage().percent
         self.stats["skipped_refreshes"] = self.skipped_refreshes
         self.stats["refresh_time"] = time.perf_counter() - start
+
+    def _route_key(self, name: str, layer: LayerCurvature) -> str:
+        if not self.comm.owns(name):
+            return "remote"  # another rank owns it (global mode)
+        cur = layer.curvature
+        if cur is None:
+            return "diagonal"
+        return cur.route.name if layer.kind in ("linear", "conv") else layer.kind
+
+    def _fall_back(self, name: str, reason: str) -> None:
+        """Layer ``name`` gets ``g / (1 + λ)`` until a refresh succeeds; said once per layer at WARNING level."""
+        self.layers[name].curvature = None
+        self._reasons[name] = reason
+        self._warn_once(f"fallback:{name}", f"SENG: no exact curvature for '{name}' "
+                        f"({type(self.layers[name].module).__name__}): {reason}; it gets g / (1 + damping)")
+
+    # ------------------------------------------------------------------ coverage
+    def coverage(self) -> Coverage:
+        """One row per module with trainable parameters: its route (before the first refresh, the layer
+        kind; after, ``kind/route``), its parameter count and whether it has curvature (see
+        :mod:`lightning_seng.coverage`). ``str()`` of the result is a table."""
+        rows: List[CoverageRow] = []
+        seen: set = set()
+        modules = dict(self.model.named_modules())
+        for name, module in modules.items():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+            seen |= {id(p) for p in own}
+            layer = self.layers.get(name)
+            mine = set() if layer is None else {id(q) for q in layer.parameters()}
+            covered = [p for p in own if id(p) in mine]
+            rest = [p for p in own if id(p) not in mine]
+            kind = type(module).__name__
+            if covered:
+                ok = name not in self._reasons
+                rows.append(CoverageRow(name, kind, self._route_label(name, layer) if ok else "fallback",
+                                        _numel(covered), ok, self._reasons.get(name, "")))
+            if rest:
+                notes = [self._fallbacks[name]] if name in self._fallbacks else []
+                tied = sorted({m for p in rest for m in self._shared.get(id(p), ()) if m != name})
+                if tied:
+                    notes.append("shared with " + ", ".join(repr(m) for m in tied))
+                rows.append(CoverageRow(name, kind, "fallback", _numel(rest), False, "; ".join(notes)))
+        return Coverage(rows)
+
+    def _route_label(self, name: str, layer: LayerCurvature) -> str:
+        if not self.comm.owns(name):
+            return f"{layer.kind} (rank {self.comm.owners[name]})" if hasattr(self.comm, "owners") else layer.kind
+        cur = layer.curvature
+        if cur is None or cur.route.name == layer.kind:
+            return layer.kind
+        return f"{layer.kind}/{cur.route.name}"
+
+    def _announce_coverage(self) -> None:
+        cov = self.coverage()
+        log.info("SENG coverage:\n%s", cov.table())
+        falling = cov.fallbacks()
+        if falling:
+            log.warning("SENG: %s: %s", cov.summary(), ", ".join(
+                f"'{r.module}' ({r.type}{': ' + r.note if r.note else ''})" for r in falling))
 
     def _sample_picker(self) -> Optional[Callable[[int], Optional[tuple]]]:
         """For ``curvature_samples = m``: ``pick(N)`` gives the rows to keep of an ``N``-sample batch (the same

@@ -45,14 +45,14 @@ def test_hooks_capture_only_on_refresh_steps_with_grad_enabled():
         model.zero_grad()
         x, y = _batch(4)
         _backward(model, x, y)
-        captured = sum(len(layer._inputs) for layer in seng.layers.values())
+        captured = sum(len(layer._calls) for layer in seng.layers.values())
         assert captured == (2 if step % 3 == 0 else 0), step
         seng.step()
-        assert all(not layer._inputs and not layer._grads for layer in seng.layers.values())
+        assert all(not layer._calls for layer in seng.layers.values())
     assert seng.will_refresh
     with torch.no_grad():
         model(_batch(4)[0])
-    assert all(not layer._inputs for layer in seng.layers.values())
+    assert all(not layer._calls for layer in seng.layers.values())
 
 
 def test_stored_factors_precondition_later_gradients():

@@ -1,33 +1,101 @@
-"""One class per layer kind; ``layer_for`` picks the class for a module (or ``None``)."""
+"""One class per layer kind; :func:`build_layers` gives each module of a model its layer (or a reason why not).
+
+A module takes a dedicated route only when the code it runs is the code that route models: its class must
+not override ``forward`` (nor, for convolutions, ``_conv_forward``) of the torch class the route is written
+for, and its parameters must be plain ``nn.Parameter`` attributes (no parametrization, no weight-norm
+pre-hook). A subclass that permutes, fuses an activation or transposes its weight is not that layer to SENG.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .base import Curvature, Factors, LayerCurvature, MatrixLayer
+from .base import Call, Curvature, Factors, LayerCurvature, MatrixLayer, NotExact, find_sample_axis
 from .conv import ConvLayer
 from .linear import LinearLayer
 from .norm import NormLayer
 from .routes import ROUTES, RouteSettings
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
-SUPPORTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + _NORMS
+SUPPORTED_TYPES = (nn.Linear,) + _CONVS + _NORMS
+
+
+def runs_code_of(module: nn.Module, base: type, *methods: str) -> bool:
+    """Whether ``module`` is a ``base`` that runs ``base``'s own ``methods`` on plain parameters."""
+    if not isinstance(module, base) or parametrize.is_parametrized(module):
+        return False
+    cls = type(module)
+    if any(getattr(cls, m) is not getattr(base, m) for m in methods):
+        return False
+    # weight_norm-style pre-hooks replace a registered parameter by a computed attribute
+    return all(getattr(module, k, None) is p for k, p in module._parameters.items())
+
+
+def _torch_base(module: nn.Module, bases: Tuple[type, ...]) -> Optional[type]:
+    return next((b for b in bases if isinstance(module, b)), None)
 
 
 def layer_for(name: str, module: nn.Module) -> Optional[LayerCurvature]:
-    """The curvature class for ``module`` if SENG supports it and it has parameters, else ``None``."""
-    if isinstance(module, nn.Linear):
+    """The dedicated curvature class for ``module`` if its forward is the one a route models and it has
+    parameters, else ``None``."""
+    if runs_code_of(module, nn.Linear, "forward"):
         return LinearLayer(name, module)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    conv = _torch_base(module, _CONVS)
+    if conv is not None and runs_code_of(module, conv, "forward", "_conv_forward"):
         return ConvLayer(name, module)
-    if isinstance(module, _NORMS) and getattr(module, "weight", None) is not None:
+    norm = _torch_base(module, _NORMS)
+    if norm is not None and runs_code_of(module, norm, "forward") and getattr(module, "weight", None) is not None:
         return NormLayer(name, module)
     return None
 
 
-__all__ = ["Curvature", "Factors", "LayerCurvature", "MatrixLayer", "LinearLayer", "ConvLayer", "NormLayer",
-           "ROUTES", "RouteSettings", "SUPPORTED_TYPES", "layer_for"]
+def _own_params(module: nn.Module) -> List[nn.Parameter]:
+    return [p for p in module.parameters(recurse=False)]
+
+
+def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
+                 ) -> Tuple[Dict[str, LayerCurvature], Dict[str, str], Dict[str, List[str]]]:
+    """The layers of ``model`` SENG preconditions, in ``named_modules`` order.
+
+    Returns ``(layers, fallbacks, shared)``: ``fallbacks`` maps each module with parameters outside every
+    layer to the reason; ``shared`` maps ``id(param)`` of each parameter registered in several modules to
+    those modules. A parameter shared between modules is left to the fallback (a curvature built from one
+    of its uses would not be its per-sample gradient).
+    """
+    owners: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None and name not in owners.setdefault(id(p), []):
+                owners[id(p)].append(name)
+    shared = {i: mods for i, mods in owners.items() if len(mods) > 1}
+    shared_ids = set(shared)
+
+    layers: Dict[str, LayerCurvature] = {}
+    fallbacks: Dict[str, str] = {}
+    for name, module in model.named_modules():
+        own = _own_params(module)
+        if not own:
+            continue
+        if not accept(name, module):
+            fallbacks[name] = "excluded by include/exclude"
+            continue
+        layer = layer_for(name, module)
+        if layer is None:
+            fallbacks[name] = f"no route for {type(module).__name__}"
+            continue
+        layer.excluded |= {id(p) for p in layer.param_slots() if p is not None and id(p) in shared_ids}
+        if not layer.parameters():
+            continue
+        layers[name] = layer
+    return layers, fallbacks, shared
+
+
+__all__ = ["Call", "Curvature", "Factors", "LayerCurvature", "MatrixLayer", "NotExact", "LinearLayer", "ConvLayer",
+           "NormLayer", "ROUTES", "RouteSettings", "SUPPORTED_TYPES", "build_layers", "find_sample_axis",
+           "layer_for", "runs_code_of"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,39 @@ from .. import sketch
 from .routes import Route, RouteSettings, build_route, route_costs, route_from_state
 
 Mask = Tuple[bool, ...]
+Pick = Optional[Callable[[int], Optional[Tuple[Tensor, float]]]]
+
+
+class NotExact(Exception):
+    """This layer's curvature cannot be computed exactly from this batch (the message says why). SENG
+    announces it at WARNING level and gives the layer's parameters ``g / (1 + λ)`` until a refresh succeeds."""
+
+
+def find_sample_axis(shape: Sequence[int], n: int, candidates: Sequence[int], what: str) -> int:
+    """The one axis among ``candidates`` whose size is the batch size ``n``; :class:`NotExact` if there is
+    none (the layer saw flattened or partial batches) or several (the layout is ambiguous)."""
+    axes = [i for i in candidates if shape[i] == n]
+    if len(axes) == 1:
+        return axes[0]
+    if not axes:
+        raise NotExact(f"its {what} of shape {tuple(shape)} has no axis of the batch size {n} (a flattened, "
+                       "partial or unbatched input), so its per-sample gradients are unknown")
+    raise NotExact(f"its {what} of shape {tuple(shape)} has several axes of the batch size {n} (axes {axes}), "
+                   "so the sample axis is ambiguous; a batch size that differs from the other dimensions "
+                   "removes the ambiguity")
+
+
+@dataclass
+class Call:
+    """One captured forward call: what the layer keeps of its inputs, and the gradient of the loss with
+    respect to each tensor output (summed over backward passes; ``None`` until one arrives)."""
+
+    inputs: Any
+    grads: List[Optional[Tensor]]
+
+    @property
+    def done(self) -> bool:
+        return any(g is not None for g in self.grads)
 
 
 @dataclass
@@ -78,8 +111,8 @@ class LayerCurvature:
         self.name = name
         self.module = module
         self.curvature: Optional[Curvature] = None
-        self._inputs: List[Tensor] = []
-        self._grads: List[Optional[Tensor]] = []
+        self.excluded: set = set()  # ids of parameters left to the fallback (e.g. shared with other modules)
+        self._calls: List[Call] = []
 
     # ----------------------------------------------------------------- parameters
     def param_slots(self) -> Sequence[Optional[nn.Parameter]]:
@@ -87,62 +120,99 @@ class LayerCurvature:
         return (getattr(self.module, "weight", None), getattr(self.module, "bias", None))
 
     def trainable(self) -> Mask:
-        return tuple(p is not None and p.requires_grad for p in self.param_slots())
+        return tuple(p is not None and p.requires_grad and id(p) not in self.excluded for p in self.param_slots())
 
     def parameters(self) -> List[nn.Parameter]:
-        return [p for p in self.param_slots() if p is not None]
+        """The parameters this layer preconditions (those of its slots not excluded)."""
+        return [p for p in self.param_slots() if p is not None and id(p) not in self.excluded]
+
+    def modules(self) -> List[nn.Module]:
+        """The modules whose calls this layer captures (forward hooks go on them)."""
+        return [self.module]
 
     # ----------------------------------------------------------------- capture
-    def capture(self, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
-        """Forward hook body: keep the input, and hook the output for its gradient.
+    def keep(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        """What to keep of a call's inputs (detached); ``None`` skips the call. Default: the first argument."""
+        return args[0].detach() if args and isinstance(args[0], Tensor) else None
+
+    def output_tensors(self, output: Any) -> List[Tensor]:
+        """The outputs whose gradients the layer needs. Default: the output, which must be one tensor."""
+        return [output] if isinstance(output, Tensor) else []
+
+    def capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+        """Forward hook body: keep the inputs, and hook the outputs for their gradients.
 
         Calls before any backward accumulate (a module used twice in one forward); a forward after a
         completed backward (the next micro-batch) starts afresh, so the last micro-batch wins. Output
         gradients of several backward passes through one forward (``retain_graph=True``) are summed.
         """
-        if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+        outputs = [t for t in self.output_tensors(output) if t.requires_grad]
+        if not outputs:
             return
-        if self._grads and all(g is not None for g in self._grads):
+        inputs = self.keep(args, kwargs)
+        if inputs is None:
+            return
+        if self._calls and all(c.done for c in self._calls):
             self.clear()
-        grads = self._grads
-        index = len(grads)
-        self._inputs.append(inputs[0].detach())
-        grads.append(None)
+        call = Call(inputs, [None] * len(outputs))
+        self._calls.append(call)
+        for index, out in enumerate(outputs):
+            out.register_hook(self._grad_keeper(call, index))
 
+    @staticmethod
+    def _grad_keeper(call: Call, index: int) -> Callable[[Tensor], None]:
         def keep_grad(grad: Tensor) -> None:
             # Several backward passes through one forward (retain_graph) add up, as .grad does.
-            grads[index] = grad.detach() if grads[index] is None else grads[index] + grad.detach()
-
-        output.register_hook(keep_grad)
+            old = call.grads[index]
+            call.grads[index] = grad.detach() if old is None else old + grad.detach()
+        return keep_grad
 
     def clear(self) -> None:
-        self._inputs = []
-        self._grads = []
+        self._calls = []
 
-    def take_factors(self, loss_scale: float, dtype: torch.dtype,
-                     pick: Optional[Callable[[int], Optional[Tuple[Tensor, float]]]] = None) -> Optional[Factors]:
-        """Per-sample factors of the captured calls (in ``dtype``); clears the capture.
-
-        ``pick(N)`` may return ``(rows, factor)``: keep those samples only, output gradients times ``factor``.
-        """
-        calls = [(x, g) for x, g in zip(self._inputs, self._grads) if g is not None]
+    def take_calls(self) -> List[Call]:
+        """The captured calls that received a gradient; clears the capture."""
+        calls = [c for c in self._calls if c.done]
         self.clear()
+        return calls
+
+    def take_factors(self, loss_scale: float, dtype: torch.dtype, pick: Pick = None,
+                     n: Optional[int] = None) -> Optional[Factors]:
+        """Per-sample factors of the captured calls (in ``dtype``, batch first); clears the capture.
+
+        ``n`` is the batch size of this refresh (learnt from the model's input); each call's sample axis
+        is the one axis of that size where the layer's layout allows it, else :class:`NotExact`.
+        ``pick(N)`` may return ``(rows, factor)``: keep those samples only, output gradients times ``factor``.
+        Returns ``None`` when the layer took no part in this step's loss or has nothing trainable.
+        """
+        calls = self.take_calls()
         mask = self.trainable()
         if not calls or not any(mask):
             return None
-        n = calls[-1][0].shape[0]
-        calls = [(x, g) for x, g in calls if x.shape[0] == n]
+        if n is None:
+            raise NotExact("the batch size of this step is unknown (the model's forward was not called; "
+                           "see SENG's batch_axis setting)")
+        pairs = [self.sample_first(call, n, dtype) for call in calls]
         chosen = pick(n) if pick is not None else None
         if chosen is not None:
             rows, factor = chosen
-            rows = rows.to(calls[0][0].device)
-            calls = [(x.index_select(0, rows), g.index_select(0, rows) * factor) for x, g in calls]
-        calls = [(x.to(dtype), g.to(dtype)) for x, g in calls]
-        factors = self._factors(calls, mask)
+            rows = rows.to(pairs[0][0].device)
+            pairs = [(x.index_select(0, rows), g.index_select(0, rows) * factor) for x, g in pairs]
+        factors = self._factors(pairs, mask)
         if loss_scale != 1.0:
             factors.grad_side = factors.grad_side / loss_scale
         factors.mask = mask
         return factors
+
+    def sample_axes(self, x: Tensor) -> Sequence[int]:
+        """The axes of the input that may hold the samples (the layer's layout decides)."""
+        return (0,)
+
+    def sample_first(self, call: Call, n: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """``(input, output grad)`` of one call with the sample axis first, in ``dtype``."""
+        x, g = call.inputs, call.grads[0]
+        axis = find_sample_axis(x.shape, n, self.sample_axes(x), "input")
+        return x.movedim(axis, 0).to(dtype), g.movedim(axis, 0).to(dtype)
 
     def _factors(self, calls: List[Tuple[Tensor, Tensor]], mask: Mask) -> Factors:
         raise NotImplementedError

@@ -39,6 +39,9 @@ class ConvLayer(MatrixLayer):
         super().__init__(name, module)
         self.groups = module.groups
 
+    def sample_axes(self, x: Tensor) -> Sequence[int]:
+        return (0,) if x.dim() == len(self.module.kernel_size) + 2 else ()  # an unbatched input has none
+
     def _padded(self, x: Tensor) -> Tensor:
         m = self.module
         pad = m._reversed_padding_repeated_twice

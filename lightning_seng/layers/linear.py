@@ -8,7 +8,7 @@ calls as further positions.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -18,6 +18,9 @@ from .base import Factors, Mask, MatrixLayer
 
 class LinearLayer(MatrixLayer):
     kind = "linear"
+
+    def sample_axes(self, x: Tensor) -> Sequence[int]:
+        return range(x.dim() - 1)  # any leading axis: (N, d), (N, T, d), (T, N, d), ...
 
     def _factors(self, calls: List[Tuple[Tensor, Tensor]], mask: Mask) -> Factors:
         xs, gs = [], []

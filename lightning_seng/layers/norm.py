@@ -7,13 +7,13 @@ bias), summed over the positions ``s`` that share a parameter. They are small (`
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Factors, LayerCurvature, Mask
+from .base import Call, Factors, LayerCurvature, Mask, find_sample_axis
 from .routes import ExplicitRoute, Route, RouteSettings
 
 
@@ -33,6 +33,19 @@ class NormLayer(LayerCurvature):
             return F.layer_norm(x, m.normalized_shape, eps=m.eps)
         return F.rms_norm(x, m.normalized_shape, eps=m.eps)
 
+    def _normalised_shape_dims(self) -> int:
+        return len(self.module.normalized_shape) if hasattr(self.module, "normalized_shape") else 0
+
+    def sample_axes(self, x: Tensor) -> Sequence[int]:
+        dims = self._normalised_shape_dims()
+        return range(x.dim() - dims) if dims else (0,)  # LayerNorm/RMSNorm: any leading axis
+
+    def sample_first(self, call: Call, n: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """``(x̂, output grad)``: normalised over the whole batch before any subset of samples is taken."""
+        x, g = call.inputs.to(dtype), call.grads[0]
+        axis = find_sample_axis(x.shape, n, self.sample_axes(x), "input")
+        return self._normalised(x).movedim(axis, 0), g.movedim(axis, 0).to(dtype)
+
     def _channel_view(self, t: Tensor) -> Tensor:
         """``(N, C, S)``: parameter entries in the middle, positions sharing them last."""
         m = self.module
@@ -43,12 +56,13 @@ class NormLayer(LayerCurvature):
         return t.reshape(n, t.shape[1], -1)
 
     def _factors(self, calls: List[Tuple[Tensor, Tensor]], mask: Mask) -> Factors:
+        """``calls``: ``(x̂, output grad)`` pairs, batch first."""
         J = 0
         for x, g in calls:
             gv = self._channel_view(g)
             parts = []
             if mask[0]:
-                parts.append((gv * self._channel_view(self._normalised(x))).sum(2))
+                parts.append((gv * self._channel_view(x)).sum(2))
             if mask[1]:
                 parts.append(gv.sum(2))
             J = J + torch.cat(parts, dim=1)

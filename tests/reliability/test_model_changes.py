@@ -211,10 +211,10 @@ def test_no_capture_under_no_grad_or_outside_refresh_steps():
     seng = SENG(model, damping=DAMPING, update_freq=2)
     with torch.no_grad():
         model(_data()[0])
-    assert all(not layer._inputs for layer in seng.layers.values())
+    assert all(not layer._calls for layer in seng.layers.values())
     _step(model, seng, *_data())             # step 0 refreshes
     model(_data()[0]).sum().backward()       # step 1 does not: nothing kept
-    assert all(not layer._inputs for layer in seng.layers.values())
+    assert all(not layer._calls for layer in seng.layers.values())
 
 
 def test_linear_in_eval_mode_is_preconditioned_exactly():
@@ -385,9 +385,9 @@ def test_module_replaced_after_attach_falls_back_and_warns(caplog):
     assert len(messages) == 1 and "4.weight" in messages[0], messages
 
 
-# ------------------------------------------------------------------- silent approximations are named
-# SENG stays approximate for tied weights and flattened rows; the tests pin that the layers around them
-# stay exact and that SENG says so.
+# ------------------------------------------------------------------- fallbacks are named
+# Where SENG cannot build a layer's per-sample gradient (a parameter shared with a module it has no route
+# for, a layer fed flattened rows), the layers around it stay exact and SENG says so at WARNING level.
 
 
 class TiedHead(nn.Module):
@@ -433,9 +433,11 @@ def test_tied_weights_keep_untied_layers_exact():
 
 def test_tied_weights_are_reported_at_attach(caplog):
     caplog.set_level(logging.INFO, logger="lightning_seng")
-    SENG(TiedHead().double(), damping=DAMPING)
+    seng = SENG(TiedHead().double(), damping=DAMPING)
     messages = _warnings(caplog)
     assert len(messages) == 1 and "'emb'" in messages[0] and "'head'" in messages[0], messages
+    row = next(r for r in seng.coverage() if r.module == "emb")
+    assert not row.curvature and "'head'" in row.note
 
 
 def test_flattened_token_rows_keep_other_layers_exact():
@@ -447,7 +449,7 @@ def test_flattened_token_rows_keep_other_layers_exact():
     _assert_matches_reference(model, x, y, names=["head.weight", "head.bias"])
 
 
-def test_flattened_token_rows_are_reported_once(caplog):
+def test_flattened_token_rows_fall_back_with_one_warning(caplog):
     caplog.set_level(logging.WARNING, logger="lightning_seng")
     torch.manual_seed(0)
     model = FlatTokens().double()
@@ -455,7 +457,9 @@ def test_flattened_token_rows_are_reported_once(caplog):
     for seed in range(3):
         _step(model, seng, *_data(n=6, shape=(3, 4), seed=seed))
     messages = _warnings(caplog)
-    assert len(messages) == 1 and "'fc': 18" in messages[0] and "'head': 6" in messages[0], messages
+    assert len(messages) == 1 and "'fc'" in messages[0] and "(18, 4)" in messages[0], messages
+    assert seng.layers["fc"].curvature is None and seng.layers["head"].curvature is not None
+    assert {r.module: r.curvature for r in seng.coverage()} == {"fc": False, "head": True}
 
 
 # ------------------------------------------------------------------- lazy modules

@@ -155,17 +155,23 @@ class TokenModel(nn.Module):
         return self.head(self.scale(torch.tanh(self.fc(h.mean(1)))))
 
 
-def test_unsupported_types_are_listed_once_at_info_level(caplog):
+FALLBACK = ["embed", "pos", "scale"]
+
+
+def test_fallback_modules_are_named_in_one_warning_and_the_coverage_table(caplog):
     caplog.set_level(logging.DEBUG, logger="lightning_seng")
-    seng = SENG(TokenModel().double(), damping=0.3)
+    seng = SENG(TokenModel().double(), damping=0.3, exclude=FALLBACK)
     records = [r for r in caplog.records if r.name.startswith("lightning_seng")]
-    listing = [r for r in records if "Embedding" in r.getMessage()]
-    assert len(listing) == 1 and listing[0].levelno == logging.INFO
-    msg = listing[0].getMessage()
-    assert msg.count("Embedding") == 1 and "Scale" in msg
-    assert "Linear" not in msg
-    assert not [r for r in records if r.levelno >= logging.WARNING]
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and all(f"'{m}'" in warnings[0] for m in FALLBACK), warnings
+    assert "'fc'" not in warnings[0] and "'head'" not in warnings[0]
+    table = [r.getMessage() for r in records if r.levelno == logging.INFO and "coverage" in r.getMessage()]
+    assert len(table) == 1 and all(m in table[0] for m in FALLBACK + ["fc", "head"])
     assert set(seng.layers) == {"fc", "head"}
+    cov = seng.coverage()
+    assert {r.module: r.curvature for r in cov} == {"embed": False, "pos": False, "fc": True, "scale": False,
+                                                     "head": True}
+    assert cov.covered == 6 * 7 + 7 + 7 * 3 + 3 and cov.total == cov.covered + 11 * 6 + 4 * 6 + 7
 
 
 def test_unsupported_parameters_get_gradient_over_one_plus_damping():
@@ -175,7 +181,7 @@ def test_unsupported_parameters_get_gradient_over_one_plus_damping():
     y = torch.randint(0, 3, (9,))
     names = ["fc.weight", "fc.bias", "head.weight", "head.bias"]
     ref = seng_blocks(model, F.cross_entropy, x, y, damping, [names[:2], names[2:]])
-    seng = SENG(model, damping=damping, update_freq=1)
+    seng = SENG(model, damping=damping, update_freq=1, exclude=FALLBACK)
     F.cross_entropy(model(x), y).backward()
     raw = {k: p.grad.clone() for k, p in model.named_parameters()}
     seng.step()
@@ -223,37 +229,6 @@ def test_recurrent_layer_falls_back_and_the_head_stays_exact():
             assert torch.allclose(p.grad, raw[k] / (1 + damping), rtol=1e-15, atol=0), k
         else:
             assert rel_err(p.grad, ref[k]) < 1e-10, k
-
-
-def test_multihead_attention_is_listed_and_falls_back_without_crashing(caplog):
-    """``MultiheadAttention`` owns ``in_proj_weight`` and calls its ``out_proj`` Linear functionally
-    (the module's forward never runs): no curvature anywhere in it, every parameter ``g / (1 + λ)``."""
-    caplog.set_level(logging.INFO, logger="lightning_seng")
-
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x):
-            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
-
-    damping = 0.5
-    model = Attn().double()
-    seng = SENG(model, damping=damping, update_freq=1)
-    assert sum("MultiheadAttention" in r.getMessage() for r in caplog.records) == 1
-    x, y = torch.randn(5, 3, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
-    for _ in range(2):
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        raw = {k: p.grad.clone() for k, p in model.named_parameters()}
-        seng.step()
-    for k, p in model.named_parameters():
-        if k.startswith("attn."):
-            assert torch.allclose(p.grad, raw[k] / (1 + damping), rtol=1e-15, atol=0), k
-    assert seng.layers["head"].curvature is not None
-    assert seng.layers["attn.out_proj"].curvature is None
 
 
 @pytest.mark.parametrize("make, x", [
