@@ -56,7 +56,7 @@ def build_optimizer(cfg: Mapping[str, Any] | None, params) -> Any:
     try:
         return instantiate(cfg, params=params, _convert_="all")
     except Exception as err:  # torch reports e.g. "Invalid learning rate: -1.0" without the key
-        raise ValueError(f"optimizer: cannot build {cfg['_target_']} from {cfg}: {_root_cause(err)}") from err
+        raise ValueError(f"optimizer: cannot build {cfg['_target_']} from {cfg}: {root_cause(err)}") from err
 
 
 def build_scheduler(cfg: Mapping[str, Any] | None, optimizer) -> dict[str, Any] | None:
@@ -73,7 +73,7 @@ def build_scheduler(cfg: Mapping[str, Any] | None, optimizer) -> dict[str, Any] 
     try:
         scheduler = instantiate(cfg, optimizer=optimizer, _convert_="all")
     except Exception as err:
-        raise ValueError(f"scheduler: cannot build {cfg['_target_']} from {cfg}: {_root_cause(err)}") from err
+        raise ValueError(f"scheduler: cannot build {cfg['_target_']} from {cfg}: {root_cause(err)}") from err
     return {"scheduler": scheduler, **lightning_keys}
 
 
@@ -86,17 +86,20 @@ def build_seng_callback(cfg: Mapping[str, Any] | None) -> SENGCallback | None:
     try:
         callback = instantiate(cfg, _convert_="all")
     except Exception as err:
-        raise ValueError(f"seng: {_root_cause(err)}") from err
+        raise ValueError(f"seng: {root_cause(err)}") from err
     if not isinstance(callback, SENGCallback):
         raise TypeError(f"seng._target_ must build a SENGCallback (got {type(callback).__name__})")
     return callback
 
 
-def _root_cause(err: BaseException) -> str:
-    """Hydra wraps constructor errors in InstantiationException; the innermost message names the key."""
+def root_cause(err: BaseException) -> str:
+    """Hydra wraps constructor errors in InstantiationException; the innermost message names the key.
+
+    A ValueError's message is enough (ours say key, value and what is allowed); other types keep their name.
+    """
     while err.__cause__ is not None:
         err = err.__cause__
-    return f"{type(err).__name__}: {err}"
+    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
 
 
 class SENGOptimizerMixin:

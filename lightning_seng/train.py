@@ -1,8 +1,10 @@
 """Hydra entry point: ``python -m lightning_seng.train [overrides]``.
 
 The default run is the main job: an MLP on scikit-learn's digits, trained once with SENG (preconditioning
-SGD with momentum) and once with the same SGD alone (same model, initial weights, data order, epochs),
-then the test metrics of both side by side. Every config key is a CLI override::
+SGD with momentum) and once with the same SGD alone (same model, initial weights, data order, epochs).
+It prints one table (test accuracy and loss, epochs, ms per training step after the warm-up epoch, and the
+ratio of the two step times; see :mod:`lightning_seng.report`) and writes the validation curves of both runs
+to ``val_curves.png`` in Hydra's output directory, beside its ``train.log``. Every config key is a CLI override::
 
     python -m lightning_seng.train seng.damping=0.3 seng.update_freq=20
     python -m lightning_seng.train recipe=digits_cnn
@@ -11,25 +13,35 @@ then the test metrics of both side by side. Every config key is a CLI override::
     python -m lightning_seng.train baseline.enabled=false    # SENG run only
 
 Configs come from the installed package (``lightning_seng.conf``, the repository's ``conf/``), so the
-command works from any directory.
+command works from any directory. A bad config value or a missing data path ends the command with the
+message that names the key, the value and what is allowed, and exit code 2; ``HYDRA_FULL_ERROR=1`` shows
+the traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import hydra
 import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
-import lightning_seng.strategy  # noqa: F401  (registers strategy="seng_ddp" / "seng_ddp_global")
 from lightning_seng.classifier import Classifier
-from lightning_seng.mixin import build_seng_callback
+from lightning_seng.mixin import build_seng_callback, root_cause
+from lightning_seng.report import RunResult, StepTimer, ValidationCurve, format_table, plot_val_curves
+
+# Errors of the configuration (bad values, missing data), reported without a traceback by main().
+CONFIG_ERRORS = (ValueError, FileNotFoundError, MisconfigurationException)
 
 
 def config_dir() -> str:
@@ -69,9 +81,14 @@ def plan_runs(cfg: DictConfig) -> list[tuple[str, Any, Any]]:
     return runs
 
 
-def build(cfg: DictConfig, seng_cfg: Any, optimizer_cfg: Any, run_name: str = "seng"):
-    """``(module, datamodule, trainer)`` of one run; seeds first, so every run starts from the same weights."""
+def build(cfg: DictConfig, seng_cfg: Any, optimizer_cfg: Any, run_name: str = "seng", callbacks: Sequence = ()):
+    """``(module, datamodule, trainer)`` of one run; seeds first, so every run starts from the same weights,
+    and sets ``cfg.threads``.
+
+    ``callbacks`` join those of ``cfg.trainer`` (the SENG callback comes from the module's ``configure_callbacks``).
+    """
     pl.seed_everything(cfg.seed, workers=True)
+    _set_threads(cfg.get("threads"))
     datamodule = _instantiate("data", cfg.data)
     net = _instantiate("model", cfg.model)
     to_dict = lambda c: OmegaConf.to_container(c, resolve=True) if isinstance(c, DictConfig) else c  # noqa: E731
@@ -80,8 +97,18 @@ def build(cfg: DictConfig, seng_cfg: Any, optimizer_cfg: Any, run_name: str = "s
         seng=to_dict(seng_cfg), label_smoothing=cfg.get("label_smoothing", 0.0),
     )
     logger = _build_logger(cfg, run_name)
-    trainer = pl.Trainer(**_instantiate("trainer", cfg.trainer), logger=logger if logger else False)
+    trainer_kwargs = _instantiate("trainer", cfg.trainer)
+    trainer_kwargs["callbacks"] = [*(trainer_kwargs.get("callbacks") or []), *callbacks]
+    trainer = pl.Trainer(**trainer_kwargs, logger=logger if logger else False)
     return module, datamodule, trainer
+
+
+def _set_threads(threads: Any) -> None:
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be null (torch's default) or an integer >= 1 (got {threads!r})")
+    torch.set_num_threads(threads)
 
 
 def _instantiate(key: str, node: DictConfig) -> Any:
@@ -89,9 +116,9 @@ def _instantiate(key: str, node: DictConfig) -> Any:
     try:
         return instantiate(node, _convert_="all")
     except InstantiationException as err:
-        if isinstance(err.__cause__, (ValueError, TypeError, FileNotFoundError)):
+        if isinstance(err.__cause__, (ValueError, FileNotFoundError)):
             raise err.__cause__ from err
-        raise ValueError(f"{key}: cannot build {node.get('_target_')}: {err}") from err
+        raise ValueError(f"{key}: cannot build {node.get('_target_')}: {root_cause(err)}") from err
 
 
 def _build_logger(cfg: DictConfig, run_name: str):
@@ -109,37 +136,23 @@ def _build_logger(cfg: DictConfig, run_name: str):
     return logger
 
 
-def fit_and_test(cfg: DictConfig, label: str, seng_cfg: Any, optimizer_cfg: Any) -> dict[str, float]:
-    module, datamodule, trainer = build(cfg, seng_cfg, optimizer_cfg, run_name=_slug(label))
-    start = time.perf_counter()
+def fit_and_test(cfg: DictConfig, label: str, seng_cfg: Any, optimizer_cfg: Any) -> RunResult:
+    timer, curve = StepTimer(), ValidationCurve()
+    module, datamodule, trainer = build(cfg, seng_cfg, optimizer_cfg, run_name=_slug(label), callbacks=[timer, curve])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") if seng_cfg is not None else None)
-    fit_time = time.perf_counter() - start
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    metrics["fit_time_s"] = fit_time
-    metrics["optimizer.lr"] = optimizer_cfg.lr
+    metrics.update({"epochs": trainer.current_epoch, "optimizer.lr": optimizer_cfg.lr, "ms_per_step": timer.ms_per_step})
     if trainer.logger is not None and hasattr(trainer.logger.experiment, "finish"):
         trainer.logger.experiment.finish()  # W&B: close this run before the next one starts
-    return {k: float(v) for k, v in metrics.items()}
+    return RunResult({k: float(v) for k, v in metrics.items()}, curve.curves)
 
 
 def _slug(label: str) -> str:
     return label.lower().replace("+", "-")
 
 
-def format_results(results: dict[str, dict[str, float]]) -> str:
-    labels = list(results)
-    keys = sorted({k for metrics in results.values() for k in metrics})
-    width = max(12, *(len(label) + 2 for label in labels))
-    lines = ["metric".ljust(14) + "".join(label.rjust(width) for label in labels)]
-    for key in keys:
-        row = [results[label].get(key) for label in labels]
-        lines.append(key.ljust(14) + "".join(("-" if v is None else f"{v:.4g}" if key == "optimizer.lr" else f"{v:.4f}")
-                                             .rjust(width) for v in row))
-    return "\n".join(lines)
-
-
-def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """Train and test every planned run; returns ``{label: {metric: value}}``."""
+def run(cfg: DictConfig) -> dict[str, RunResult]:
+    """Train and test every planned run; returns ``{label: RunResult}``."""
     if cfg.seng is not None:
         build_seng_callback(cfg.seng)  # fail on a bad seng.* value before any training starts
     if cfg.get("run_group") is None:
@@ -147,13 +160,36 @@ def run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     return {label: fit_and_test(cfg, label, seng_cfg, opt_cfg) for label, seng_cfg, opt_cfg in plan_runs(cfg)}
 
 
+def baseline_label(results: dict[str, RunResult], cfg: DictConfig) -> str | None:
+    """The first-order run the others are compared with: the run without SENG, when there are several."""
+    plain = [label for label, seng_cfg, _ in plan_runs(cfg) if seng_cfg is None]
+    return plain[0] if len(results) > 1 and plain and plain[0] in results else None
+
+
+def report(cfg: DictConfig, results: dict[str, RunResult], out_dir: str | Path) -> str:
+    """The table of the main job, the plot written to ``out_dir/val_curves.png``, and a line naming its path."""
+    title = f"{cfg.get('title') or 'results'} (seed {cfg.seed})"
+    plot = plot_val_curves(results, Path(out_dir) / "val_curves.png", title=title)
+    return "\n".join([
+        f"Test results: {title}; ms/step: median over epochs 2.. of the mean training step (epoch 1 is warm-up)",
+        format_table(results, baseline=baseline_label(results, cfg)),
+        f"Validation curves: {plot.resolve()}",
+    ])
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
-    results = run(cfg)
+    try:
+        results = run(cfg)
+    except CONFIG_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {err}", file=sys.stderr)
+        print("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", file=sys.stderr)
+        sys.exit(2)
     print()
-    print(f"Test results: {cfg.get('title', '')} ({cfg.trainer.max_epochs} epochs, seed {cfg.seed})")
-    print(format_results(results))
-    return next(iter(results.values()))["test/acc"]
+    print(report(cfg, results, HydraConfig.get().runtime.output_dir))
+    return next(iter(results.values())).metrics["test/acc"]
 
 
 if __name__ == "__main__":

@@ -208,6 +208,14 @@ def test_logging_can_be_turned_off():
     assert not any(k.startswith("seng/") for k in t.callback_metrics)
 
 
+def test_progress_bar_shows_few_short_seng_entries():
+    t = trainer([SENGCallback(**KNOBS, log_every_n_steps=1, log_prog_bar=True)], max_steps=3)
+    t.fit(BoringClassifier(make_net()), loader(make_data()))
+    shown = [k for k in t.progress_bar_metrics if k.startswith("seng/")]
+    assert "seng/damping" in shown
+    assert len(shown) <= 2 and all(len(k) <= 16 for k in shown), shown  # the rest goes to the loggers only
+
+
 class TwoOptimizers(pl.LightningModule):
     """Manual optimization: optimizer 0 trains ``a``, optimizer 1 trains ``b``, both from one loss."""
 

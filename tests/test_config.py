@@ -111,6 +111,7 @@ def test_seng_none_trains_without_the_callback():
     ("model.hidden=[0]", r"model.hidden must be a positive integer \(got 0\)"),
     ("optimizer.lr=-0.1", r"optimizer: cannot build torch.optim.SGD .*'lr': -0.1"),
     ("baseline.lr=0", r"baseline.lr must be null .* \(got 0\)"),
+    ("threads=0", r"threads must be null \(torch's default\) or an integer >= 1 \(got 0\)"),
 ])
 def test_bad_value_names_the_key(override, pattern):
     cfg = _compose([override, *FAST])

@@ -27,22 +27,50 @@ def train(tmp_path: Path, *overrides: str, env: dict | None = None) -> subproces
                           capture_output=True, text=True, timeout=300)
 
 
-def _results(stdout: str) -> dict[str, list[float]]:
+def _table(stdout: str) -> dict[str, list[str]]:
+    """``{run: cells}`` of the main job's table: test/acc, test/loss, epochs, lr, ms/step[, ratio]."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["run", "test/acc"])
     rows = {}
-    for line in stdout.splitlines():
-        match = re.match(r"^(test/acc|test/loss|fit_time_s)\s+(.*)$", line)
-        if match:
-            rows[match.group(1)] = [float(v) for v in match.group(2).split()]
+    for line in lines[start + 1:]:
+        if line.startswith("Validation curves:"):
+            break
+        label, *cells = line.split()
+        rows[label] = cells
     return rows
 
 
-def test_default_job_prints_seng_and_sgd_side_by_side(tmp_path):
-    proc = train(tmp_path, *TINY)
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The default job, 2 short epochs (the first is warm-up, the second is timed), run once for this module."""
+    tmp_path = tmp_path_factory.mktemp("main_job")
+    proc = train(tmp_path, *TINY, "trainer.max_epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"^metric\s+SENG\+SGD\s+SGD$", proc.stdout, re.M), proc.stdout
-    results = _results(proc.stdout)
-    assert len(results["test/acc"]) == 2 and all(0.0 <= a <= 1.0 for a in results["test/acc"])
+    return tmp_path, proc
+
+
+def test_default_job_prints_one_table_of_seng_and_sgd(main_job):
+    tmp_path, proc = main_job
+    assert re.search(r"^run\s+test/acc\s+test/loss\s+epochs\s+lr\s+ms/step\s+x SGD$", proc.stdout, re.M), proc.stdout
+    rows = _table(proc.stdout)
+    assert list(rows) == ["SENG+SGD", "SGD"]
+    for acc, loss, epochs, lr, ms, ratio in rows.values():
+        assert 0.0 <= float(acc) <= 1.0 and float(loss) > 0 and epochs == "2" and float(ms) > 0
     assert not (tmp_path / "conf").exists()
+
+
+def test_default_job_ratio_is_the_quotient_of_the_printed_step_times(main_job):
+    rows = _table(main_job[1].stdout)
+    seng_ms, sgd_ms = float(rows["SENG+SGD"][4]), float(rows["SGD"][4])
+    assert float(rows["SGD"][5]) == 1.0
+    assert float(rows["SENG+SGD"][5]) == pytest.approx(seng_ms / sgd_ms, rel=0.01, abs=0.01)
+
+
+def test_default_job_writes_the_validation_curves_png_beside_its_log_and_prints_the_path(main_job):
+    tmp_path, proc = main_job
+    (path,) = re.findall(r"^Validation curves: (.*)$", proc.stdout, re.M)
+    assert Path(path) == tmp_path / "val_curves.png" and (tmp_path / "train.log").is_file()
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _fake_cifar10(root: Path) -> None:
@@ -61,13 +89,42 @@ def test_cifar10_resnet18_recipe_runs_on_a_local_pickle_directory(tmp_path):
     proc = train(tmp_path, "recipe=cifar10_resnet18", f"data.root={data}", "trainer=cpu", "data.batch_size=8",
                  "data.num_workers=0", "data.eval_batch_size=20", "seng.update_freq=2", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"^metric\s+SENG\+SGD$", proc.stdout, re.M), proc.stdout
+    assert list(_table(proc.stdout)) == ["SENG+SGD"]
+
+
+def _last_lines(text: str, n: int) -> list[str]:
+    return text.rstrip("\n").splitlines()[-n:]
 
 
 def test_bad_seng_value_on_the_command_line_names_the_key(tmp_path):
     proc = train(tmp_path, "seng.update_freq=0", *TINY)
     assert proc.returncode != 0
     assert "update_freq must be an int >= 1 (got 0)" in proc.stderr
+
+
+def test_bad_config_value_ends_with_two_lines_exit_code_2_and_no_traceback(tmp_path):
+    proc = train(tmp_path, "seng.damping=-1", *TINY)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert _last_lines(proc.stderr, 2) == [
+        "Error: seng: damping must be a finite number > 0 (got -1)",
+        "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.",
+    ]
+
+
+def test_missing_data_path_ends_with_the_key_exit_code_2_and_no_traceback(tmp_path):
+    proc = train(tmp_path, "recipe=cifar10_resnet18", f"data.root={tmp_path / 'nowhere'}", "trainer=cpu", *TINY)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    error, hint = _last_lines(proc.stderr, 2)
+    assert error.startswith("Error: data.root: no CIFAR-10 python batches") and "nowhere" in error
+    assert hint.startswith("Set the environment variable HYDRA_FULL_ERROR=1")
+
+
+def test_hydra_full_error_shows_the_traceback_of_a_bad_value(tmp_path):
+    proc = train(tmp_path, "seng.damping=-1", *TINY, env={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "damping must be a finite number > 0 (got -1)" in proc.stderr
 
 
 def test_wandb_logger_works_offline(tmp_path):
@@ -78,7 +135,10 @@ def test_wandb_logger_works_offline(tmp_path):
     assert len(runs) == 2, runs  # the SENG run, then the baseline run
     logs = [next(run.glob("*.wandb")).read_bytes() for run in runs]
     assert all(b"test/acc" in log and b"update_freq" in log for log in logs)  # metrics and the run config
-    assert b"seng/damping" in logs[0] and b"seng/damping" not in logs[1]
+    # both runs may start within one second, so the directory names do not order them: the run name does
+    (seng_log,) = [log for log in logs if b"seng-sgd" in log]
+    (sgd_log,) = [log for log in logs if b"seng-sgd" not in log]
+    assert b"seng/damping" in seng_log and b"seng/damping" not in sgd_log
 
 
 def _compose(overrides):
@@ -94,7 +154,7 @@ def test_cnn_recipe_smoke_run():
     from lightning_seng.train import run
 
     results = run(_compose(["recipe=digits_cnn"]))
-    assert list(results) == ["SENG+SGD", "SGD"] and all(0 <= r["test/acc"] <= 1 for r in results.values())
+    assert list(results) == ["SENG+SGD", "SGD"] and all(0 <= r.metrics["test/acc"] <= 1 for r in results.values())
 
 
 def test_imagenet_resnet50_recipe_smoke_run_on_a_local_folder(tmp_path):
@@ -105,7 +165,7 @@ def test_imagenet_resnet50_recipe_smoke_run_on_a_local_folder(tmp_path):
                     "num_classes=2", "data.image_size=32", "data.batch_size=4", "data.num_workers=0",
                     "seng.update_freq=1", "trainer.limit_train_batches=1"])
     results = run(cfg)
-    assert list(results) == ["SENG+SGD"] and 0 <= results["SENG+SGD"]["test/acc"] <= 1
+    assert list(results) == ["SENG+SGD"] and 0 <= results["SENG+SGD"].metrics["test/acc"] <= 1
 
 
 def test_cli_resume_from_ckpt_path_reproduces_the_uninterrupted_run(tmp_path):
@@ -119,8 +179,8 @@ def test_cli_resume_from_ckpt_path_reproduces_the_uninterrupted_run(tmp_path):
     (ckpt,) = (tmp_path / "part").rglob("*.ckpt")
     resume = [f"log_dir={tmp_path / 'resumed'}", f"ckpt_path='{ckpt}'"]  # quoted: the file name holds '='
     resumed = run(_compose([*common, "trainer.max_epochs=3", *resume]))
-    assert resumed["SENG+SGD"]["test/loss"] == full["SENG+SGD"]["test/loss"]
-    assert resumed["SENG+SGD"]["test/acc"] == full["SENG+SGD"]["test/acc"]
+    assert resumed["SENG+SGD"].metrics["test/loss"] == full["SENG+SGD"].metrics["test/loss"]
+    assert resumed["SENG+SGD"].metrics["test/acc"] == full["SENG+SGD"].metrics["test/acc"]
 
 
 def test_ckpt_path_with_baseline_is_rejected():
