@@ -3,7 +3,7 @@
 The callback only translates Lightning events into calls on :class:`lightning_seng.SENG`:
 
 - ``on_fit_start``: ``SENG(pl_module, **knobs, comm=trainer.strategy.seng_comm)``; apply the state
-  restored from a checkpoint.
+  restored from a checkpoint; print the coverage table (module, type, route, parameters; rank zero).
 - ``on_train_epoch_start``: ``seng.set_epoch(trainer.current_epoch)`` (epoch-based damping).
 - ``on_train_batch_start``: ``seng.observe_batch(batch)``: the batch size ``N`` of this step.
 - ``on_before_optimizer_step``: ``seng.step(loss_scale)`` for the optimizers named in ``optimizers``.
@@ -142,6 +142,7 @@ class SENGCallback(Callback):
         if self._pending_state is not None:
             self.seng.load_state_dict(_to_device(self._pending_state, pl_module.device))
             self._pending_state = None
+        rank_zero_info(f"SENG preconditions {type(pl_module).__name__}:\n{self.seng.coverage()}")
 
     @staticmethod
     def _communicator(trainer: pl.Trainer):

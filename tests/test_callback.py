@@ -195,11 +195,35 @@ def test_logs_seng_stats_with_prefix():
     t = trainer([SENGCallback(**KNOBS, log_every_n_steps=1)], max_steps=3)
     t.fit(BoringClassifier(make_net()), loader(make_data()))
     metrics = t.callback_metrics
-    for key in ("damping", "refresh_time", "grad_norm", "direction_norm", "cosine", "layers/gram",
+    for key in ("damping", "refresh_time", "grad_norm", "direction_norm", "cosine", "coverage", "layers/gram",
                 "layers/explicit", "layers/implicit", "layers/diagonal"):
         assert f"seng/{key}" in metrics, key
     assert metrics["seng/damping"] == pytest.approx(0.3)
     assert 0 < metrics["seng/cosine"] <= 1
+    assert metrics["seng/coverage"] == pytest.approx(100.0)
+
+
+class Scale(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def test_fit_start_prints_the_coverage_table_with_routes_and_fallbacks(caplog):
+    net = nn.Sequential(make_net(), Scale())
+    with caplog.at_level("INFO"):
+        trainer([SENGCallback(**KNOBS, exclude=[Scale])], max_steps=1).fit(BoringClassifier(net), loader(make_data()))
+    tables = [r.getMessage() for r in caplog.records if "SENG preconditions BoringClassifier" in r.getMessage()]
+    assert len(tables) == 1
+    lines = tables[0].splitlines()
+    assert "Route" in lines[1] and "Params" in lines[1]
+    rows = {line.split("|")[1].strip(): line for line in lines[3:-2]}
+    assert set(rows) == {"net.0.0", "net.0.2", "net.0.4", "net.1"}
+    assert "linear" in rows["net.0.0"] and "fallback" in rows["net.1"] and "excluded" in rows["net.1"]
+    assert lines[-1].startswith("curvature on 98.")
 
 
 def test_logging_can_be_turned_off():

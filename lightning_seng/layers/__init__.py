@@ -33,8 +33,9 @@ def runs_code_of(module: nn.Module, base: type, *methods: str) -> bool:
     cls = type(module)
     if any(getattr(cls, m) is not getattr(base, m) for m in methods):
         return False
-    # weight_norm-style pre-hooks replace a registered parameter by a computed attribute
-    return all(getattr(module, k, None) is p for k, p in module._parameters.items())
+    # weight_norm-style pre-hooks replace the registered weight by a tensor computed from other parameters
+    return all(getattr(module, k, None) is None or module._parameters.get(k) is getattr(module, k)
+               for k in ("weight", "bias"))
 
 
 def _torch_base(module: nn.Module, bases: Tuple[type, ...]) -> Optional[type]:
