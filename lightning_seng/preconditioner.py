@@ -217,9 +217,7 @@ class SENG:
         self._handles = [module.register_forward_hook(self._hook(layer), with_kwargs=True, prepend=True)
                          for layer in self.layers.values() for module in layer.modules()]
         self._handles.append(model.register_forward_pre_hook(self._observe_input, with_kwargs=True))
-        self._handles.append(model.register_forward_hook(self._check_output))
         self._batch_size: Optional[int] = None
-        self._batch_doubt: Optional[str] = None
         self._in_step = False
         self.comm.setup(self.layers, self)
         self.generator = torch.Generator().manual_seed(seed)
@@ -249,18 +247,6 @@ class SENG:
     def _observe_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.capturing:
             self.observe_batch(args, kwargs)
-
-    def _check_output(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """A model whose output has no axis of the batch size read from its input was given the wrong
-        ``batch_axis`` (a sequence-first input read batch-first): then no layer's axis can be trusted."""
-        n = self._batch_size
-        if not self.capturing or n is None:
-            return
-        if any(n in t.shape for t in _tensors(output)) or not any(True for _ in _tensors(output)):
-            self._batch_doubt = None
-            return
-        self._batch_doubt = (f"the model's output has no axis of the batch size {n} read from its input "
-                             f"(batch_axis={self.batch_axis!r}); is batch_axis right?")
 
     def observe_batch(self, args: Any, kwargs: Optional[dict] = None) -> None:
         """Learn this step's batch size ``N`` from the inputs of a forward call (or a whole batch, as the
@@ -422,12 +408,9 @@ class SENG:
         start = time.perf_counter()
         pick = self._sample_picker()
         n, self._batch_size = self._batch_size, None
-        doubt, self._batch_doubt = self._batch_doubt, None
         factors = {}
         for name, layer in self.layers.items():
             try:
-                if doubt is not None and layer.take_calls():
-                    raise NotExact(doubt)
                 factors[name] = layer.take_factors(loss_scale, self.curvature_dtype, pick, n)
             except NotExact as reason:
                 factors[name] = None

@@ -39,7 +39,8 @@ def find_sample_axis(shape: Sequence[int], n: int, candidates: Sequence[int], wh
         return axes[0]
     if not axes:
         raise NotExact(f"its {what} of shape {tuple(shape)} has no axis of the batch size {n} (a flattened, "
-                       "partial or unbatched input), so its per-sample gradients are unknown")
+                       "partial or unbatched input, or a batch size read from the wrong axis of the model's "
+                       "input: see batch_axis), so its per-sample gradients are unknown")
     raise NotExact(f"its {what} of shape {tuple(shape)} has several axes of the batch size {n} (axes {axes}), "
                    "so the sample axis is ambiguous; a batch size that differs from the other dimensions "
                    "removes the ambiguity")
