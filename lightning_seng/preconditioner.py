@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import sketch
 from .coverage import Coverage, CoverageRow
 from .distributed import Communicator
-from .layers import ROUTES, LayerCurvature, NotExact, RouteSettings, build_layers
+from .layers import ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
 from .layers.base import Curvature
 from .schedules import DampingLike, make_damping
 
@@ -493,9 +493,9 @@ class SENG:
         if not self.comm.owns(name):
             return f"{layer.kind} (rank {self.comm.owners[name]})" if hasattr(self.comm, "owners") else layer.kind
         cur = layer.curvature
-        if cur is None or cur.route.name == layer.kind:
+        if cur is None or not isinstance(layer, MatrixLayer):
             return layer.kind
-        return f"{layer.kind}/{cur.route.name}"
+        return f"{layer.kind}/{cur.route.name}"  # the route Linear/Conv chose by cost
 
     def _announce_coverage(self) -> None:
         cov = self.coverage()
