@@ -224,8 +224,9 @@ class SENG:
         self.step_count = 0
         self.epoch = 0
         self.skipped_refreshes = 0
-        self.nonfinite_steps = 0
-        self.stats: Dict[str, float] = {"skipped_refreshes": 0, "nonfinite_steps": 0}
+        self._nonfinite_steps = 0
+        self._nonfinite_pending = torch.zeros((), dtype=torch.long)
+        self._stats: Dict[str, Any] = {"skipped_refreshes": 0, "nonfinite_steps": 0}
         self._announce_coverage()
 
     # ------------------------------------------------------------------ hooks
@@ -306,14 +307,18 @@ class SENG:
         damping = self.damping
         refresh = self.will_refresh
         with_grad = [(name, p) for name, p in self.model.named_parameters() if p.grad is not None]
-        grad_sq = self._grad_squares([p for _, p in with_grad])
-        grads_finite = grad_sq is not None
+        params = [p for _, p in with_grad]
+        squares = self._grad_squares(params)
+        # Only a refresh step reads whether the gradient is finite (it decides whether to build curvature);
+        # other steps keep it on the device and select with torch.where, so they never wait for the GPU.
+        finite = torch.isfinite(squares).all()
         if refresh:
+            grads_finite = bool(finite)
             self._refresh(damping, loss_scale, grads_finite)
-        if not grads_finite:
-            self._zero_nonfinite()
-            self.step_count += 1
-            return
+            if not grads_finite:
+                self._zero_nonfinite()
+                self.step_count += 1
+                return
 
         directions: Dict[str, Optional[List[Tensor]]] = {}
         for name, layer in self.layers.items():
@@ -322,12 +327,13 @@ class SENG:
                 continue
             d = layer.direction(damping)
             if d is None:
-                params = layer.trainable_params(layer.trainable())
-                if layer.curvature is None and name not in self._reasons and any(p.grad is not None for p in params):
+                params_l = layer.trainable_params(layer.trainable())
+                if (layer.curvature is None and not layer.captured and name not in self._reasons
+                        and any(p.grad is not None for p in params_l)):
                     self._fall_back(name, "its parameters have gradients but its forward did not run on a refresh "
                                           "step (are they used outside the module's forward?)")
                 d = [p.grad.to(self.curvature_dtype) / (1.0 + damping) if p.grad is not None else None
-                     for p in params]
+                     for p in params_l]
             directions[name] = d
         directions = self.comm.reduce_directions(directions)
 
@@ -338,12 +344,32 @@ class SENG:
                 pairs += [(p, dp) for p, dp in zip(layer.trainable_params(layer.trainable()), d)
                           if p.grad is not None and dp is not None]
         others = self._other_grads(with_grad)
-        self._record(pairs, others, grad_sq, damping)
-        for p, dp in pairs:
-            p.grad.copy_(dp)
-        if others:
-            torch._foreach_div_([p.grad for p in others], 1.0 + damping)
+        index = {id(p): i for i, p in enumerate(params)}
+        self._record(pairs, others, squares, index, damping)
+        if refresh:  # known finite
+            for p, dp in pairs:
+                p.grad.copy_(dp)
+            if others:
+                torch._foreach_div_([p.grad for p in others], 1.0 + damping)
+        else:
+            self._write_where_finite(pairs, others, finite, damping)
         self.step_count += 1
+
+    def _write_where_finite(self, pairs, others: List[nn.Parameter], finite: Tensor, damping: float) -> None:
+        """Non-refresh steps: the directions where the gradient is finite; otherwise zeros
+        (``skip_nonfinite``) or the raw gradient, decided on the device."""
+        for p, dp in pairs:
+            fill = 0.0 if self.skip_nonfinite else p.grad.to(dp.dtype)
+            p.grad.copy_(torch.where(finite, dp, fill))
+        if others:
+            grads = [p.grad for p in others]
+            scale = torch.where(finite, 1.0 / (1.0 + damping), 0.0 if self.skip_nonfinite else 1.0)
+            torch._foreach_mul_(grads, scale)
+            if self.skip_nonfinite:  # 0 · NaN is NaN: clear what the scale could not
+                bad = ~finite
+                for g in grads:
+                    g.masked_fill_(bad, 0.0)
+        self._nonfinite_pending = self._nonfinite_pending + (~finite).long()
 
     def _other_grads(self, with_grad: List[tuple]) -> List[nn.Parameter]:
         """Trainable parameters with a gradient outside every preconditioned layer: those of unsupported
@@ -362,37 +388,62 @@ class SENG:
                                     f"{', '.join(repr(n) for n in late)}; create SENG again to precondition them")
         return others
 
-    def _grad_squares(self, params: List[nn.Parameter]) -> Optional[Dict[int, float]]:
-        """``{id(param): ‖grad‖²}`` for every parameter with a gradient, from one fused norm; ``None`` if a
-        gradient holds NaN/Inf."""
+    def _grad_squares(self, params: List[nn.Parameter]) -> Tensor:
+        """``‖grad‖²`` of every parameter with a gradient, ``(P,)`` float64, from one fused norm accumulated in
+        float64 (a large but finite gradient does not overflow); NaN/Inf where a gradient holds one."""
         if not params:
-            return {}
-        squares = torch.stack([n.double() for n in torch._foreach_norm([p.grad for p in params])]).square()
-        if not bool(torch.isfinite(squares.sum())):
-            # A norm also overflows for large but finite entries (|g|² > float max): only then look at the entries.
-            if not all(bool(torch.isfinite(p.grad).all()) for p in params):
-                return None
-        return dict(zip(map(id, params), squares.tolist()))
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.stack(torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float64)).square()
 
-    def _record(self, pairs, others: List[nn.Parameter], grad_sq: Dict[int, float], damping: float) -> None:
-        """``stats``: ‖g‖, ‖d‖ and cos(g, d) over all trainable parameters (``grad_sq``: ‖g‖² per parameter,
-        taken before the gradients were rewritten)."""
-        g_sq = d_sq = dot = 0.0
+    def _record(self, pairs, others: List[nn.Parameter], squares: Tensor, index: Dict[int, int],
+                damping: float) -> None:
+        """``stats``: ‖g‖, ‖d‖ and cos(g, d) over all trainable parameters (``squares``: ‖g‖² per parameter,
+        taken before the gradients were rewritten, at ``index[id(param)]``). Kept as tensors: read only when
+        ``stats`` is read."""
+        zero = squares.new_zeros(())
+        g_sq = d_sq = dot = zero
         if pairs:
-            # a layer whose module left the model after attach is not in grad_sq: measure it here
-            g_sq = sum(grad_sq[id(p)] if id(p) in grad_sq else float(p.grad.double().square().sum()) for p, _ in pairs)
-            d_sq = float(torch.stack([n.double() for n in torch._foreach_norm([dp for _, dp in pairs])]).square().sum())
-            dot = float(torch.stack([torch.vdot(p.grad.reshape(-1).to(dp.dtype), dp.reshape(-1)).double()
-                                     for p, dp in pairs]).sum())
+            known = [index[id(p)] for p, _ in pairs if id(p) in index]
+            # a layer whose module left the model after attach is not in squares: measure it here
+            g_sq = squares[known].sum() + sum((p.grad.double().square().sum() for p, _ in pairs if id(p) not in index),
+                                             zero)
+            d_sq = torch.stack(torch._foreach_norm([dp for _, dp in pairs], 2, dtype=torch.float64)).square().sum()
+            dot = torch.stack([torch.vdot(p.grad.reshape(-1).to(dp.dtype), dp.reshape(-1)).double()
+                               for p, dp in pairs]).sum()
         if others:
-            s = sum(grad_sq[id(p)] for p in others)
+            s = squares[[index[id(p)] for p in others]].sum()
             g_sq, d_sq, dot = g_sq + s, d_sq + s / (1 + damping) ** 2, dot + s / (1 + damping)
-        self.stats.update(damping=damping, grad_norm=g_sq ** 0.5, direction_norm=d_sq ** 0.5,
-                          cosine=dot / max((g_sq * d_sq) ** 0.5, 1e-300))
+        self._stats.update(damping=damping, grad_norm=g_sq.sqrt(), direction_norm=d_sq.sqrt(),
+                           cosine=dot / (g_sq * d_sq).sqrt().clamp_min(1e-300))
+
+    @property
+    def stats(self) -> Dict[str, float]:
+        """The last step's statistics as numbers: ``damping``, ``grad_norm``, ``direction_norm``, ``cosine``,
+        ``coverage`` (% of trainable parameters with curvature), ``refresh_time``, ``skipped_refreshes``,
+        ``nonfinite_steps`` and ``layers/<route>``. Reading it waits for the device: read it on logging steps."""
+        self._count_nonfinite()
+        return {k: float(v) if isinstance(v, Tensor) else v for k, v in self._stats.items()}
+
+    @property
+    def nonfinite_steps(self) -> int:
+        self._count_nonfinite()
+        return self._nonfinite_steps
+
+    def _count_nonfinite(self) -> None:
+        """Fold the non-refresh steps' device-side count of non-finite gradients into the counter."""
+        pending = int(self._nonfinite_pending)
+        if pending:
+            self._nonfinite_pending = torch.zeros((), dtype=torch.long)
+            self._nonfinite_steps += pending
+            self._warn_once("grad", f"SENG: non-finite gradient on {pending} step(s) between curvature refreshes; "
+                                    "those steps' gradients were zeroed (counted in stats['nonfinite_steps'])"
+                            if self.skip_nonfinite else
+                            f"SENG: non-finite gradient on {pending} step(s) between curvature refreshes "
+                            "(counted in stats['nonfinite_steps'])")
+        self._stats["nonfinite_steps"] = self._nonfinite_steps
 
     def _zero_nonfinite(self) -> None:
-        self.nonfinite_steps += 1
-        self.stats["nonfinite_steps"] = self.nonfinite_steps
+        self._nonfinite_steps += 1
         if "grad" not in self._warned:
             names = list(dict.fromkeys(name.rpartition(".")[0] for name, p in self.model.named_parameters()
                                        if p.grad is not None and not bool(torch.isfinite(p.grad).all())))
@@ -406,6 +457,7 @@ class SENG:
 
     def _refresh(self, damping: float, loss_scale: float, grads_finite: bool) -> None:
         start = time.perf_counter()
+        self._count_nonfinite()  # a refresh reads the device anyway
         pick = self._sample_picker()
         n, self._batch_size = self._batch_size, None
         factors = {}
@@ -441,10 +493,10 @@ class SENG:
         for name, layer in self.layers.items():
             key = self._route_key(name, layer)
             routes[key] = routes.get(key, 0) + 1
-        self.stats.update({f"layers/{k}": v for k, v in routes.items()})
-        self.stats["coverage"] = self.coverage().percent
-        self.stats["skipped_refreshes"] = self.skipped_refreshes
-        self.stats["refresh_time"] = time.perf_counter() - start
+        self._stats.update({f"layers/{k}": v for k, v in routes.items()})
+        self._stats["coverage"] = self.coverage().percent
+        self._stats["skipped_refreshes"] = self.skipped_refreshes
+        self._stats["refresh_time"] = time.perf_counter() - start
 
     def _route_key(self, name: str, layer: LayerCurvature) -> str:
         if not self.comm.owns(name):
@@ -547,8 +599,9 @@ class SENG:
         self.step_count = int(state["step_count"])
         self.epoch = int(state["epoch"])
         self.skipped_refreshes = int(state["skipped_refreshes"])
-        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self.stats.update(skipped_refreshes=self.skipped_refreshes, nonfinite_steps=self.nonfinite_steps)
+        self._nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self._nonfinite_pending = torch.zeros((), dtype=torch.long)
+        self._stats.update(skipped_refreshes=self.skipped_refreshes, nonfinite_steps=self._nonfinite_steps)
         self.generator.set_state(state["generator"])
         for name, layer in self.layers.items():
             layer.clear()

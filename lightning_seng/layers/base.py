@@ -114,6 +114,7 @@ class LayerCurvature:
         self.curvature: Optional[Curvature] = None
         self.excluded: set = set()  # ids of parameters left to the fallback (e.g. shared with other modules)
         self._calls: List[Call] = []
+        self.captured = False  # whether a forward call was ever captured (its hooks fire)
 
     # ----------------------------------------------------------------- parameters
     def param_slots(self) -> Sequence[Optional[nn.Parameter]]:
@@ -153,6 +154,7 @@ class LayerCurvature:
         inputs = self.keep(args, kwargs)
         if inputs is None:
             return
+        self.captured = True
         if self._calls and all(c.done for c in self._calls):
             self.clear()
         call = Call(inputs, [None] * len(outputs))
