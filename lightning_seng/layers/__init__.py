@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .attention import AttentionLayer, OutProjection, plain_projections
 from .base import Call, Curvature, Factors, LayerCurvature, MatrixLayer, NotExact, find_sample_axis
 from .conv import ConvLayer
 from .linear import LinearLayer
@@ -23,7 +24,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
-SUPPORTED_TYPES = (nn.Linear,) + _CONVS + _NORMS
+SUPPORTED_TYPES = (nn.Linear,) + _CONVS + _NORMS + (nn.MultiheadAttention,)
 
 
 def runs_code_of(module: nn.Module, base: type, *methods: str) -> bool:
@@ -46,6 +47,8 @@ def layer_for(name: str, module: nn.Module) -> Optional[LayerCurvature]:
     parameters, else ``None``."""
     if runs_code_of(module, nn.Linear, "forward"):
         return LinearLayer(name, module)
+    if runs_code_of(module, nn.MultiheadAttention, "forward") and plain_projections(module):
+        return AttentionLayer(name, module, with_out_proj=runs_code_of(module.out_proj, nn.Linear, "forward"))
     conv = _torch_base(module, _CONVS)
     if conv is not None and runs_code_of(module, conv, "forward", "_conv_forward"):
         return ConvLayer(name, module)
@@ -106,6 +109,6 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
     return layers, fallbacks, shared
 
 
-__all__ = ["Call", "Curvature", "Factors", "LayerCurvature", "MatrixLayer", "NotExact", "LinearLayer", "ConvLayer",
-           "NormLayer", "ROUTES", "RouteSettings", "SUPPORTED_TYPES", "build_layers", "find_sample_axis",
+__all__ = ["AttentionLayer", "Call", "Curvature", "Factors", "LayerCurvature", "MatrixLayer", "NotExact", "LinearLayer", "ConvLayer",
+           "NormLayer", "OutProjection", "ROUTES", "RouteSettings", "SUPPORTED_TYPES", "build_layers", "find_sample_axis",
            "layer_for", "runs_code_of"]
