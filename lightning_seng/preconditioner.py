@@ -142,7 +142,7 @@ class SENG:
 
     Args:
         model: the network; hooks are registered on its supported submodules (Linear, Conv1d/2d/3d,
-            BatchNorm, LayerNorm, GroupNorm, RMSNorm, whose ``forward`` is torch's own). Parameters of
+            BatchNorm, LayerNorm, GroupNorm, RMSNorm, MultiheadAttention, whose ``forward`` is torch's own). Parameters of
             other modules get ``g / (1 + λ)`` and are listed by :meth:`coverage` and at WARNING level.
         damping: ``λ > 0``: a number, a :class:`~lightning_seng.schedules.DampingSchedule`, or a
             callable ``(step, epoch) -> float``.
