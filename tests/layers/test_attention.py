@@ -233,6 +233,20 @@ def test_dropout_in_training_mode_is_replayed_exactly(batch_first, need_weights)
     assert_exact(model, (seq(L, batch_first=batch_first),), axes=(0 if batch_first else 1,), seed=11)
 
 
+def test_dropout_draws_consumed_after_the_pre_hook_are_detected(caplog):
+    model = attend(dropout=0.3).train()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    def draw(module, args):  # runs after SENG's pre-hook, before the attention's dropout
+        torch.rand(3)
+
+    model.mha.register_forward_pre_hook(draw)
+    with caplog.at_level(logging.WARNING, logger="lightning_seng"):
+        classification(model(seq(L)), torch.arange(N)).mean().backward()
+        seng.step()
+    reasons = {r.module: r.note for r in seng.coverage() if not r.curvature}
+    assert "did not reproduce the output" in reasons["mha"] and "inside 'mha'" in reasons["mha.out_proj"]
+
+
 def test_attention_called_twice_adds_both_calls():
     # self- and cross-attention through one module: the packed call is unpacked to join the other
     model = attend(lambda m, x, mem: m(x, x, x)[0] + m(x, mem, mem)[0])
@@ -261,6 +275,14 @@ def test_frozen_separate_key_weight_leaves_the_others_exact():
     assert_exact(model, (seq(L), seq(S, 3), seq(S, 7)))
 
 
+def test_frozen_input_projections_leave_out_proj_exact():
+    model = attend(lambda m, x, mem: m(x, mem, mem)[0], add_bias_kv=True)
+    for name in ("in_proj_weight", "in_proj_bias", "bias_k", "bias_v"):
+        getattr(model.mha, name).requires_grad_(False)
+    seng = assert_exact(model, (seq(L), seq(S)))
+    assert seng.layers["mha.out_proj"].curvature is not None
+
+
 def test_summed_loss_matches_dense():
     assert_exact(attend(lambda m, x, mem: m(x, mem, mem)[0], add_bias_kv=True), (seq(L), seq(S)), reduction="sum")
 
@@ -287,23 +309,27 @@ def test_curvature_samples_use_the_same_rows_for_both_projections():
     assert rows == (3, 3)
 
 
-def test_state_dict_round_trip_keeps_the_attention_curvature():
-    model = attend(lambda m, x, mem: m(x, mem, mem)[0])
-    x, mem = seq(L), seq(S)
-    seng = SENG(model, damping=DAMPING, update_freq=2)
-    classification(model(x, mem), torch.arange(N)).mean().backward()
+@pytest.mark.parametrize("route", ["explicit", "gram", "implicit"])
+@pytest.mark.parametrize("call", [self_attention, lambda m, x: m(x, x.flip(1), x.flip(1))[0]], ids=["packed", "cross"])
+def test_state_dict_round_trip_keeps_the_attention_curvature(route, call):
+    model = attend(call, add_bias_kv=True)
+    x = seq(L)
+    seng = SENG(model, damping=DAMPING, update_freq=2, route=route)
+    classification(model(x), torch.arange(N)).mean().backward()
     seng.step()
     state = seng.state_dict()
     model.zero_grad()
-    classification(model(x, mem), torch.arange(N)).mean().backward()
+    classification(model(x), torch.arange(N)).mean().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     seng.step()
+    seng.remove()
     want = [p.grad.clone() for p in model.parameters()]
-    fresh = SENG(model, damping=DAMPING, update_freq=2)
+    fresh = SENG(model, damping=DAMPING, update_freq=2, route=route)
     fresh.load_state_dict(state)
     for p, g in zip(model.parameters(), grads):
         p.grad.copy_(g)
     fresh.step()
+    assert fresh.layers["mha"].curvature.route.name == route
     for p, w in zip(model.parameters(), want):
         assert torch.equal(p.grad, w)
 
@@ -475,3 +501,27 @@ def test_lightning_demo_transformer_matches_dense():
     seng = assert_exact(model, (src, tgt), losses=losses, seed=9, may_fall_back={"embedding"})
     attention = [r for r in seng.coverage() if r.type == "MultiheadAttention"]
     assert len(attention) == 3 and all(r.curvature for r in attention)
+
+
+@pytest.mark.parametrize("amp_dtype, tol", [(torch.bfloat16, 0.04), (torch.float16, 0.006)])
+def test_autocast_transformer_with_dropout_keeps_its_curvature(amp_dtype, tol):
+    """Under CPU autocast the recompute runs in the call's autocast state, so it reproduces the call and the
+    direction tracks the float32 run's."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, 12, dropout=0.1, batch_first=True)
+    model = Pooled(layer, lambda net, x: net(x, src_mask=causal()), True, name="net").train()
+    x = seq(L).float()
+
+    def direction(autocast):
+        seng = SENG(model, damping=DAMPING, update_freq=1)
+        model.zero_grad()
+        torch.manual_seed(4)
+        with torch.autocast("cpu", dtype=amp_dtype, enabled=autocast):
+            logits = model(x)
+        classification(logits.float(), torch.arange(N)).mean().backward()
+        seng.step()
+        seng.remove()
+        assert seng.coverage().percent == 100.0, str(seng.coverage())
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    assert rel_err(direction(True), direction(False)) < tol
