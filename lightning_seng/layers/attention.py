@@ -58,6 +58,15 @@ def _rng_state(device: torch.device) -> Tensor:
     return torch.get_rng_state() if device.type == "cpu" else getattr(torch, device.type).get_rng_state(device)
 
 
+def _autocast_state(device_type: str) -> Tuple[bool, torch.dtype]:
+    """Whether autocast is on for ``device_type`` now, and its dtype."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    if device_type == "cpu":
+        return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
 @contextmanager
 def _replayed_rng(saved: Optional[Tuple[torch.device, Tensor]]) -> Iterator[None]:
     """Draw from the random state ``saved`` (device, state) inside, and restore the current one after."""
@@ -181,7 +190,7 @@ class AttentionLayer(MatrixLayer):
                 a[key] = a[key].detach()
         device = a["query"].device.type
         a.update(training=self.module.training, dropout=self.module.dropout, rng=self._rng, device_type=device,
-                 autocast=torch.is_autocast_enabled(device), autocast_dtype=torch.get_autocast_dtype(device))
+                 autocast=_autocast_state(device))
         self._rng = None
         return a
 
@@ -245,7 +254,7 @@ class AttentionLayer(MatrixLayer):
         weight_o = m.out_proj.weight.detach()
         bias_o = m.out_proj.bias.detach() if m.out_proj.bias is not None else None
         with torch.enable_grad(), _replayed_rng(a["rng"]), warnings.catch_warnings(), \
-                torch.autocast(a["device_type"], a["autocast_dtype"], enabled=a["autocast"]):
+                torch.autocast(a["device_type"], a["autocast"][1], enabled=a["autocast"][0]):
             warnings.simplefilter("ignore")  # mask warnings were given by the call itself
             q, k, v = (t.detach().requires_grad_() for t in
                        self._projections(seq_first(query), seq_first(key), seq_first(value), a["self_attention"]))
