@@ -114,7 +114,8 @@ class AttentionLayer(MatrixLayer):
     groups = 3
 
     def __init__(self, name: str, module: nn.MultiheadAttention, with_out_proj: bool = True):
-        """``with_out_proj``: feed a layer for ``module.out_proj`` (only if it is a plain ``nn.Linear``)."""
+        """``with_out_proj``: give ``module.out_proj`` a layer this one feeds (the caller has checked that it
+        is a plain ``nn.Linear``)."""
         super().__init__(name, module)
         out_name = f"{name}.out_proj" if name else "out_proj"
         self.feeds = [OutProjection(out_name, module.out_proj)] if with_out_proj else []

@@ -17,6 +17,7 @@ from torch import nn
 from lightning_seng import SENG
 from tests.layers._seng_run import DAMPING
 from tests.reference import dense_direction, rel_err
+from tests.reliability._reference import module_of
 
 N, L, S, E, HEADS = 5, 4, 6, 8, 2  # the batch size differs from every other dimension
 CLASSES = 3
@@ -29,11 +30,8 @@ def classification(logits, rows):
 
 
 # ----------------------------------------------------------------------------------------------- reference
-def _module_of(name):
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
 def _stack(model, names, losses_and_graph):
+    """``{name: (N, *shape)}`` from ``(loss_n, keep the graph)`` pairs: each loss's gradient, a row each."""
     params = dict(model.named_parameters())
     rows = {k: [] for k in names}
     for loss, retain in losses_and_graph:
@@ -67,8 +65,8 @@ def reference_directions(model, inputs, axes, losses, seed=None, reduction="mean
             else batch_rows(model, inputs, losses, names, seed))
     grads = {k: r.mean(0) if reduction == "mean" else r.sum(0) for k, r in rows.items()}
     out = {}
-    for module in dict.fromkeys(_module_of(k) for k in names):
-        block = [k for k in names if _module_of(k) == module]
+    for module in dict.fromkeys(module_of(k) for k in names):
+        block = [k for k in names if module_of(k) == module]
         out.update(dense_direction({k: rows[k] for k in block}, {k: grads[k] for k in block}, DAMPING, N ** -0.5))
     return out, grads
 
@@ -98,7 +96,7 @@ def assert_exact(model, inputs, axes=None, losses=classification, seed=None, may
     rows = {r.module: r for r in seng.coverage()}
     assert {m for m, r in rows.items() if not r.curvature} <= set(may_fall_back), str(seng.coverage())
     for k, want in ref.items():
-        if not rows[_module_of(k)].curvature:
+        if not rows[module_of(k)].curvature:
             want = grads[k] / (1 + DAMPING)
         assert rel_err(got[k], want) < 1e-10, (k, rel_err(got[k], want))
     return seng
