@@ -412,6 +412,17 @@ def test_weights_changed_after_the_forward_are_detected(caplog):
     assert "did not reproduce the output" in reasons["mha"] and "mha.out_proj" in reasons
 
 
+def test_non_finite_batch_is_not_reported_as_an_attention_mismatch():
+    model = attend()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    x = seq(L)
+    x[2, 1, 3] = float("nan")
+    classification(model(x), torch.arange(N)).mean().backward()
+    seng.step()
+    assert seng.stats["nonfinite_steps"] == 1
+    assert not [r.note for r in seng.coverage() if "reproduce" in r.note]
+
+
 # ----------------------------------------------------------------------------------------------- Transformers
 LAYOUTS = pytest.mark.parametrize("batch_first", [True, False], ids=["batch-first", "sequence-first"])
 NORMS = pytest.mark.parametrize("norm_first", [True, False], ids=["pre-norm", "post-norm"])
