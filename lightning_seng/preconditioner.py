@@ -142,7 +142,7 @@ class SENG:
 
     Args:
         model: the network; hooks are registered on its supported submodules (Linear, Conv1d/2d/3d,
-            BatchNorm, LayerNorm, GroupNorm, RMSNorm, whose ``forward`` is torch's own). Parameters of
+            BatchNorm, LayerNorm, GroupNorm, RMSNorm, MultiheadAttention, whose ``forward`` is torch's own). Parameters of
             other modules get ``g / (1 + λ)`` and are listed by :meth:`coverage` and at WARNING level.
         damping: ``λ > 0``: a number, a :class:`~lightning_seng.schedules.DampingSchedule`, or a
             callable ``(step, epoch) -> float``.
@@ -216,6 +216,9 @@ class SENG:
 
         self._handles = [module.register_forward_hook(self._hook(layer), with_kwargs=True, prepend=True)
                          for layer in self.layers.values() for module in layer.modules()]
+        self._handles += [module.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True)
+                          for layer in self.layers.values() if type(layer).before_call is not LayerCurvature.before_call
+                          for module in layer.modules()]
         self._handles.append(model.register_forward_pre_hook(self._observe_input, with_kwargs=True))
         self._batch_size: Optional[int] = None
         self._in_step = False
@@ -244,6 +247,12 @@ class SENG:
             if self.capturing:
                 layer.capture(args, kwargs, output)
         return forward_hook
+
+    def _pre_hook(self, layer: LayerCurvature) -> Callable:
+        def forward_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.capturing:
+                layer.before_call(args, kwargs)
+        return forward_pre_hook
 
     def _observe_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.capturing:

@@ -8,11 +8,12 @@ pre-hook). A subclass that permutes, fuses an activation or transposes its weigh
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .attention import AttentionLayer, OutProjection, plain_projections
 from .base import Call, Curvature, Factors, LayerCurvature, MatrixLayer, NotExact, find_sample_axis
 from .conv import ConvLayer
 from .linear import LinearLayer
@@ -23,7 +24,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
-SUPPORTED_TYPES = (nn.Linear,) + _CONVS + _NORMS
+SUPPORTED_TYPES = (nn.Linear,) + _CONVS + _NORMS + (nn.MultiheadAttention,)
 
 
 def runs_code_of(module: nn.Module, base: type, *methods: str) -> bool:
@@ -47,6 +48,8 @@ def layer_for(name: str, module: nn.Module) -> Optional[LayerCurvature]:
     parameters, else ``None``."""
     if runs_code_of(module, nn.Linear, "forward"):
         return LinearLayer(name, module)
+    if runs_code_of(module, nn.MultiheadAttention, "forward") and plain_projections(module):
+        return AttentionLayer(name, module, with_out_proj=runs_code_of(module.out_proj, nn.Linear, "forward"))
     conv = _torch_base(module, _CONVS)
     if conv is not None and runs_code_of(module, conv, "forward", "_conv_forward"):
         return ConvLayer(name, module)
@@ -67,7 +70,8 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
     Returns ``(layers, fallbacks, shared)``: ``fallbacks`` maps each module with parameters outside every
     layer to the reason; ``shared`` maps ``id(param)`` of each parameter registered in several modules to
     those modules. A parameter shared between modules is left to the fallback (a curvature built from one
-    of its uses would not be its per-sample gradient).
+    of its uses would not be its per-sample gradient). A submodule whose calls its parent's layer computes
+    (``layer.feeds``) takes that layer, or falls back with its parent.
     """
     owners: Dict[int, List[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -79,24 +83,33 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
 
     layers: Dict[str, LayerCurvature] = {}
     fallbacks: Dict[str, str] = {}
+    # id(submodule) -> the layer its parent's capture feeds (parents come first in named_modules), or the
+    # name of a parent that is not preconditioned, so that nothing captures the submodule's calls.
+    fed: Dict[int, Union[LayerCurvature, str]] = {}
     for name, module in model.named_modules():
         own = _own_params(module)
         if not own:
             continue
+        layer = fed.pop(id(module), None) or layer_for(name, module)
+        if isinstance(layer, str):
+            fallbacks[name] = f"it runs inside '{layer}', which is not preconditioned"
+            continue
         if not accept(name, module):
             fallbacks[name] = "excluded by include/exclude"
-            continue
-        layer = layer_for(name, module)
-        if layer is None:
+        elif layer is None:
             fallbacks[name] = f"no route for {type(module).__name__}"
-            continue
-        layer.excluded |= {id(p) for p in layer.param_slots() if p is not None and id(p) in shared_ids}
-        if not layer.parameters():
-            continue
-        layers[name] = layer
+        else:
+            layer.excluded |= {id(p) for p in layer.param_slots() if p is not None and id(p) in shared_ids}
+            if layer.parameters():
+                layers[name] = layer
+        for sub in getattr(layer, "feeds", ()):
+            fed[id(sub.module)] = sub if layers.get(name) is layer else name
+    kept = {id(layer) for layer in layers.values()}
+    for layer in layers.values():
+        layer.feeds = [sub for sub in layer.feeds if id(sub) in kept]
     return layers, fallbacks, shared
 
 
-__all__ = ["Call", "Curvature", "Factors", "LayerCurvature", "MatrixLayer", "NotExact", "LinearLayer", "ConvLayer",
-           "NormLayer", "ROUTES", "RouteSettings", "SUPPORTED_TYPES", "build_layers", "find_sample_axis",
+__all__ = ["AttentionLayer", "Call", "Curvature", "Factors", "LayerCurvature", "MatrixLayer", "NotExact", "LinearLayer", "ConvLayer",
+           "NormLayer", "OutProjection", "ROUTES", "RouteSettings", "SUPPORTED_TYPES", "build_layers", "find_sample_axis",
            "layer_for", "runs_code_of"]

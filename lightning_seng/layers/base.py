@@ -113,6 +113,9 @@ class LayerCurvature:
         self.module = module
         self.curvature: Optional[Curvature] = None
         self.excluded: set = set()  # ids of parameters left to the fallback (e.g. shared with other modules)
+        # Layers of submodules whose forward never runs but whose calls this layer's capture computes
+        # (MultiheadAttention's out_proj); build_layers gives them these layers and keeps only those admitted.
+        self.feeds: List["LayerCurvature"] = []
         self._calls: List[Call] = []
         self.captured = False  # whether a forward call was ever captured (its hooks fire)
 
@@ -133,6 +136,10 @@ class LayerCurvature:
         return [self.module]
 
     # ----------------------------------------------------------------- capture
+    def before_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
+        """Forward pre-hook body, registered only for layers that override it: note what a call's result
+        depends on beyond its inputs (the random state its dropout draws from)."""
+
     def keep(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         """What to keep of a call's inputs (detached); ``None`` skips the call. Default: the first argument."""
         return args[0].detach() if args and isinstance(args[0], Tensor) else None
