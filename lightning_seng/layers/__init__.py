@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 
 from .base import Call, Curvature, Factors, LayerCurvature, MatrixLayer, NotExact, find_sample_axis
 from .conv import ConvLayer
+from .generic import GenericLayer
 from .linear import LinearLayer
 from .norm import NormLayer
 from .routes import ROUTES, RouteSettings
@@ -85,10 +86,8 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
         if not accept(name, module):
             fallbacks[name] = "excluded by include/exclude"
             continue
-        layer = layer_for(name, module)
-        if layer is None:
-            fallbacks[name] = f"no route for {type(module).__name__}"
-            continue
+        # the generic route is the last resort: per-sample gradients of the module's own parameters
+        layer = layer_for(name, module) or GenericLayer(name, module)
         layer.excluded |= {id(p) for p in layer.param_slots() if p is not None and id(p) in shared_ids}
         if not layer.parameters():
             continue
@@ -97,5 +96,5 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
 
 
 __all__ = ["Call", "Curvature", "Factors", "LayerCurvature", "MatrixLayer", "NotExact", "LinearLayer", "ConvLayer",
-           "NormLayer", "ROUTES", "RouteSettings", "SUPPORTED_TYPES", "build_layers", "find_sample_axis",
+           "GenericLayer", "NormLayer", "ROUTES", "RouteSettings", "SUPPORTED_TYPES", "build_layers", "find_sample_axis",
            "layer_for", "runs_code_of"]
