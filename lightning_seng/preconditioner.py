@@ -141,9 +141,11 @@ class SENG:
     r"""Sketchy Empirical Natural Gradient preconditioner for an unmodified ``nn.Module``.
 
     Args:
-        model: the network; hooks are registered on its supported submodules (Linear, Conv1d/2d/3d,
-            BatchNorm, LayerNorm, GroupNorm, RMSNorm, whose ``forward`` is torch's own). Parameters of
-            other modules get ``g / (1 + λ)`` and are listed by :meth:`coverage` and at WARNING level.
+        model: the network; hooks are registered on its modules with parameters: a dedicated route for
+            Linear, Conv1d/2d/3d, BatchNorm, LayerNorm, GroupNorm, RMSNorm whose ``forward`` is torch's own,
+            the generic route (:mod:`~lightning_seng.layers.generic`) for any other module's own parameters.
+            Parameters without exact curvature get ``g / (1 + λ)`` and are listed by :meth:`coverage` and
+            at WARNING level.
         damping: ``λ > 0``: a number, a :class:`~lightning_seng.schedules.DampingSchedule`, or a
             callable ``(step, epoch) -> float``.
         update_freq: refresh the curvature every ``update_freq`` optimizer steps (step 0 refreshes).
