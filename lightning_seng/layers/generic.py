@@ -177,14 +177,20 @@ class GenericLayer(LayerCurvature):
         J = torch.empty(m, d, dtype=dtype, device=device)
         position = torch.full((n,), -1, dtype=torch.long, device=device)
         position[rows] = torch.arange(m, device=device)
-        footprint = d + sum(x[0].numel() for x, a in zip(xs, in_axes) if a is not None) + sum(c[0].numel() for c in cots)
+        footprint = d + sum(t.numel() // m for t, a in zip(xs + cots, in_axes + out_axes) if a is not None)
         loop = self.per_sample_loop
         chunk = max(1, min(m, CHUNK_ELEMENTS // max(footprint, 1)))
         with torch.enable_grad(), torch.random.fork_rng(devices=self._cuda_devices()):
             start = 0
             while start < m:
                 stop = start + 1 if loop else min(m, start + chunk)
-                grads, ys = self._run(one, primals, xs, cots, in_axes, out_axes, start, stop, loop)
+                try:
+                    grads, ys = self._run(one, primals, xs, cots, in_axes, out_axes, start, stop, loop)
+                except torch.OutOfMemoryError:
+                    if stop - start == 1:
+                        raise NotExact("its forward and backward on one sample alone ran out of memory") from None
+                    chunk = (stop - start) // 2  # the chunk's activations did not fit: half as many samples
+                    continue
                 if grads is None:  # vmap cannot map this forward: sample by sample
                     loop = True
                     continue
@@ -259,7 +265,7 @@ class GenericLayer(LayerCurvature):
             mapped = vmap(one, in_dims=(None, list(in_axes), list(out_axes)), out_dims=(0, tuple(out_axes)))
             grads, ys = mapped(primals, part(xs, in_axes), part(cots, out_axes))
             return grads, list(ys)
-        except NotExact:
+        except (NotExact, torch.OutOfMemoryError):
             raise
         except Exception as err:  # noqa: BLE001: any failure of the module's code is a reason to fall back
             if "randomness" in str(err):
@@ -309,7 +315,7 @@ class GenericLayer(LayerCurvature):
         return ExplicitRoute.build(factors.grad_side * scale, blocks, settings.sketch_size, generator)
 
     def estimated_cost(self, n: int, settings: RouteSettings) -> float:
-        d = sum(p.numel() for p in self.parameters())
+        d = sum(0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel() for p in self.parameters())
         s = min(settings.sketch_size or d, d)
         return (3 * n * d + n * n * s) / settings.update_freq + 2 * n * d
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_seng import SENG, sketch
-from lightning_seng.layers import GenericLayer
+from lightning_seng.layers import GenericLayer, generic
 from tests.layers._seng_run import DAMPING, seng_direction
 from tests.reference import dense_direction, rel_err
 
@@ -410,6 +410,25 @@ def test_state_dict_round_trip_continues_identically():
         F.cross_entropy(m(x), y).backward()
         s.step()
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_out_of_memory_halves_the_mapped_chunk(monkeypatch):
+    chunks = []
+
+    def small_memory_vmap(f, **kwargs):
+        mapped = torch.func.vmap(f, **kwargs)
+
+        def run(primals, xs, cots):
+            chunks.append(cots[0].shape[0])
+            if chunks[-1] > 2:
+                raise torch.OutOfMemoryError("fake: more than 2 samples")
+            return mapped(primals, xs, cots)
+        return run
+
+    monkeypatch.setattr(generic, "vmap", small_memory_vmap)
+    torch.manual_seed(0)
+    seng = _assert_exact(_mlp_with(RMSNorm(7)).double(), *_data((5,), n=9), generic={"1"})
+    assert chunks == [9, 4, 2, 2, 2, 2, 1] and not seng.layers["1"].per_sample_loop
 
 
 # ----------------------------------------------------------------------------- detected, fallback
