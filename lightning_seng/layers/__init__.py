@@ -3,7 +3,8 @@
 A module takes a dedicated route only when the code it runs is the code that route models: its class must
 not override ``forward`` (nor, for convolutions, ``_conv_forward``) of the torch class the route is written
 for, and its parameters must be plain ``nn.Parameter`` attributes (no parametrization, no weight-norm
-pre-hook). A subclass that permutes, fuses an activation or transposes its weight is not that layer to SENG.
+pre-hook). A subclass that permutes, fuses an activation or transposes its weight is not that layer to SENG:
+it takes the generic route (:mod:`.generic`), as does any other module with parameters.
 """
 
 from __future__ import annotations
@@ -60,6 +61,19 @@ def _own_params(module: nn.Module) -> List[nn.Parameter]:
     return [p for p in module.parameters(recurse=False)]
 
 
+def _registered_slots(layer: LayerCurvature) -> bool:
+    """Whether every slot of ``layer`` is a parameter registered on its module (an old-style ``weight_norm``
+    pre-hook computes ``weight`` from ``weight_g`` and ``weight_v``)."""
+    registered = {id(p) for p in layer.module._parameters.values()}
+    return all(p is None or id(p) in registered for p in layer.param_slots())
+
+
+def _parametrization_owners(model: nn.Module) -> Dict[int, str]:
+    """``id`` of every module inside a ``parametrize`` parametrization -> the name of the module it parametrizes."""
+    return {id(sub): name for name, module in model.named_modules() if parametrize.is_parametrized(module)
+            for sub in module.parametrizations.modules()}
+
+
 def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
                  ) -> Tuple[Dict[str, LayerCurvature], Dict[str, str], Dict[str, List[str]]]:
     """The layers of ``model`` SENG preconditions, in ``named_modules`` order.
@@ -79,15 +93,21 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
 
     layers: Dict[str, LayerCurvature] = {}
     fallbacks: Dict[str, str] = {}
+    parametrized = _parametrization_owners(model)
     for name, module in model.named_modules():
-        own = _own_params(module)
-        if not own:
+        if not _own_params(module) and not parametrize.is_parametrized(module):
+            continue
+        if id(module) in parametrized:  # its parameters belong to the generic layer of the module it parametrizes
+            if parametrized[id(module)] not in layers:
+                fallbacks[name] = f"parametrizes '{parametrized[id(module)]}', which has no layer"
             continue
         if not accept(name, module):
             fallbacks[name] = "excluded by include/exclude"
             continue
-        # the generic route is the last resort: per-sample gradients of the module's own parameters
-        layer = layer_for(name, module) or GenericLayer(name, module)
+        layer = layer_for(name, module)
+        if layer is None or not _registered_slots(layer):
+            # the last resort: per-sample gradients of the module's own parameters through its forward
+            layer = GenericLayer(name, module)
         layer.excluded |= {id(p) for p in layer.param_slots() if p is not None and id(p) in shared_ids}
         if not layer.parameters():
             continue

@@ -1,8 +1,9 @@
 """The generic route: any module with parameters whose forward treats the samples of a batch independently.
 
 At a refresh the module's own forward is run again on each captured sample alone (the batch axis kept, of
-size one), as a function of the module's own parameters ``θ`` (``torch.func.functional_call``; children's
-parameters and buffers held fixed), and pulled back with that sample's captured output gradients:
+size one), as a function of the module's own parameters ``θ`` (its direct ones and those of its
+``parametrize`` parametrizations; ``torch.func.functional_call``, children's parameters and buffers held
+fixed), and pulled back with that sample's captured output gradients:
 
     J_n = Σ_k (∂y_k(x_n; θ)/∂θ)ᵀ G_k[n],    shape (d,),  d = numel of the module's own trainable parameters,
 
@@ -21,12 +22,14 @@ module falls back with the reason (:class:`~lightning_seng.layers.base.NotExact`
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
+from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from .base import Call, Factors, LayerCurvature, Mask, NotExact, Pick, find_sample_axis
@@ -50,6 +53,16 @@ class Kept:
     versions: List[int]
     outputs: List[int]
     checks: List[Tuple[Tuple[Tensor, ...], Tensor]]
+
+
+def own_parameter_names(module: nn.Module) -> List[str]:
+    """The parameters the generic route gives ``module``: its direct ones and, for a module with
+    ``torch.nn.utils.parametrize`` parametrizations, theirs (``parametrizations.weight.original``): the
+    module's forward computes the parametrized tensor from them."""
+    names = [k for k, p in module._parameters.items() if p is not None]
+    if parametrize.is_parametrized(module):
+        names += [f"parametrizations.{k}" for k, _ in module.parametrizations.named_parameters()]
+    return names
 
 
 def _grad_outputs(output: Any) -> List[Tuple[int, Tensor]]:
@@ -93,12 +106,18 @@ class GenericLayer(LayerCurvature):
 
     def __init__(self, name: str, module: nn.Module):
         super().__init__(name, module)
-        self.param_names = [k for k, p in module._parameters.items() if p is not None]
-        self.per_sample_loop = False  # set once mapping the module with vmap failed: run samples one by one
+        self.param_names = own_parameter_names(module)
+        self.per_sample_loop = False  # set once every sample of a refresh went through one by one
         self._output: Any = None
 
     def param_slots(self) -> Sequence[Optional[nn.Parameter]]:
-        return [self.module._parameters.get(k) for k in self.param_names]
+        return [self._param(k) for k in self.param_names]
+
+    def _param(self, name: str) -> Optional[nn.Parameter]:
+        try:
+            return self.module.get_parameter(name)
+        except AttributeError:  # removed since attach
+            return None
 
     # ----------------------------------------------------------------- capture
     def capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
@@ -131,7 +150,7 @@ class GenericLayer(LayerCurvature):
             raise NotExact("the batch size of this step is unknown (the model's forward was not called; "
                            "see SENG's batch_axis setting)")
         names = [k for k, m in zip(self.param_names, mask) if m]
-        d = sum(self.module._parameters[k].numel() for k in names)
+        d = sum(self._param(k).numel() for k in names)
         chosen = pick(n) if pick is not None else None
         rows, factor = chosen if chosen is not None else (torch.arange(n), 1.0)
         if rows.numel() * d > EXPLICIT_MAX_ELEMENTS:
@@ -180,7 +199,10 @@ class GenericLayer(LayerCurvature):
         footprint = d + sum(t.numel() // m for t, a in zip(xs + cots, in_axes + out_axes) if a is not None)
         loop = self.per_sample_loop
         chunk = max(1, min(m, CHUNK_ELEMENTS // max(footprint, 1)))
-        with torch.enable_grad(), torch.random.fork_rng(devices=self._cuda_devices()):
+        with torch.enable_grad(), torch.random.fork_rng(devices=self._cuda_devices()), warnings.catch_warnings():
+            # torch.func's notes on ops it maps by a slower fallback (recurrent kernels, attention) are
+            # about its internals, not the user's model
+            warnings.filterwarnings("ignore", message="There is a performance drop")
             start = 0
             while start < m:
                 stop = start + 1 if loop else min(m, start + chunk)
@@ -214,7 +236,7 @@ class GenericLayer(LayerCurvature):
         def cast(t: Tensor) -> Tensor:
             return t.detach().to(dtype) if t.is_floating_point() else t.detach()
 
-        primals = {k: cast(self.module._parameters[k]) for k in names}
+        primals = {k: cast(self._param(k)) for k in names}
         params = {k: cast(p) for k, p in self.module.named_parameters() if k not in primals}
         return primals, params, {k: cast(b) for k, b in self.module.named_buffers()}
 
@@ -299,7 +321,7 @@ class GenericLayer(LayerCurvature):
         of it (e.g. read directly by its parent): its curvature would be wrong."""
         start = 0
         for k in names:
-            p = self.module._parameters[k]
+            p = self._param(k)
             size = p.numel()
             if p.grad is not None and not bool(J[:, start:start + size].any()) and bool(p.grad.any()):
                 raise NotExact(f"its parameter '{k}' has a gradient but none through the module's forward "

@@ -3,11 +3,13 @@ from per-sample gradients by a loop over the samples (one forward and backward p
 
 import copy
 import logging
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations, weight_norm
 
 from lightning_seng import SENG, sketch
 from lightning_seng.layers import GenericLayer, generic
@@ -202,8 +204,9 @@ def loop_reference(model, x, y, batch_axis=0, reduction="mean", damping=DAMPING,
         grads = {k: p.grad.clone() for k, p in params.items()}
     model.zero_grad(set_to_none=True)
     blocks = {}
-    for k in params:
-        blocks.setdefault(k.rpartition(".")[0], []).append(k)
+    for k in params:  # a parametrization's parameters are in the block of the module it parametrizes
+        owner = ("." + k).split(".parametrizations.")[0][1:] if "parametrizations." in k else k.rpartition(".")[0]
+        blocks.setdefault(owner, []).append(k)
     out = {}
     for block in blocks.values():
         out.update(dense_direction({k: torch.stack(per_sample[k]) for k in block}, {k: grads[k] for k in block},
@@ -339,6 +342,26 @@ def test_sample_axis_is_found_for_a_linear_in_a_sequence_first_layout():
     model = SeqFirstHead().double()
     x, y = _data((3, 4), n=5)
     _assert_exact(model, x.transpose(0, 1).contiguous(), y, generic={"proj"}, batch_axis=1)
+
+
+def test_weight_norm_parametrization_is_covered_on_the_module_it_parametrizes():
+    torch.manual_seed(0)
+    model = _mlp_with(Scale(7)).double()
+    parametrizations.weight_norm(model[0])
+    parametrizations.weight_norm(model[1], "gain", dim=None)
+    seng = _assert_exact(model, *_data((5,)), generic={"0", "1"})
+    assert seng.coverage().percent == 100.0
+    assert {p.shape for p in seng.layers["0"].parameters()} == {(7,), (7, 1), (7, 5)}
+
+
+def test_weight_norm_pre_hook_makes_a_linear_generic():
+    """The old ``weight_norm`` computes ``weight`` from ``weight_g`` and ``weight_v`` in a pre-hook."""
+    torch.manual_seed(0)
+    model = _mlp_with().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of the parametrization
+        weight_norm(model[0])
+    _assert_exact(model, *_data((5,)), generic={"0"})
 
 
 def test_curvature_samples_build_U_from_the_picked_samples():
