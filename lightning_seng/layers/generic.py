@@ -46,13 +46,15 @@ _GOLDEN = (math.sqrt(5) - 1) / 2
 class Kept:
     """What a generic layer keeps of one forward call: its ``(args, kwargs)`` with tensors detached, the
     version counter of each input tensor (to see later in-place writes), the positions of the gradient
-    outputs among the output's tensor leaves, and per such output a sample of its entries (``coords``,
-    one index tensor per axis, and their ``values``)."""
+    outputs among the output's tensor leaves, per such output a sample of its entries (``coords``, one
+    index tensor per axis, and their ``values``), and the coarsest floating dtype the call computed in
+    (inputs, outputs, autocast)."""
 
     inputs: Any
     versions: List[int]
     outputs: List[int]
     checks: List[Tuple[Tuple[Tensor, ...], Tensor]]
+    precision: torch.dtype
 
 
 def own_parameter_names(module: nn.Module) -> List[str]:
@@ -132,9 +134,15 @@ class GenericLayer(LayerCurvature):
 
     def keep(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Kept:
         inputs = pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (args, kwargs))
-        versions = [t._version for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
+        tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
         outputs = _grad_outputs(self._output)
-        return Kept(inputs, versions, [i for i, _ in outputs], [_sampled_entries(t) for _, t in outputs])
+        dtypes = [t.dtype for t in tensors + [t for _, t in outputs] if t.is_floating_point()]
+        device = outputs[0][1].device.type
+        if torch.is_autocast_enabled(device):
+            dtypes.append(torch.get_autocast_dtype(device))
+        precision = max(dtypes, key=lambda d: torch.finfo(d).eps)
+        return Kept(inputs, [t._version for t in tensors], [i for i, _ in outputs],
+                    [_sampled_entries(t) for _, t in outputs], precision)
 
     # ----------------------------------------------------------------- factors
     def take_factors(self, loss_scale: float, dtype: torch.dtype, pick: Pick = None,
@@ -216,7 +224,7 @@ class GenericLayer(LayerCurvature):
                 if grads is None:  # vmap cannot map this forward: sample by sample
                     loop = True
                     continue
-                self._compare(ys, outputs, out_axes, position, start, stop)
+                self._compare(ys, outputs, out_axes, position, start, stop, kept.precision)
                 J[start:stop] = torch.cat([grads[k].reshape(stop - start, -1) for k in names], dim=1)
                 start = stop
         self.per_sample_loop = loop  # only once every sample went through (a coupled forward may map later)
@@ -298,7 +306,7 @@ class GenericLayer(LayerCurvature):
             return None, None
 
     def _compare(self, ys: List[Tensor], outputs, out_axes: List[int], position: Tensor, start: int,
-                 stop: int) -> None:
+                 stop: int, precision: torch.dtype) -> None:
         """The recomputed outputs of samples ``start:stop`` against the entries kept from the batch forward."""
         for y, (_, _, (coords, values)), a in zip(ys, outputs, out_axes):
             pos = position[coords[a]]
@@ -308,7 +316,7 @@ class GenericLayer(LayerCurvature):
             at = tuple((pos - start if i == a else c)[keep] for i, c in enumerate(coords))
             want = values[keep].double()
             got = y[at].double()
-            tol = _tolerance(values.dtype, y.dtype)
+            tol = _tolerance(precision, y.dtype)
             scale = float(want.abs().max())
             if not torch.allclose(got, want, rtol=tol, atol=tol * scale):
                 raise NotExact("its outputs on each sample alone differ from its outputs in the batch (largest "

@@ -7,6 +7,8 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
+from tests.modules import Conv1D, RMSNorm
+
 
 class ConvNet(nn.Module):
     """Conv2d -> GroupNorm -> Linear -> LayerNorm -> Linear: every layer kind SENG preconditions,
@@ -32,32 +34,13 @@ class GenericNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc = _AddmmLinear(2 * 4 * 4, 6)
-        self.norm = _RMSNorm(6)
+        self.fc = Conv1D(2 * 4 * 4, 6)
+        self.norm = RMSNorm(6)
         self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 6))
         self.head = nn.Linear(6, 4)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(torch.tanh(self.norm(self.fc(x.flatten(1)))) * self.gain)
-
-
-class _AddmmLinear(nn.Module):
-    def __init__(self, d_in: int, d_out: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(d_in, d_out) * 0.3)
-        self.bias = nn.Parameter(torch.randn(d_out) * 0.1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.addmm(self.bias, x, self.weight)
-
-
-class _RMSNorm(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, d))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 
 
 def make_generic_net(seed: int = 0) -> GenericNet:
