@@ -150,13 +150,10 @@ class GenericLayer(LayerCurvature):
         """``J (N, d)``: the per-sample gradients of the trainable own parameters, summed over the module's
         calls, in ``dtype``, divided by ``loss_scale``; rows (and output gradients times ``factor``) as
         ``pick(N)`` chooses. :class:`NotExact` names what prevents them."""
-        calls = self.take_calls()
-        mask = self.trainable()
-        if not calls or not any(mask):
+        taken = self.take_trainable_calls(n)
+        if taken is None:
             return None
-        if n is None:
-            raise NotExact("the batch size of this step is unknown (the model's forward was not called; "
-                           "see SENG's batch_axis setting)")
+        calls, mask = taken
         names = [k for k, m in zip(self.param_names, mask) if m]
         d = sum(self._param(k).numel() for k in names)
         chosen = pick(n) if pick is not None else None

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrizations, weight_norm
 from lightning_seng import SENG, sketch
 from lightning_seng.layers import GenericLayer, generic
 from tests.layers._seng_run import DAMPING, seng_direction
-from tests.modules import Conv1D, RMSNorm
+from tests.modules import Conv1D, RMSNorm, Scale
 from tests.reference import dense_direction, rel_err
 
 D = torch.float64
@@ -34,15 +34,6 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, x):
         return F.relu(super().forward(x))
-
-
-class Scale(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d))
-
-    def forward(self, x):
-        return x * self.gain
 
 
 class NoisyScale(Scale):

@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_seng import SENG
 from lightning_seng.schedules import ConstantDamping, ExponentialDamping, LambdaDamping, make_damping
+from tests.modules import Scale
 from tests.reference import dense_direction
 from tests.reliability._reference import rel_err, seng_blocks
 
@@ -130,17 +131,6 @@ def test_step_rejects_bad_loss_scale_without_touching_gradients(value):
 
 
 # ---------------------------------------------------------------------------- excluded layers
-class Scale(nn.Module):
-    """A custom module with its own Parameter (the generic route covers it unless excluded)."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, n))
-
-    def forward(self, x):
-        return x * self.gain
-
-
 class TokenModel(nn.Module):
     def __init__(self):
         super().__init__()
