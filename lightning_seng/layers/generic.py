@@ -61,7 +61,11 @@ def own_parameter_names(module: nn.Module) -> List[str]:
     """The parameters the generic route gives ``module``: its direct ones and, for a module with
     ``torch.nn.utils.parametrize`` parametrizations, theirs (``parametrizations.weight.original``): the
     module's forward computes the parametrized tensor from them."""
-    names = [k for k, p in module._parameters.items() if p is not None]
+    names, seen = [], set()
+    for k, p in module._parameters.items():
+        if p is not None and id(p) not in seen:  # a Parameter registered twice on the module is one parameter
+            seen.add(id(p))
+            names.append(k)
     if parametrize.is_parametrized(module):
         names += [f"parametrizations.{k}" for k, _ in module.parametrizations.named_parameters()]
     return names
@@ -140,7 +144,7 @@ class GenericLayer(LayerCurvature):
         device = outputs[0][1].device.type
         if torch.is_autocast_enabled(device):
             dtypes.append(torch.get_autocast_dtype(device))
-        precision = max(dtypes, key=lambda d: torch.finfo(d).eps)
+        precision = max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64)
         return Kept(inputs, [t._version for t in tensors], [i for i, _ in outputs],
                     [_sampled_entries(t) for _, t in outputs], precision)
 
@@ -185,14 +189,17 @@ class GenericLayer(LayerCurvature):
                            "not per-sample functions of the batch")
         outputs = [(k, g, check) for k, g, check in zip(kept.outputs, call.grads, kept.checks) if g is not None]
         out_axes = [find_sample_axis(g.shape, n, range(g.dim()), "output") for _, g, _ in outputs]
-        device = rows.device if not slots else leaves[slots[0]].device
-        rows = rows.to(device)
+        device = outputs[0][1].device
 
         def cast(t: Tensor) -> Tensor:
             return t.to(dtype) if t.is_floating_point() else t
 
-        xs = [cast(leaves[i]) if a is None else cast(leaves[i].index_select(a, rows)) for i, a in zip(slots, in_axes)]
-        cots = [cast(g.index_select(a, rows)) * factor for (_, g, _), a in zip(outputs, out_axes)]
+        def samples(t: Tensor, axis: Optional[int]) -> Tensor:
+            return cast(t if axis is None else t.index_select(axis, rows.to(t.device)))
+
+        xs = [samples(leaves[i], a) for i, a in zip(slots, in_axes)]
+        cots = [samples(g, a) * factor for (_, g, _), a in zip(outputs, out_axes)]
+        rows = rows.to(device)
         primals, params, buffers = self._state(names, dtype)
         one = self._sample_function(leaves, spec, slots, in_axes, [k for k, _, _ in outputs], out_axes,
                                     [g.shape for _, g, _ in outputs], params, buffers)
