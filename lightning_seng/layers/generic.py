@@ -142,7 +142,7 @@ class GenericLayer(LayerCurvature):
         outputs = _grad_outputs(self._output)
         dtypes = [t.dtype for t in tensors + [t for _, t in outputs] if t.is_floating_point()]
         device = outputs[0][1].device.type
-        if torch.is_autocast_enabled(device):
+        if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device):  # torch >= 2.4
             dtypes.append(torch.get_autocast_dtype(device))
         precision = max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64)
         return Kept(inputs, [t._version for t in tensors], [i for i, _ in outputs],
@@ -220,7 +220,7 @@ class GenericLayer(LayerCurvature):
                 stop = start + 1 if loop else min(m, start + chunk)
                 try:
                     grads, ys = self._run(one, primals, xs, cots, in_axes, out_axes, start, stop, loop)
-                except torch.OutOfMemoryError:
+                except torch.cuda.OutOfMemoryError:
                     if stop - start == 1:
                         raise NotExact("its forward and backward on one sample alone ran out of memory") from None
                     chunk = (stop - start) // 2  # the chunk's activations did not fit: half as many samples
@@ -299,7 +299,7 @@ class GenericLayer(LayerCurvature):
             mapped = vmap(one, in_dims=(None, list(in_axes), list(out_axes)), out_dims=(0, tuple(out_axes)))
             grads, ys = mapped(primals, part(xs, in_axes), part(cots, out_axes))
             return grads, list(ys)
-        except (NotExact, torch.OutOfMemoryError):
+        except (NotExact, torch.cuda.OutOfMemoryError):
             raise
         except Exception as err:  # noqa: BLE001: any failure of the module's code is a reason to fall back
             if "randomness" in str(err):

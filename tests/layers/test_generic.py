@@ -334,10 +334,12 @@ def test_weight_norm_pre_hook_makes_a_linear_generic():
     _assert_exact(model, *_data((5,)), generic={"0"})
 
 
-def test_curvature_samples_build_U_from_the_picked_samples():
+@pytest.mark.parametrize("make, shape", [(lambda: _mlp_with(RMSNorm(7), Scale(7)), (5,)),
+                                         (lambda: Recurrent(nn.GRU, True), (3, 4))], ids=["mapped", "loop"])
+def test_curvature_samples_build_U_from_the_picked_samples(make, shape):
     torch.manual_seed(0)
-    model = _mlp_with(RMSNorm(7), Scale(7)).double()
-    x, y = _data((5,), n=9)
+    model = make().double()
+    x, y = _data(shape, n=9)
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -346,7 +348,7 @@ def test_curvature_samples_build_U_from_the_picked_samples():
     got, seng = seng_direction(model, x, y, curvature_samples=5, seed=3)
     for k in ref:
         assert rel_err(got[k], ref[k]) < 1e-10, k
-    assert seng.layers["1"].curvature.gram.shape == (5, 5)
+    assert all(layer.curvature.gram.shape == (5, 5) for layer in seng.layers.values())
 
 
 def test_loss_scale_divides_the_captured_output_gradients():
@@ -430,7 +432,7 @@ def test_out_of_memory_halves_the_mapped_chunk(monkeypatch):
         def run(primals, xs, cots):
             chunks.append(cots[0].shape[0])
             if chunks[-1] > 2:
-                raise torch.OutOfMemoryError("fake: more than 2 samples")
+                raise torch.cuda.OutOfMemoryError("fake: more than 2 samples")
             return mapped(primals, xs, cots)
         return run
 
