@@ -47,14 +47,14 @@ class Kept:
     """What a generic layer keeps of one forward call: its ``(args, kwargs)`` with tensors detached, the
     version counter of each input tensor (to see later in-place writes), the positions of the gradient
     outputs among the output's tensor leaves, per such output a sample of its entries (``coords``, one
-    index tensor per axis, and their ``values``), and the coarsest floating dtype the call computed in
-    (inputs, outputs, autocast)."""
+    index tensor per axis, and their ``values``), and the unit roundoff of the coarsest precision the call
+    computed in (:func:`_roundoff`)."""
 
     inputs: Any
     versions: List[int]
     outputs: List[int]
     checks: List[Tuple[Tuple[Tensor, ...], Tensor]]
-    precision: torch.dtype
+    roundoff: float
 
 
 def own_parameter_names(module: nn.Module) -> List[str]:
@@ -94,10 +94,22 @@ def _sampled_entries(t: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
     return coords, t.detach()[coords].clone()
 
 
-def _tolerance(*dtypes: torch.dtype) -> float:
-    """√ε of the coarsest dtype: rounding differences between a batched and a per-sample evaluation stay
-    far below it, while coupling or randomness changes entries by far more."""
-    return max(math.sqrt(torch.finfo(d).eps) for d in dtypes if d.is_floating_point)
+def _roundoff(tensors: List[Tensor]) -> float:
+    """ε of the coarsest precision a forward on ``tensors`` (its inputs and outputs) may have computed in:
+    their floating dtypes, autocast's, and on CUDA TF32 (10 mantissa bits) or bf16 products of float32
+    operands as torch's matmul precision and cuDNN's TF32 switch allow."""
+    floating = [t for t in tensors if t.is_floating_point()]
+    eps = max((torch.finfo(t.dtype).eps for t in floating), default=torch.finfo(torch.float64).eps)
+    device = floating[0].device.type if floating else "cpu"
+    if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device):  # torch >= 2.4
+        eps = max(eps, torch.finfo(torch.get_autocast_dtype(device)).eps)
+    if device == "cuda" and any(t.dtype == torch.float32 for t in floating):
+        precision = torch.get_float32_matmul_precision()
+        if precision == "medium":
+            eps = max(eps, torch.finfo(torch.bfloat16).eps)
+        elif precision == "high" or torch.backends.cudnn.allow_tf32:
+            eps = max(eps, 2.0 ** -10)
+    return eps
 
 
 def _short(err: BaseException, limit: int = 200) -> str:
@@ -139,14 +151,9 @@ class GenericLayer(LayerCurvature):
     def keep(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Kept:
         inputs = pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (args, kwargs))
         tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
-        outputs = _grad_outputs(self._output)
-        dtypes = [t.dtype for t in tensors + [t for _, t in outputs] if t.is_floating_point()]
-        device = outputs[0][1].device.type
-        if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device):  # torch >= 2.4
-            dtypes.append(torch.get_autocast_dtype(device))
-        precision = max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64)
-        return Kept(inputs, [t._version for t in tensors], [i for i, _ in outputs],
-                    [_sampled_entries(t) for _, t in outputs], precision)
+        positions, outputs = zip(*_grad_outputs(self._output))
+        return Kept(inputs, [t._version for t in tensors], list(positions), [_sampled_entries(t) for t in outputs],
+                    _roundoff(list(outputs) + tensors))
 
     # ----------------------------------------------------------------- factors
     def take_factors(self, loss_scale: float, dtype: torch.dtype, pick: Pick = None,
@@ -228,7 +235,7 @@ class GenericLayer(LayerCurvature):
                 if grads is None:  # vmap cannot map this forward: sample by sample
                     loop = True
                     continue
-                self._compare(ys, outputs, out_axes, position, start, stop, kept.precision)
+                self._compare(ys, outputs, out_axes, position, start, stop, kept.roundoff)
                 J[start:stop] = torch.cat([grads[k].reshape(stop - start, -1) for k in names], dim=1)
                 start = stop
         self.per_sample_loop = loop  # only once every sample went through (a coupled forward may map later)
@@ -310,8 +317,11 @@ class GenericLayer(LayerCurvature):
             return None, None
 
     def _compare(self, ys: List[Tensor], outputs, out_axes: List[int], position: Tensor, start: int,
-                 stop: int, precision: torch.dtype) -> None:
-        """The recomputed outputs of samples ``start:stop`` against the entries kept from the batch forward."""
+                 stop: int, roundoff: float) -> None:
+        """The recomputed outputs of samples ``start:stop`` against the entries kept from the batch forward,
+        to within ``√ε`` (relative, and of their largest magnitude) of the coarser of the two computations:
+        rounding differences between a batched and a per-sample evaluation stay far below it, while coupling
+        or randomness changes entries by far more."""
         for y, (_, _, (coords, values)), a in zip(ys, outputs, out_axes):
             pos = position[coords[a]]
             keep = (pos >= start) & (pos < stop)
@@ -320,7 +330,7 @@ class GenericLayer(LayerCurvature):
             at = tuple((pos - start if i == a else c)[keep] for i, c in enumerate(coords))
             want = values[keep].double()
             got = y[at].double()
-            tol = _tolerance(precision, y.dtype)
+            tol = math.sqrt(max(roundoff, torch.finfo(y.dtype).eps))
             scale = float(want.abs().max())
             if not torch.allclose(got, want, rtol=tol, atol=tol * scale):
                 raise NotExact("its outputs on each sample alone differ from its outputs in the batch (largest "
