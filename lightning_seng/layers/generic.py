@@ -36,7 +36,7 @@ from .base import Call, Factors, LayerCurvature, Mask, NotExact, Pick, find_samp
 from .routes import EXPLICIT_MAX_ELEMENTS, ExplicitRoute, Route, RouteSettings
 
 # Entries of each captured output kept (copied) to compare with the per-sample recomputation.
-CHECK_ELEMENTS = 1 << 14
+CHECK_ELEMENTS = 1 << 12
 # Elements one mapped chunk may hold in per-sample gradients, inputs and outputs; bounds peak memory.
 CHUNK_ELEMENTS = 1 << 24
 _GOLDEN = (math.sqrt(5) - 1) / 2
@@ -215,6 +215,8 @@ class GenericLayer(LayerCurvature):
         J = torch.empty(m, d, dtype=dtype, device=device)
         position = torch.full((n,), -1, dtype=torch.long, device=device)
         position[rows] = torch.arange(m, device=device)
+        checks = [self._checked(coords, values, a, position)
+                  for (_, _, (coords, values)), a in zip(outputs, out_axes)]
         footprint = d + sum(t.numel() // m for t, a in zip(xs + cots, in_axes + out_axes) if a is not None)
         loop = self.per_sample_loop
         chunk = max(1, min(m, CHUNK_ELEMENTS // max(footprint, 1)))
@@ -235,8 +237,12 @@ class GenericLayer(LayerCurvature):
                 if grads is None:  # vmap cannot map this forward: sample by sample
                     loop = True
                     continue
-                self._compare(ys, outputs, out_axes, position, start, stop, kept.roundoff)
-                J[start:stop] = torch.cat([grads[k].reshape(stop - start, -1) for k in names], dim=1)
+                self._compare(ys, checks, start, stop, m, kept.roundoff)
+                col = 0
+                for k in names:
+                    block = grads[k].reshape(stop - start, -1)
+                    J[start:stop, col:col + block.shape[1]] = block
+                    col += block.shape[1]
                 start = stop
         self.per_sample_loop = loop  # only once every sample went through (a coupled forward may map later)
         return J
@@ -316,22 +322,28 @@ class GenericLayer(LayerCurvature):
                 raise NotExact(f"its forward failed on one sample alone: {_short(err)}") from None
             return None, None
 
-    def _compare(self, ys: List[Tensor], outputs, out_axes: List[int], position: Tensor, start: int,
-                 stop: int, roundoff: float) -> None:
-        """The recomputed outputs of samples ``start:stop`` against the entries kept from the batch forward,
-        to within ``√ε`` (relative, and of their largest magnitude) of the coarser of the two computations:
-        rounding differences between a batched and a per-sample evaluation stay far below it, while coupling
-        or randomness changes entries by far more."""
-        for y, (_, _, (coords, values)), a in zip(ys, outputs, out_axes):
-            pos = position[coords[a]]
-            keep = (pos >= start) & (pos < stop)
-            if not bool(keep.any()):
-                continue
-            at = tuple((pos - start if i == a else c)[keep] for i, c in enumerate(coords))
-            want = values[keep].double()
+    @staticmethod
+    def _checked(coords: Tuple[Tensor, ...], values: Tensor, axis: int, position: Tensor):
+        """The kept entries of picked samples: coordinates with the sample's position among the picked rows
+        on the sample ``axis``, values in float64, and their largest magnitude."""
+        pos = position[coords[axis]]
+        picked = pos >= 0
+        at = tuple((pos if i == axis else c)[picked] for i, c in enumerate(coords))
+        want = values[picked].double()
+        return at, want, axis, float(want.abs().max()) if want.numel() else 0.0
+
+    def _compare(self, ys: List[Tensor], checks, start: int, stop: int, m: int, roundoff: float) -> None:
+        """The recomputed outputs of samples ``start:stop`` (of ``m``) against the entries kept from the batch
+        forward, to within ``√ε`` (relative, and of their largest magnitude) of the coarser of the two
+        computations: rounding differences between a batched and a per-sample evaluation stay far below it,
+        while coupling or randomness changes entries by far more."""
+        for y, (at, want, a, scale) in zip(ys, checks):
+            if start > 0 or stop < m:
+                keep = (at[a] >= start) & (at[a] < stop)
+                at = tuple((c - start if i == a else c)[keep] for i, c in enumerate(at))
+                want = want[keep]
             got = y[at].double()
             tol = math.sqrt(max(roundoff, torch.finfo(y.dtype).eps))
-            scale = float(want.abs().max())
             if not torch.allclose(got, want, rtol=tol, atol=tol * scale):
                 raise NotExact("its outputs on each sample alone differ from its outputs in the batch (largest "
                                f"difference {float((got - want).abs().max()):.3g}): its forward couples the "
