@@ -125,6 +125,31 @@ class Twice(nn.Module):
         return self.head(self.norm(torch.tanh(self.fc(self.norm(x)))))
 
 
+class Shift(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.shift = nn.Parameter(torch.linspace(-1, 1, d))
+
+    def forward(self, x):
+        return x + self.shift
+
+
+class ShiftedInPlace(nn.Module):
+    """The input of ``shift`` is changed in place after its forward (legal: ``+`` keeps no input for backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+        self.shift = Shift(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        out = self.shift(h)
+        h.mul_(2.0)
+        return self.head(torch.tanh(out + h))
+
+
 class Block(nn.Module):
     """A block with its own gain around a child BatchNorm2d."""
 
@@ -498,6 +523,11 @@ def test_two_axes_of_the_batch_size_fall_back_as_ambiguous(caplog):
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(5, 7), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 7, 3)).double()
     _assert_falls_back(model, *_data((4, 5), n=4), "0", "several axes of the batch size 4", caplog)
+
+
+def test_input_changed_in_place_after_the_forward_falls_back(caplog):
+    torch.manual_seed(0)
+    _assert_falls_back(ShiftedInPlace().double(), *_data((5,)), "shift", "modified in place", caplog)
 
 
 def test_parameter_used_outside_the_forward_falls_back_named(caplog):
