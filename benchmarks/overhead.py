@@ -1,10 +1,13 @@
-"""Per-step cost of SENG against plain SGD: wall time and peak memory, on an MLP and a small CNN.
+"""Per-step cost of SENG against plain SGD: wall time, refresh time and peak memory, on an MLP, a small CNN
+and a token MLP built twice: from ``nn.Linear``/``nn.RMSNorm`` (dedicated routes, ``seqmlp``) and from a
+Hugging Face ``Conv1D``-style linear and a custom RMS norm (the generic route, ``generic``).
 
 Each configuration runs in a fresh subprocess so that its peak memory is its own: on CPU the figure
 is the growth of the process's peak resident set (``ru_maxrss``) over what it held once the model,
 the optimizer and the data were in place; on CUDA it is ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/overhead.py                      # CPU, table on stdout
+    python benchmarks/overhead.py --models seqmlp,generic # the generic route against the dedicated ones
     python benchmarks/overhead.py --sketch-size 1024      # adds sketched-Gram rows
     python benchmarks/overhead.py --curvature-samples 32  # adds rows with U from 32 of the batch's samples
     python benchmarks/overhead.py --device cuda --steps 100
@@ -27,6 +30,38 @@ from torch import nn
 from lightning_seng import SENG
 
 
+class AddmmLinear(nn.Module):
+    """Hugging Face's ``Conv1D``: weight stored ``(in, out)``, applied by ``addmm`` (no dedicated route)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out) * d_in ** -0.5)
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+class CustomRMSNorm(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class TokenMLP(nn.Module):
+    """Tokens ``(T, 64)``: linear 64→96, RMS norm, GELU, linear 96→64, mean over tokens, head 64→10."""
+
+    def __init__(self, linear: type, norm: type):
+        super().__init__()
+        self.up, self.norm, self.down, self.head = linear(64, 96), norm(96), linear(96, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(F.gelu(self.norm(self.up(x)))).mean(1))
+
+
 def make_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
     """The benchmark models and their input shape (without the batch dimension)."""
     if name == "mlp":
@@ -38,7 +73,11 @@ def make_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(64 * 4 * 4, 10)), (3, 32, 32)
-    raise ValueError(f"model must be one of ['mlp', 'cnn'] (got {name!r})")
+    if name == "seqmlp":
+        return TokenMLP(nn.Linear, nn.RMSNorm), (16, 64)
+    if name == "generic":
+        return TokenMLP(AddmmLinear, CustomRMSNorm), (16, 64)
+    raise ValueError(f"model must be one of ['mlp', 'cnn', 'seqmlp', 'generic'] (got {name!r})")
 
 
 def measure(model_name: str, optimizer: str, update_freq: int, sketch_size: int | None,
@@ -71,23 +110,30 @@ def measure(model_name: str, optimizer: str, update_freq: int, sketch_size: int 
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     for i in range(1, warmup):
         step(i)
-    times = []
+    times, refreshes = [], []
     # whole update_freq cycles, so refresh steps weigh in at their real share
     steps = max(steps // update_freq, 1) * update_freq
     for i in range(steps):
         if cuda:
             torch.cuda.synchronize()
+        refresh = seng is not None and seng.will_refresh
         t0 = time.perf_counter()
         step(i)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        if refresh:
+            refreshes.append(seng.stats["refresh_time"])
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
     cycles = [sum(times[i:i + update_freq]) / update_freq for i in range(0, steps, update_freq)]
     return {"model": model_name, "optimizer": optimizer, "update_freq": update_freq, "sketch_size": sketch_size,
             "curvature_samples": curvature_samples,
-            "step_ms": 1000 * statistics.median(cycles), "peak_mib": max(peak, 0) / 2 ** 20}
+            "step_ms": 1000 * statistics.median(cycles),
+            "refresh_ms": 1000 * statistics.median(refreshes) if refreshes else None,
+            "routes": {k[len("layers/"):]: v for k, v in (seng.stats if seng else {}).items()
+                       if k.startswith("layers/") and v},
+            "peak_mib": max(peak, 0) / 2 ** 20}
 
 
 def main() -> None:
@@ -130,16 +176,18 @@ def main() -> None:
                   f"curvature_samples={samples}", file=sys.stderr, flush=True)
     sgd = {r["model"]: r for r in rows if r["optimizer"] == "sgd"}
     print(f"device={args.device} batch_size={args.batch_size} threads={args.threads} steps={args.steps}")
-    print(f"{'model':6} {'optimizer':9} {'update_freq':>11} {'sketch':>7} {'samples':>7} {'ms/step':>9} {'x SGD':>7} "
-          f"{'peak MiB':>9} {'target':>7}")
+    print(f"{'model':7} {'optimizer':9} {'update_freq':>11} {'sketch':>7} {'samples':>7} {'ms/step':>9} {'x SGD':>7} "
+          f"{'refresh ms':>10} {'peak MiB':>9} {'target':>7}  routes")
     for r in rows:
         ratio = r["step_ms"] / sgd[r["model"]]["step_ms"]
         target = "" if r["optimizer"] == "sgd" else ("<=2.0" if r["update_freq"] == 1 else "<=1.3")
         verdict = "" if not target else (" ok" if ratio <= float(target[2:]) else " MISS")
-        print(f"{r['model']:6} {r['optimizer']:9} {r['update_freq']:>11} {str(r['sketch_size'] or '-'):>7} "
+        refresh = "-" if r["refresh_ms"] is None else f"{r['refresh_ms']:.2f}"
+        routes = " ".join(f"{k}:{v}" for k, v in r["routes"].items())
+        print(f"{r['model']:7} {r['optimizer']:9} {r['update_freq']:>11} {str(r['sketch_size'] or '-'):>7} "
               f"{str(r['curvature_samples'] or '-'):>7} "
-              f"{r['step_ms']:>9.2f} {ratio:>7.2f} "
-              f"{r['peak_mib']:>9.1f} {target:>7}{verdict}")
+              f"{r['step_ms']:>9.2f} {ratio:>7.2f} {refresh:>10} "
+              f"{r['peak_mib']:>9.1f} {target:>7}{verdict:5}  {routes}")
 
 
 if __name__ == "__main__":

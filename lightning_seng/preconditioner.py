@@ -141,9 +141,11 @@ class SENG:
     r"""Sketchy Empirical Natural Gradient preconditioner for an unmodified ``nn.Module``.
 
     Args:
-        model: the network; hooks are registered on its supported submodules (Linear, Conv1d/2d/3d,
-            BatchNorm, LayerNorm, GroupNorm, RMSNorm, MultiheadAttention, whose ``forward`` is torch's own). Parameters of
-            other modules get ``g / (1 + λ)`` and are listed by :meth:`coverage` and at WARNING level.
+        model: the network; hooks are registered on its modules with parameters: a dedicated route for
+            Linear, Conv1d/2d/3d, BatchNorm, LayerNorm, GroupNorm, RMSNorm and MultiheadAttention whose
+            ``forward`` is torch's own, the generic route (:mod:`~lightning_seng.layers.generic`) for any
+            other module's own parameters. Parameters without exact curvature get ``g / (1 + λ)`` and are
+            listed by :meth:`coverage` and at WARNING level.
         damping: ``λ > 0``: a number, a :class:`~lightning_seng.schedules.DampingSchedule`, or a
             callable ``(step, epoch) -> float``.
         update_freq: refresh the curvature every ``update_freq`` optimizer steps (step 0 refreshes).
@@ -530,18 +532,22 @@ class SENG:
         rows: List[CoverageRow] = []
         seen: set = set()
         modules = dict(self.model.named_modules())
+        # a layer may cover parameters registered on another module (a parametrization's, on its owner's layer)
+        layer_of = {id(q): name for name, layer in self.layers.items() for q in layer.parameters()}
         for name, module in modules.items():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
             seen |= {id(p) for p in own}
-            layer = self.layers.get(name)
-            mine = set() if layer is None else {id(q) for q in layer.parameters()}
-            covered = [p for p in own if id(p) in mine]
-            rest = [p for p in own if id(p) not in mine]
+            covered = [p for p in own if id(p) in layer_of]
+            rest = [p for p in own if id(p) not in layer_of]
             kind = type(module).__name__
             if covered:
-                ok = name not in self._reasons
-                rows.append(CoverageRow(name, kind, self._route_label(name, layer) if ok else "fallback",
-                                        _numel(covered), ok, self._reasons.get(name, "")))
+                owner = layer_of[id(covered[0])]
+                ok = owner not in self._reasons
+                note = self._reasons.get(owner, "")
+                if owner != name:
+                    note = f"with '{owner}'" + (f": {note}" if note else "")
+                rows.append(CoverageRow(name, kind, self._route_label(owner, self.layers[owner]) if ok else "fallback",
+                                        _numel(covered), ok, note))
             if rest:
                 notes = [self._fallbacks[name]] if name in self._fallbacks else []
                 tied = sorted({m for p in rest for m in self._shared.get(id(p), ()) if m != name})

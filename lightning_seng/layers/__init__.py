@@ -3,7 +3,8 @@
 A module takes a dedicated route only when the code it runs is the code that route models: its class must
 not override ``forward`` (nor, for convolutions, ``_conv_forward``) of the torch class the route is written
 for, and its parameters must be plain ``nn.Parameter`` attributes (no parametrization, no weight-norm
-pre-hook). A subclass that permutes, fuses an activation or transposes its weight is not that layer to SENG.
+pre-hook). A subclass that permutes, fuses an activation or transposes its weight is not that layer to SENG:
+it takes the generic route (:mod:`.generic`), as does any other module with parameters.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.nn.utils import parametrize
 from .attention import AttentionLayer, OutProjection, plain_projections
 from .base import Call, Curvature, Factors, LayerCurvature, MatrixLayer, NotExact, find_sample_axis
 from .conv import ConvLayer
+from .generic import GenericLayer
 from .linear import LinearLayer
 from .norm import NormLayer
 from .routes import ROUTES, RouteSettings
@@ -63,6 +65,19 @@ def _own_params(module: nn.Module) -> List[nn.Parameter]:
     return [p for p in module.parameters(recurse=False)]
 
 
+def _registered_slots(layer: LayerCurvature) -> bool:
+    """Whether every slot of ``layer`` is a parameter registered on its module (an old-style ``weight_norm``
+    pre-hook computes ``weight`` from ``weight_g`` and ``weight_v``)."""
+    registered = {id(p) for p in layer.module._parameters.values()}
+    return all(p is None or id(p) in registered for p in layer.param_slots())
+
+
+def _parametrization_owners(model: nn.Module) -> Dict[int, str]:
+    """``id`` of every module inside a ``parametrize`` parametrization -> the name of the module it parametrizes."""
+    return {id(sub): name for name, module in model.named_modules() if parametrize.is_parametrized(module)
+            for sub in module.parametrizations.modules()}
+
+
 def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
                  ) -> Tuple[Dict[str, LayerCurvature], Dict[str, str], Dict[str, List[str]]]:
     """The layers of ``model`` SENG preconditions, in ``named_modules`` order.
@@ -86,9 +101,13 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
     # id(submodule) -> the layer its parent's capture feeds (parents come first in named_modules), or the
     # name of a parent that is not preconditioned, so that nothing captures the submodule's calls.
     fed: Dict[int, Union[LayerCurvature, str]] = {}
+    parametrized = _parametrization_owners(model)
     for name, module in model.named_modules():
-        own = _own_params(module)
-        if not own:
+        if not _own_params(module) and not parametrize.is_parametrized(module):
+            continue
+        if id(module) in parametrized:  # its parameters belong to the generic layer of the module it parametrizes
+            if parametrized[id(module)] not in layers:
+                fallbacks[name] = f"parametrizes '{parametrized[id(module)]}', which has no layer"
             continue
         layer = fed.pop(id(module), None) or layer_for(name, module)
         if isinstance(layer, str):
@@ -96,9 +115,10 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
             continue
         if not accept(name, module):
             fallbacks[name] = "excluded by include/exclude"
-        elif layer is None:
-            fallbacks[name] = f"no route for {type(module).__name__}"
         else:
+            if layer is None or not _registered_slots(layer):
+                # the last resort: per-sample gradients of the module's own parameters through its forward
+                layer = GenericLayer(name, module)
             layer.excluded |= {id(p) for p in layer.param_slots() if p is not None and id(p) in shared_ids}
             if layer.parameters():
                 layers[name] = layer
@@ -110,6 +130,7 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
     return layers, fallbacks, shared
 
 
-__all__ = ["AttentionLayer", "Call", "Curvature", "Factors", "LayerCurvature", "MatrixLayer", "NotExact", "LinearLayer", "ConvLayer",
-           "NormLayer", "OutProjection", "ROUTES", "RouteSettings", "SUPPORTED_TYPES", "build_layers", "find_sample_axis",
+__all__ = ["AttentionLayer", "Call", "Curvature", "Factors", "GenericLayer", "LayerCurvature", "MatrixLayer",
+           "NotExact", "LinearLayer", "ConvLayer", "NormLayer", "OutProjection", "ROUTES", "RouteSettings",
+           "SUPPORTED_TYPES", "build_layers", "find_sample_axis",
            "layer_for", "runs_code_of"]

@@ -186,6 +186,18 @@ class LayerCurvature:
         self.clear()
         return calls
 
+    def take_trainable_calls(self, n: Optional[int]) -> Optional[Tuple[List[Call], Mask]]:
+        """The captured calls that received a gradient and the trainable mask (clears the capture); ``None``
+        when there is nothing to refresh; :class:`NotExact` when the batch size ``n`` is unknown."""
+        calls = self.take_calls()
+        mask = self.trainable()
+        if not calls or not any(mask):
+            return None
+        if n is None:
+            raise NotExact("the batch size of this step is unknown (the model's forward was not called; "
+                           "see SENG's batch_axis setting)")
+        return calls, mask
+
     def take_factors(self, loss_scale: float, dtype: torch.dtype, pick: Pick = None,
                      n: Optional[int] = None) -> Optional[Factors]:
         """Per-sample factors of the captured calls (in ``dtype``, batch first); clears the capture.
@@ -195,13 +207,10 @@ class LayerCurvature:
         ``pick(N)`` may return ``(rows, factor)``: keep those samples only, output gradients times ``factor``.
         Returns ``None`` when the layer took no part in this step's loss or has nothing trainable.
         """
-        calls = self.take_calls()
-        mask = self.trainable()
-        if not calls or not any(mask):
+        taken = self.take_trainable_calls(n)
+        if taken is None:
             return None
-        if n is None:
-            raise NotExact("the batch size of this step is unknown (the model's forward was not called; "
-                           "see SENG's batch_axis setting)")
+        calls, mask = taken
         pairs = [self.sample_first(call, n, dtype) for call in calls]
         chosen = pick(n) if pick is not None else None
         if chosen is not None:

@@ -7,6 +7,8 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
+from tests.modules import Conv1D, RMSNorm
+
 
 class ConvNet(nn.Module):
     """Conv2d -> GroupNorm -> Linear -> LayerNorm -> Linear: every layer kind SENG preconditions,
@@ -24,6 +26,26 @@ class ConvNet(nn.Module):
         h = torch.tanh(self.norm(self.conv(x)))
         h = torch.tanh(self.ln(self.fc1(h.flatten(1))))
         return self.fc2(h)
+
+
+class GenericNet(nn.Module):
+    """Modules without a dedicated route, so the generic one: a linear map by ``addmm`` with its weight
+    stored ``(in, out)``, a custom RMS norm, and a gain read in the root's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = Conv1D(2 * 4 * 4, 6)
+        self.norm = RMSNorm(6)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.norm(self.fc(x.flatten(1)))) * self.gain)
+
+
+def make_generic_net(seed: int = 0) -> GenericNet:
+    torch.manual_seed(seed)
+    return GenericNet().double()
 
 
 def make_net(seed: int = 0) -> ConvNet:

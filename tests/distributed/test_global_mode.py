@@ -10,7 +10,7 @@ from lightning_seng import SENG
 from lightning_seng.distributed import GlobalComm
 
 from .dist_harness import run_on_ranks
-from .nets import make_batch, make_net, rel_err
+from .nets import make_batch, make_generic_net, make_net, rel_err
 
 SIZES = (5, 3)        # unequal local batches
 STEPS = 3             # refresh, reuse of the stored curvature, refresh
@@ -18,12 +18,12 @@ UPDATE_FREQ = 2
 LR = 0.1
 
 
-def _run(x, y, comm, route, reduction="mean", sizes=None):
+def _run(x, y, comm, route, reduction="mean", sizes=None, make=make_net):
     """STEPS of SENG + plain SGD; returns the directions (``.grad`` after ``seng.step``) per step.
 
     With ``sizes`` (distributed), the local gradients are combined into the gradient of the global
     loss: weights ``n_r / N`` for mean-reduced local losses, a plain sum for sum-reduced ones."""
-    model = make_net()
+    model = make()
     seng = SENG(model, damping=0.3, update_freq=UPDATE_FREQ, route=route, svd_rank=2, loss_reduction=reduction,
                 comm=comm)
     directions = []
@@ -59,6 +59,24 @@ def _global_equals_single_process(rank, world_size):
 
 def test_global_mode_equals_single_process_on_concatenated_batch():
     run_on_ranks(_global_equals_single_process)
+
+
+def _generic_global_equals_single_process(rank, world_size):
+    x, y = make_batch(sum(SIZES))
+    start = sum(SIZES[:rank])
+    local = slice(start, start + SIZES[rank])
+    for reduction in ("mean", "sum"):
+        got, seng = _run(x[local], y[local], GlobalComm(loss_reduction=reduction), "auto", reduction, sizes=SIZES,
+                         make=make_generic_net)
+        want, reference = _run(x, y, None, "auto", reduction, make=make_generic_net)
+        assert reference.stats["layers/generic"] == 3 and not reference._reasons
+        for step, (g_step, w_step) in enumerate(zip(got, want)):
+            for g, w in zip(g_step, w_step):
+                assert rel_err(g, w) < 1e-10, (reduction, step, rel_err(g, w))
+
+
+def test_global_mode_generic_layers_equal_single_process_on_concatenated_batch():
+    run_on_ranks(_generic_global_equals_single_process)
 
 
 def _collectives_per_step(rank, world_size):

@@ -1,6 +1,6 @@
 """Bad input at the boundary: every SENG and damping-schedule argument rejects bad values with a
-ValueError naming the key, the value and what is allowed; unsupported layer types are listed once at
-attach time and fall back to ``g / (1 + λ)``."""
+ValueError naming the key, the value and what is allowed; excluded modules are listed once at attach
+time and fall back to ``g / (1 + λ)``."""
 
 import logging
 import math
@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_seng import SENG
 from lightning_seng.schedules import ConstantDamping, ExponentialDamping, LambdaDamping, make_damping
+from tests.modules import Scale
 from tests.reference import dense_direction
 from tests.reliability._reference import rel_err, seng_blocks
 
@@ -129,18 +130,7 @@ def test_step_rejects_bad_loss_scale_without_touching_gradients(value):
     assert seng.step_count == 0
 
 
-# ---------------------------------------------------------------------------- unsupported layers
-class Scale(nn.Module):
-    """A custom module with its own Parameter: unsupported, so ``g / (1 + λ)``."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, n))
-
-    def forward(self, x):
-        return x * self.gain
-
-
+# ---------------------------------------------------------------------------- excluded layers
 class TokenModel(nn.Module):
     def __init__(self):
         super().__init__()
@@ -174,7 +164,7 @@ def test_fallback_modules_are_named_in_one_warning_and_the_coverage_table(caplog
     assert cov.covered == 6 * 7 + 7 + 7 * 3 + 3 and cov.total == cov.covered + 11 * 6 + 4 * 6 + 7
 
 
-def test_unsupported_parameters_get_gradient_over_one_plus_damping():
+def test_excluded_parameters_get_gradient_over_one_plus_damping():
     damping = 0.3
     model = TokenModel().double()
     x = torch.randint(0, 11, (9, 4))
@@ -193,7 +183,7 @@ def test_unsupported_parameters_get_gradient_over_one_plus_damping():
         assert rel_err(params[k].grad, ref[k]) < 1e-10, k
 
 
-def test_recurrent_layer_falls_back_and_the_head_stays_exact():
+def test_excluded_recurrent_layer_falls_back_and_the_head_stays_exact():
     class Recurrent(nn.Module):
         def __init__(self):
             super().__init__()
@@ -206,7 +196,7 @@ def test_recurrent_layer_falls_back_and_the_head_stays_exact():
     damping = 0.3
     model = Recurrent().double()
     x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
-    # per-sample gradients by a loop (torch.func's vmap does not batch nn.GRU's hidden state)
+    # per-sample gradients by a loop (torch.func's vmap has no batching rule for nn.GRU)
     names = ["head.weight", "head.bias"]
     per_sample = {k: [] for k in names}
     for i in range(x.shape[0]):
@@ -220,7 +210,7 @@ def test_recurrent_layer_falls_back_and_the_head_stays_exact():
     g = {k: p.grad.clone() for k, p in model.named_parameters() if k in names}
     model.zero_grad(set_to_none=True)
     ref = dense_direction({k: torch.stack(v) for k, v in per_sample.items()}, g, damping, x.shape[0] ** -0.5)
-    seng = SENG(model, damping=damping, update_freq=1)
+    seng = SENG(model, damping=damping, update_freq=1, exclude=["rnn"])
     F.cross_entropy(model(x), y).backward()
     raw = {k: p.grad.clone() for k, p in model.named_parameters()}
     seng.step()
