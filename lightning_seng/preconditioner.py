@@ -469,18 +469,22 @@ class SENG:
         rows: List[CoverageRow] = []
         seen: set = set()
         modules = dict(self.model.named_modules())
+        names = {id(m): n for n, m in modules.items()}
+        # a layer hooked on several modules (tied weights) covers parameters registered on each of them
+        layer_of = {id(q): n for n, layer in self.layers.items() for q in layer.parameters()}
         for name, module in modules.items():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
             seen |= {id(p) for p in own}
-            layer = self.layers.get(name)
-            mine = set() if layer is None else {id(q) for q in layer.parameters()}
-            covered = [p for p in own if id(p) in mine]
-            rest = [p for p in own if id(p) not in mine]
             kind = type(module).__name__
-            if covered:
-                ok = name not in self._reasons
-                rows.append(CoverageRow(name, kind, self._route_label(name, layer) if ok else "fallback",
-                                        _numel(covered), ok, self._reasons.get(name, "")))
+            for lname in dict.fromkeys(layer_of[id(p)] for p in own if id(p) in layer_of):
+                covered = [p for p in own if layer_of.get(id(p)) == lname]
+                others = [names.get(id(m), "?") for m in self.layers[lname].modules() if m is not module]
+                ok = lname not in self._reasons
+                note = self._reasons.get(lname) or (f"tied to '{lname}'" if lname != name else
+                                                    "shared with " + ", ".join(map(repr, others)) if others else "")
+                rows.append(CoverageRow(name, kind, self._route_label(lname, self.layers[lname]) if ok else "fallback",
+                                        _numel(covered), ok, note))
+            rest = [p for p in own if id(p) not in layer_of]
             if rest:
                 notes = [self._fallbacks[name]] if name in self._fallbacks else []
                 tied = sorted({m for p in rest for m in self._shared.get(id(p), ()) if m != name})
