@@ -97,6 +97,11 @@ def _numel(params: List[nn.Parameter]) -> int:
     return sum(0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel() for p in params)
 
 
+def _entries(grad: Tensor) -> Tensor:
+    """The entries of a gradient: itself, or the values of a sparse one (``nn.Embedding(sparse=True)``)."""
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
 def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_size: Optional[int] = None,
                    curvature_samples: Optional[int] = None, svd_rank: int = 16, implicit_threshold: int = 700_000, loss_reduction: str = "mean",
                    include: LayerFilter = None, exclude: LayerFilter = None, route: str = "auto",
@@ -367,10 +372,10 @@ class SENG:
         gradient holds NaN/Inf."""
         if not params:
             return {}
-        squares = torch.stack([n.double() for n in torch._foreach_norm([p.grad for p in params])]).square()
+        squares = torch.stack([n.double() for n in torch._foreach_norm([_entries(p.grad) for p in params])]).square()
         if not bool(torch.isfinite(squares.sum())):
             # A norm also overflows for large but finite entries (|g|² > float max): only then look at the entries.
-            if not all(bool(torch.isfinite(p.grad).all()) for p in params):
+            if not all(bool(torch.isfinite(_entries(p.grad)).all()) for p in params):
                 return None
         return dict(zip(map(id, params), squares.tolist()))
 
@@ -395,7 +400,7 @@ class SENG:
         self.stats["nonfinite_steps"] = self.nonfinite_steps
         if "grad" not in self._warned:
             names = list(dict.fromkeys(name.rpartition(".")[0] for name, p in self.model.named_parameters()
-                                       if p.grad is not None and not bool(torch.isfinite(p.grad).all())))
+                                       if p.grad is not None and not bool(torch.isfinite(_entries(p.grad)).all())))
             where = ", ".join(f"'{n}'" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             self._warn_once("grad", f"SENG: non-finite gradient in layer {where}; this step's gradients are "
                                     "zeroed (counted in stats['nonfinite_steps'])")

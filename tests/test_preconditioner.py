@@ -126,7 +126,7 @@ def test_excluded_and_unsupported_parameters_get_damped_gradient():
             return (self.head(h) + self.skip(h)) * self.temperature
 
     model = Net().double()
-    seng = SENG(model, damping=0.5, exclude=["skip"])
+    seng = SENG(model, damping=0.5, exclude=["skip", "emb"])
     assert set(seng.layers) == {"head"}
     idx, y = torch.randint(0, 10, (6,)), torch.randint(0, 3, (6,))
     F.cross_entropy(model(idx), y).backward()

@@ -133,6 +133,8 @@ class EmbeddingLayer(LayerCurvature):
         self.kind = "embedding" if len(modules) == 1 else "tied"
         self.positions = (1, 1)  # embedding and Linear positions per sample at the last refresh (cost estimates)
         self._probe: Optional[Dict[str, Any]] = None
+        self._projection = torch.randn(self.module.weight.shape[1], generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float64)
 
     def param_slots(self) -> Sequence[Optional[nn.Parameter]]:
         return (self.module.weight, self.linears[0].bias if self.linears else None)
@@ -146,7 +148,7 @@ class EmbeddingLayer(LayerCurvature):
         weight = self.module.weight
         if self._calls and self._probe is None and weight.requires_grad:
             # The gradient reaching the table in this backward, projected on a fixed random vector c.
-            c = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            c = self._projection
             probe = {"c": c, "gc": None}
             node = torch.autograd.graph.get_gradient_edge(weight).node
 
