@@ -147,7 +147,8 @@ class SENG:
 
     Args:
         model: the network; hooks are registered on its supported submodules (Linear, Conv1d/2d/3d,
-            BatchNorm, LayerNorm, GroupNorm, RMSNorm, whose ``forward`` is torch's own). Parameters of
+            BatchNorm, LayerNorm, GroupNorm, RMSNorm, Embedding, whose ``forward`` is torch's own; a weight
+            tied between Embedding and Linear modules is one layer over all its uses). Parameters of
             other modules get ``g / (1 + λ)`` and are listed by :meth:`coverage` and at WARNING level.
         damping: ``λ > 0``: a number, a :class:`~lightning_seng.schedules.DampingSchedule`, or a
             callable ``(step, epoch) -> float``.
@@ -163,7 +164,8 @@ class SENG:
         loss_reduction: ``"mean"`` or ``"sum"``: how the loss was reduced over the batch.
         include / exclude: module names (fnmatch patterns, or class names) or module types to
             precondition / leave to the ``g / (1 + λ)`` fallback.
-        route: ``"auto"`` or one of ``"explicit"``, ``"gram"``, ``"implicit"`` for Linear and Conv layers.
+        route: ``"auto"`` or one of ``"explicit"``, ``"gram"``, ``"implicit"`` for Linear and Conv layers
+            (for the Linear uses of a tied embedding: ``"implicit"`` compresses them, others keep them exact).
         curvature_dtype: dtype of factors and solves; default float64 for float64 models, else float32
             (also under bf16/fp16 autocast).
         seed: seed of the sketches' random generator.
