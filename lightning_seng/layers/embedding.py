@@ -57,6 +57,11 @@ def group_refusal(embeddings: Sequence[nn.Embedding]) -> Optional[str]:
     return None
 
 
+def _positions(parts: List[Tensor], empty: Tensor) -> Tensor:
+    """The calls' positions side by side (axis 1), without a copy for a single call."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1) if parts else empty
+
+
 class TokenRoute(Route):
     """Rows ``J_n = Σ_{p ∈ n} e_{token[p]} ⊗ [A[p]; 0] + Σ_s G[n,0,:,s] ⊗ X[n,0,:,s]`` of one matrix ``(V, D_t)``.
 
@@ -190,11 +195,16 @@ class EmbeddingLayer(LayerCurvature):
         for call in self._calls:
             if not call.done:
                 continue
-            x, g = call.inputs, call.grads[0].to(torch.float64)
-            if x.is_floating_point():  # Linear: Σ_s a_s (x_s · c)
-                total += g.reshape(-1, g.shape[-1]).T @ (x.reshape(-1, x.shape[-1]).to(torch.float64) @ c)
+            # made contiguous once, for this sum and the factors (a loss on logits.transpose(1, 2) sends a
+            # transposed gradient)
+            x, g = call.inputs, call.grads[0].contiguous()
+            call.grads[0] = g
+            g = g.reshape(-1, g.shape[-1])
+            if x.is_floating_point():  # Linear: Σ_s a_s (x_s · c), in the gradient's dtype (it is the large side)
+                xc = x.reshape(-1, x.shape[-1]).to(torch.float64) @ c
+                total += (g.T @ xc.to(g.dtype)).to(torch.float64)
             else:  # Embedding: Σ_t e_{tok_t} (G_t · c), padding positions excluded
-                tokens, gc_rows = x.reshape(-1), g.reshape(-1, g.shape[-1]) @ c
+                tokens, gc_rows = x.reshape(-1), g.to(torch.float64) @ c
                 pad = self.embeddings[0].padding_idx
                 if pad is not None:
                     tokens, gc_rows = tokens[tokens != pad], gc_rows[tokens != pad]
@@ -231,10 +241,10 @@ class EmbeddingLayer(LayerCurvature):
         if tokens and V > limit:
             raise NotExact(f"its {V} tokens cannot travel exactly as {dtype} (at most {limit}); use "
                            "curvature_dtype=torch.float64")
-        tok = torch.cat(tokens, 1) if tokens else torch.zeros(n, 0, dtype=torch.long, device=device)
-        G = torch.cat(token_grads, 1) if token_grads else torch.zeros(n, 0, D, dtype=dtype, device=device)
-        a = torch.cat(input_grads, 1) if input_grads else torch.zeros(n, 0, V, dtype=dtype, device=device)
-        x = torch.cat(inputs, 1) if inputs else torch.zeros(n, 0, D, dtype=dtype, device=device)
+        tok = _positions(tokens, torch.zeros(n, 0, dtype=torch.long, device=device))
+        G = _positions(token_grads, torch.zeros(n, 0, D, dtype=dtype, device=device))
+        a = _positions(input_grads, torch.zeros(n, 0, V, dtype=dtype, device=device))
+        x = _positions(inputs, torch.zeros(n, 0, D, dtype=dtype, device=device))
         columns = ([x] if mask[0] else []) + ([torch.ones_like(x[..., :1])] if mask[1] else [])
         x_tilde = torch.cat(columns, 2)
         count = torch.full((n, 1), tok.shape[1], dtype=dtype, device=device)
