@@ -192,9 +192,11 @@ class EmbeddingLayer(LayerCurvature):
         weight = self.module.weight
         total = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
         c = c.to(weight.device)
+        eps = torch.finfo(weight.dtype).eps
         for call in self._calls:
             if not call.done:
                 continue
+            eps = max(eps, torch.finfo(call.grads[0].dtype).eps)  # autocast: half-precision output gradients
             # made contiguous once, for this sum and the factors (a loss on logits.transpose(1, 2) sends a
             # transposed gradient)
             x, g = call.inputs, call.grads[0].contiguous()
@@ -202,14 +204,15 @@ class EmbeddingLayer(LayerCurvature):
             g = g.reshape(-1, g.shape[-1])
             if x.is_floating_point():  # Linear: Σ_s a_s (x_s · c), in the gradient's dtype (it is the large side)
                 xc = x.reshape(-1, x.shape[-1]).to(torch.float64) @ c
-                total += (g.T @ xc.to(g.dtype)).to(torch.float64)
+                wide = torch.promote_types(g.dtype, torch.float32)
+                total += (g.T.to(wide) @ xc.to(wide)).to(torch.float64)
             else:  # Embedding: Σ_t e_{tok_t} (G_t · c), padding positions excluded
                 tokens, gc_rows = x.reshape(-1), g.to(torch.float64) @ c
                 pad = self.embeddings[0].padding_idx
                 if pad is not None:
                     tokens, gc_rows = tokens[tokens != pad], gc_rows[tokens != pad]
                 total.index_add_(0, tokens, gc_rows)
-        tol = max(1e-4, 20 * torch.finfo(weight.dtype).eps)
+        tol = max(1e-4, 20 * eps)
         if gc is None or (total - gc).norm() > tol * gc.norm() + 1e-300:
             self.clear()
             raise NotExact("the gradient reaching its weight is not the sum of its module calls (is the weight also "

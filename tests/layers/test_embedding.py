@@ -404,3 +404,61 @@ def test_excluding_one_use_of_a_tied_weight_falls_back_all_of_them(caplog):
     assert set(seng.layers) == {"body"}
     messages = _warnings(caplog)
     assert len(messages) == 1 and "'emb'" in messages[0] and "tied to 'head'" in messages[0], messages
+
+
+def test_several_embedding_modules_and_a_head_sharing_one_table_are_exact():
+    """An encoder-decoder's pattern: ``shared``, ``encoder_tokens`` and ``decoder_tokens`` are distinct
+    Embedding modules with one table, tied to the head too."""
+
+    class EncoderDecoder(TinyLM):
+        def __init__(self):
+            super().__init__()
+            self.encoder_tokens = nn.Embedding(V, DIM)
+            self.decoder_tokens = nn.Embedding(V, DIM)
+            self.encoder_tokens.weight = self.decoder_tokens.weight = self.emb.weight
+
+        def forward(self, tokens):
+            context = torch.tanh(self.body(self.encoder_tokens(tokens))).mean(1, keepdim=True)
+            return self.head(torch.tanh(self.decoder_tokens(tokens.flip(1)) + context))
+
+    torch.manual_seed(0)
+    model = EncoderDecoder().double()
+    seng = _assert_exact(model, _tokens(), _tokens(seed=3), lm_loss)
+    assert set(seng.layers) == {"emb", "body"} and len(seng.layers["emb"].modules()) == 4
+    assert seng.coverage().percent == 100.0
+
+
+def test_micro_batches_keep_the_last_one_without_a_warning(caplog):
+    """Gradient accumulation: the gradient reaching the table sums both backward passes, the captured calls
+    are the last micro-batch's; the uses check compares like with like."""
+    caplog.set_level(logging.WARNING, logger="lightning_seng")
+    torch.manual_seed(0)
+    model = TinyLM(head_bias=True).double()
+    x, targets = _tokens(), _tokens(seed=3)
+    ref = seng_blocks(model, lm_loss, x[3:], targets[3:], DAMPING, _blocks(model, ("head.bias",)),
+                      grads=batch_gradient(model, lm_loss, x, targets, [k for k, _ in model.named_parameters()]))
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    model.zero_grad()
+    for part in (slice(0, 3), slice(3, None)):
+        (lm_loss(model(x[part]), targets[part]) / 2).backward()
+    seng.step(loss_scale=0.5)
+    assert _warnings(caplog) == []
+    for k, p in model.named_parameters():
+        assert rel_err(p.grad, ref[k]) < 1e-10, k
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_tied_model_needs_no_warning(amp_dtype, caplog):
+    caplog.set_level(logging.WARNING, logger="lightning_seng")
+    torch.manual_seed(0)
+    model = TinyLM(head_bias=True)
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    for seed in range(2):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=amp_dtype):
+            loss = lm_loss(model(_tokens(seed=seed)), _tokens(seed=seed + 10))
+        loss.backward()
+        seng.step()
+    assert _warnings(caplog) == []
+    assert seng.layers["emb"].curvature.gram.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
