@@ -151,17 +151,19 @@ class EmbeddingLayer(LayerCurvature):
     def capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
         super().capture(args, kwargs, output)
         weight = self.module.weight
-        if self._calls and self._probe is None and weight.requires_grad:
-            # The gradient reaching the table in this backward, projected on a fixed random vector c.
+        # (not under torch.func.functional_call, where the module holds a plain tensor instead)
+        if self._calls and self._probe is None and isinstance(weight, nn.Parameter) and weight.requires_grad:
+            # The gradient reaching the table in each backward, projected on a fixed random vector c, from a
+            # pre-hook on its accumulator node. Holding the node keeps it the node of every graph built
+            # until the refresh (a dropped batch's graph may be freed before the next batch's backward).
             c = self._projection
-            probe = {"c": c, "gc": None}
-            node = torch.autograd.graph.get_gradient_edge(weight).node
+            probe = {"c": c, "gc": None, "node": torch.autograd.graph.get_gradient_edge(weight).node}
 
             def keep_projection(grads: Tuple[Tensor, ...]) -> None:
                 if grads[0] is not None:
                     gc = grads[0].detach().to(torch.float64) @ c.to(grads[0].device)
                     probe["gc"] = gc if probe["gc"] is None else probe["gc"] + gc
-            probe["handle"] = node.register_prehook(keep_projection)
+            probe["handle"] = probe["node"].register_prehook(keep_projection)
             self._probe = probe
 
     def clear(self) -> None:
@@ -202,7 +204,7 @@ class EmbeddingLayer(LayerCurvature):
             x, g = call.inputs, call.grads[0].contiguous()
             call.grads[0] = g
             g = g.reshape(-1, g.shape[-1])
-            if x.is_floating_point():  # Linear: Σ_s a_s (x_s · c), in the gradient's dtype (it is the large side)
+            if x.is_floating_point():  # Linear: Σ_s a_s (x_s · c), without a float64 copy of the large a
                 xc = x.reshape(-1, x.shape[-1]).to(torch.float64) @ c
                 wide = torch.promote_types(g.dtype, torch.float32)
                 total += (g.T.to(wide) @ xc.to(wide)).to(torch.float64)

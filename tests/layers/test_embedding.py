@@ -462,3 +462,21 @@ def test_autocast_tied_model_needs_no_warning(amp_dtype, caplog):
     assert _warnings(caplog) == []
     assert seng.layers["emb"].curvature.gram.dtype == torch.float32
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_forward_without_backward_before_the_refresh_batch_needs_no_warning(caplog):
+    """A dropped batch (forward on a refresh step, no backward): its graph is freed before the next batch's
+    backward, and the uses check must still see that backward's gradient."""
+    caplog.set_level(logging.WARNING, logger="lightning_seng")
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    x, targets = _tokens(), _tokens(seed=3)
+    ref = seng_blocks(model, lm_loss, x, targets, DAMPING, _blocks(model))
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    model(_tokens(seed=7))
+    model.zero_grad()
+    lm_loss(model(x), targets).backward()
+    seng.step()
+    assert _warnings(caplog) == []
+    for k, p in model.named_parameters():
+        assert rel_err(p.grad, ref[k]) < 1e-10, k
