@@ -138,7 +138,7 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
         if id(module) in tied:
             first, result = tied[id(module)]
             if isinstance(result, str):
-                fallbacks[name] = result
+                fallbacks[name] = "excluded by include/exclude" if not accept(name, module) else result
             elif module is first:
                 layers[name] = result
             continue
