@@ -4,19 +4,15 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_seng import SENG
 from lightning_seng.distributed import GlobalComm
 
 from .dist_harness import run_on_ranks
 from .nets import rel_err
+from .test_global_mode import SIZES, _run
 
-SIZES = (5, 3)
-STEPS = 3
-UPDATE_FREQ = 2
 V, DIM, T = 9, 4, 6
 
 
@@ -37,31 +33,14 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.body(self.emb(tokens) + self.pos(positions))))
 
 
-def _loss(logits, targets, reduction):
+def _loss(logits, targets, reduction="mean"):
     per_sample = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
     return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
-def _run(tokens, targets, comm, route, reduction, sizes=None):
+def _make_model():
     torch.manual_seed(0)
-    model = TiedLM().double()
-    seng = SENG(model, damping=0.3, update_freq=UPDATE_FREQ, route=route, svd_rank=2, loss_reduction=reduction,
-                comm=comm)
-    directions = []
-    for _ in range(STEPS):
-        model.zero_grad()
-        _loss(model(tokens), targets, reduction).backward()
-        if sizes is not None:
-            weight = tokens.shape[0] / sum(sizes) if reduction == "mean" else 1.0
-            for p in model.parameters():
-                p.grad.mul_(weight)
-                dist.all_reduce(p.grad)
-        seng.step()
-        directions.append([p.grad.clone() for p in model.parameters()])
-        with torch.no_grad():
-            for p in model.parameters():
-                p.sub_(0.1 * p.grad)
-    return directions, seng
+    return TiedLM().double()
 
 
 def _global_equals_single_process(rank, world_size):
@@ -70,8 +49,9 @@ def _global_equals_single_process(rank, world_size):
     targets = torch.randint(0, V, (sum(SIZES), T), generator=g)
     local = slice(sum(SIZES[:rank]), sum(SIZES[:rank + 1]))
     for route, reduction in (("auto", "mean"), ("implicit", "mean"), ("auto", "sum")):
-        got, seng = _run(tokens[local], targets[local], GlobalComm(loss_reduction=reduction), route, reduction, SIZES)
-        want, reference = _run(tokens, targets, None, route, reduction)
+        got, seng = _run(tokens[local], targets[local], GlobalComm(loss_reduction=reduction), route, reduction,
+                         SIZES, _make_model, _loss)
+        want, reference = _run(tokens, targets, None, route, reduction, None, _make_model, _loss)
         assert reference.layers["emb"].kind == "tied" and reference.coverage().percent == 100.0
         assert reference.stats["layers/tied"] == 1 and reference.stats["layers/embedding"] == 1
         assert seng.stats["skipped_refreshes"] == 0
