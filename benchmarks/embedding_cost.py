@@ -110,7 +110,8 @@ def dense_unique_gram(tokens, G):
 
 def token_gram_costs(args) -> None:
     print("\ntoken-coincidence Gram, three ways (s, and peak extra tensor in MiB)")
-    print("| tokens | T | pairs M | per pair (package) | equality mask (N·T)² | dense (N, unique, D) |\n|---|---|---|---|---|---|")
+    print("| tokens | T | pairs M | per pair (package) | equality mask (N·T)² | dense (N, unique, D) |")
+    print("|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(2)
     for seq in (args.seq, 1024):
         for dist in ("uniform", "zipf"):
@@ -118,7 +119,8 @@ def token_gram_costs(args) -> None:
                 tokens = torch.randint(0, args.vocab, (args.batch, seq), generator=g)
             else:  # word frequencies ~ 1/rank
                 weights = 1.0 / torch.arange(1, args.vocab + 1, dtype=torch.float64)
-                tokens = torch.multinomial(weights, args.batch * seq, replacement=True, generator=g).reshape(args.batch, -1)
+                tokens = torch.multinomial(weights, args.batch * seq, replacement=True, generator=g)
+                tokens = tokens.reshape(args.batch, seq)
             G = torch.randn(args.batch, seq, args.dim, generator=g)
             sample, token, A = sketch.token_pairs(tokens, G)
             times = {}

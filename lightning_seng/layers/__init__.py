@@ -68,8 +68,8 @@ def _tied_layer(weight: nn.Parameter, modules: List[nn.Module], names: Dict[int,
     their ``weight`` (tied embeddings), hooked on all of them and covering the Linear modules' bias too
     (unless that bias is registered outside them); or why there is none; ``None`` for other sharing.
     ``modules`` are in ``named_modules`` order, and the layer takes the first one's name."""
-    if not all(m.weight is weight and (runs_code_of(m, nn.Linear, "forward") or runs_code_of(m, nn.Embedding, "forward"))
-               for m in modules):
+    if not all(m.weight is weight and (runs_code_of(m, nn.Linear, "forward") or
+                                       runs_code_of(m, nn.Embedding, "forward")) for m in modules):
         return None
     excluded = [names[id(m)] for m in modules if not accept(names[id(m)], m)]
     if excluded:
@@ -161,5 +161,5 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
 
 
 __all__ = ["Call", "Curvature", "Factors", "LayerCurvature", "MatrixLayer", "NotExact", "LinearLayer", "ConvLayer",
-           "NormLayer", "EmbeddingLayer", "ROUTES", "RouteSettings", "SUPPORTED_TYPES", "build_layers", "find_sample_axis",
-           "layer_for", "runs_code_of"]
+           "NormLayer", "EmbeddingLayer", "ROUTES", "RouteSettings", "SUPPORTED_TYPES", "build_layers",
+           "find_sample_axis", "layer_for", "runs_code_of"]
