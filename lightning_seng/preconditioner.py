@@ -97,6 +97,11 @@ def _numel(params: List[nn.Parameter]) -> int:
     return sum(0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel() for p in params)
 
 
+def _entries(grad: Tensor) -> Tensor:
+    """The entries of a gradient: itself, or the values of a sparse one (``nn.Embedding(sparse=True)``)."""
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
 def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_size: Optional[int] = None,
                    curvature_samples: Optional[int] = None, svd_rank: int = 16, implicit_threshold: int = 700_000, loss_reduction: str = "mean",
                    include: LayerFilter = None, exclude: LayerFilter = None, route: str = "auto",
@@ -142,10 +147,11 @@ class SENG:
 
     Args:
         model: the network; hooks are registered on its modules with parameters: a dedicated route for
-            Linear, Conv1d/2d/3d, BatchNorm, LayerNorm, GroupNorm, RMSNorm and MultiheadAttention whose
-            ``forward`` is torch's own, the generic route (:mod:`~lightning_seng.layers.generic`) for any
-            other module's own parameters. Parameters without exact curvature get ``g / (1 + λ)`` and are
-            listed by :meth:`coverage` and at WARNING level.
+            Linear, Conv1d/2d/3d, BatchNorm, LayerNorm, GroupNorm, RMSNorm, MultiheadAttention and Embedding
+            whose ``forward`` is torch's own (a weight tied between Embedding and Linear modules is one layer
+            over all its uses), the generic route (:mod:`~lightning_seng.layers.generic`) for any other
+            module's own parameters. Parameters without exact curvature get ``g / (1 + λ)`` and are listed
+            by :meth:`coverage` and at WARNING level.
         damping: ``λ > 0``: a number, a :class:`~lightning_seng.schedules.DampingSchedule`, or a
             callable ``(step, epoch) -> float``.
         update_freq: refresh the curvature every ``update_freq`` optimizer steps (step 0 refreshes).
@@ -160,7 +166,8 @@ class SENG:
         loss_reduction: ``"mean"`` or ``"sum"``: how the loss was reduced over the batch.
         include / exclude: module names (fnmatch patterns, or class names) or module types to
             precondition / leave to the ``g / (1 + λ)`` fallback.
-        route: ``"auto"`` or one of ``"explicit"``, ``"gram"``, ``"implicit"`` for Linear and Conv layers.
+        route: ``"auto"`` or one of ``"explicit"``, ``"gram"``, ``"implicit"`` for Linear and Conv layers
+            (for the Linear uses of a tied embedding: ``"implicit"`` compresses them, others keep them exact).
         curvature_dtype: dtype of factors and solves; default float64 for float64 models, else float32
             (also under bf16/fp16 autocast).
         seed: seed of the sketches' random generator.
@@ -323,9 +330,12 @@ class SENG:
         # Only a refresh step reads whether the gradient is finite (it decides whether to build curvature);
         # other steps keep it on the device and select with torch.where, so they never wait for the GPU.
         finite = torch.isfinite(squares).all()
-        if refresh:
+        # sparse gradients (nn.Embedding(sparse=True)) cannot be selected by torch.where: read then too
+        known = refresh or any(p.grad.is_sparse for p in params)
+        if known:
             grads_finite = bool(finite)
-            self._refresh(damping, loss_scale, grads_finite)
+            if refresh:
+                self._refresh(damping, loss_scale, grads_finite)
             if not grads_finite:
                 self._zero_nonfinite()
                 self.step_count += 1
@@ -357,7 +367,7 @@ class SENG:
         others = self._other_grads(with_grad)
         index = {id(p): i for i, p in enumerate(params)}
         self._record(pairs, others, squares, index, damping)
-        if refresh:  # known finite
+        if known:  # finite
             for p, dp in pairs:
                 p.grad.copy_(dp)
             if others:
@@ -404,7 +414,7 @@ class SENG:
         float64 (a large but finite gradient does not overflow); NaN/Inf where a gradient holds one."""
         if not params:
             return torch.zeros(0, dtype=torch.float64)
-        return torch.stack(torch._foreach_norm([p.grad for p in params], 2, dtype=torch.float64)).square()
+        return torch.stack(torch._foreach_norm([_entries(p.grad) for p in params], 2, dtype=torch.float64)).square()
 
     def _record(self, pairs, others: List[nn.Parameter], squares: Tensor, index: Dict[int, int],
                 damping: float) -> None:
@@ -457,7 +467,7 @@ class SENG:
         self._nonfinite_steps += 1
         if "grad" not in self._warned:
             names = list(dict.fromkeys(name.rpartition(".")[0] for name, p in self.model.named_parameters()
-                                       if p.grad is not None and not bool(torch.isfinite(p.grad).all())))
+                                       if p.grad is not None and not bool(torch.isfinite(_entries(p.grad)).all())))
             where = ", ".join(f"'{n}'" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             self._warn_once("grad", f"SENG: non-finite gradient in layer {where}; this step's gradients are "
                                     "zeroed (counted in stats['nonfinite_steps'])")
@@ -532,22 +542,27 @@ class SENG:
         rows: List[CoverageRow] = []
         seen: set = set()
         modules = dict(self.model.named_modules())
-        # a layer may cover parameters registered on another module (a parametrization's, on its owner's layer)
-        layer_of = {id(q): name for name, layer in self.layers.items() for q in layer.parameters()}
+        names = {id(m): n for n, m in modules.items()}
+        # a layer may cover parameters registered on other modules: a weight tied between modules (hooked on
+        # each of them), a parametrization's (on the layer of the module it parametrizes)
+        layer_of = {id(q): n for n, layer in self.layers.items() for q in layer.parameters()}
         for name, module in modules.items():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
             seen |= {id(p) for p in own}
-            covered = [p for p in own if id(p) in layer_of]
-            rest = [p for p in own if id(p) not in layer_of]
             kind = type(module).__name__
-            if covered:
-                owner = layer_of[id(covered[0])]
-                ok = owner not in self._reasons
-                note = self._reasons.get(owner, "")
-                if owner != name:
-                    note = f"with '{owner}'" + (f": {note}" if note else "")
-                rows.append(CoverageRow(name, kind, self._route_label(owner, self.layers[owner]) if ok else "fallback",
+            for lname in dict.fromkeys(layer_of[id(p)] for p in own if id(p) in layer_of):
+                layer = self.layers[lname]
+                covered = [p for p in own if layer_of.get(id(p)) == lname]
+                others = [names.get(id(m), "?") for m in layer.modules() if m is not module]
+                ok = lname not in self._reasons
+                note = self._reasons.get(lname, "")
+                if not note and lname != name:
+                    note = f"tied to '{lname}'" if any(m is module for m in layer.modules()) else f"with '{lname}'"
+                elif not note and others:
+                    note = "shared with " + ", ".join(map(repr, others))
+                rows.append(CoverageRow(name, kind, self._route_label(lname, layer) if ok else "fallback",
                                         _numel(covered), ok, note))
+            rest = [p for p in own if id(p) not in layer_of]
             if rest:
                 notes = [self._fallbacks[name]] if name in self._fallbacks else []
                 tied = sorted({m for p in rest for m in self._shared.get(id(p), ()) if m != name})

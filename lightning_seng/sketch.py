@@ -130,6 +130,87 @@ def low_rank(G: Tensor, X: Tensor, rank: int, bias: bool = False) -> Tuple[Tenso
     return g_hat, X @ v, (v.sum(2) if bias else None)
 
 
+def token_pairs(tokens: Tensor, G: Tensor, padding_idx: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """An embedding's per-sample gradients in sparse form, one row per (sample, token) pair.
+
+    With tokens ``(N, T)`` (integers) and output gradients ``G (N, T, D)``, the per-sample gradient of the
+    table ``E (V, D)`` is ``J_n = Σ_t e_{tokens[n,t]} ⊗ G[n,t]`` (positions holding ``padding_idx`` add
+    nothing: the lookup's backward leaves that row alone). Positions of one sample with the same token are
+    summed: ``J_n = Σ_{p: sample[p] = n} e_{token[p]} ⊗ A[p]``.
+
+    Returns ``sample (M,)``, ``token (M,)`` (int64) and ``A (M, D)``, sorted by token then sample, with
+    ``M ≤ N·T`` the number of distinct pairs. No ``V × D`` tensor is built.
+    """
+    N, T = tokens.shape
+    token = tokens.reshape(-1).long()
+    sample = torch.arange(N, device=tokens.device).repeat_interleave(T)
+    rows = G.reshape(N * T, -1)
+    if padding_idx is not None:
+        keep = token != padding_idx
+        token, sample, rows = token[keep], sample[keep], rows[keep]
+    keys, inverse = torch.unique(token * N + sample, return_inverse=True)
+    A = rows.new_zeros(keys.numel(), rows.shape[1]).index_add_(0, inverse, rows)
+    return keys % N, keys // N, A
+
+
+def token_gram(sample: Tensor, token: Tensor, A: Tensor, n: int) -> Tensor:
+    """``UUᵀ`` of the rows ``J_n = Σ_{p ∈ n} e_{token[p]} ⊗ A[p]`` (pairs from :func:`token_pairs`), ``(n, n)``:
+
+        K[n, m] = Σ_{p ∈ n, q ∈ m} [token[p] = token[q]] · A[p]·A[q].
+
+    Only pairs of rows that share a token meet, and a token has at most one row per sample, so the cost is
+    ``Σ_u c_u² · D ≤ n · M · D`` (``c_u`` = samples holding token ``u``), computed in chunks of pairs so that
+    peak memory stays bounded. ``token`` must be sorted (as :func:`token_pairs` returns it).
+    """
+    K = A.new_zeros(n * n)
+    M, D = A.shape
+    if M == 0:
+        return K.view(n, n)
+    _, counts = torch.unique_consecutive(token, return_counts=True)
+    starts = counts.cumsum(0) - counts
+    count_of, start_of = counts.repeat_interleave(counts), starts.repeat_interleave(counts)  # per row p
+    chunk = max(1, _GRAM_CHUNK_ELEMENTS // max(1, int(counts.max()) * D))
+    for first in range(0, M, chunk):
+        c = count_of[first:first + chunk]
+        p = torch.arange(first, first + c.numel(), device=A.device).repeat_interleave(c)
+        offset = torch.arange(p.numel(), device=A.device) - (c.cumsum(0) - c).repeat_interleave(c)
+        q = start_of[p] + offset  # every row of p's token group
+        K.index_add_(0, sample[p] * n + sample[q], (A[p] * A[q]).sum(1))
+    return K.view(n, n)
+
+
+def token_u_dot(sample: Tensor, token: Tensor, A: Tensor, W: Tensor, n: int) -> Tensor:
+    """``U g`` for a gradient ``W (V, D)``: ``(U g)[n] = Σ_{p ∈ n} A[p] · W[token[p]]`` (a gather), ``(n,)``."""
+    return A.new_zeros(n).index_add_(0, sample, (A * W.index_select(0, token)).sum(1))
+
+
+def token_apply_(out: Tensor, sample: Tensor, token: Tensor, A: Tensor, v: Tensor, alpha: float) -> Tensor:
+    """``out += α · Uᵀv`` in place, for ``out (V, D)``: ``Uᵀv = Σ_p v[sample[p]] · e_{token[p]} ⊗ A[p]``, an
+    ``index_add`` of ``M`` rows. Returns ``out``."""
+    return out.index_add_(0, token, A * (alpha * v).index_select(0, sample)[:, None])
+
+
+def token_cross_gram(sample: Tensor, token: Tensor, A: Tensor, G: Tensor, X: Tensor, n: int) -> Tensor:
+    """Inner products between token rows and dense rows of one matrix, ``(n, N)``.
+
+    Rows ``J_n = Σ_{p ∈ n} e_{token[p]} ⊗ A[p]`` (an embedding's uses) and ``L_m = Σ_s G[m,:,s] ⊗ X[m,:,s]``
+    (a Linear's uses of the same matrix, ``G (N, V, P)``, ``X (N, D, P)``):
+
+        C[n, m] = ⟨J_n, L_m⟩ = Σ_{p ∈ n} Σ_s G[m, token[p], s] · (A[p] · X[m,:,s]),
+
+    a gather of ``G`` at the tokens times ``A X``; cost ``M · N · P · D``, in chunks of pairs.
+    """
+    N, _, P = G.shape
+    C = A.new_zeros(N, n)
+    chunk = max(1, _GRAM_CHUNK_ELEMENTS // max(1, N * P))
+    for first in range(0, A.shape[0], chunk):
+        rows = slice(first, first + chunk)
+        picked = G.index_select(1, token[rows])  # (N, Mc, P)
+        products = torch.matmul(A[rows], X)  # (N, Mc, P)
+        C.index_add_(1, sample[rows], (picked * products).sum(2))
+    return C.T
+
+
 def damped_cholesky(K: Tensor, damping: float, max_tries: int = 6) -> Optional[Tensor]:
     """Lower Cholesky factor of ``K + damping·I``; adds growing jitter if the factorisation fails.
 

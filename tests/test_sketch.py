@@ -140,3 +140,63 @@ def test_damped_cholesky_solves_and_falls_back_to_jitter():
     # tiny negative eigenvalue from round-off: jitter rescues it
     Kneg = K - 1e-13 * torch.eye(6, dtype=D)
     assert sketch.damped_cholesky(Kneg, 0.0) is not None
+
+
+# ------------------------------------------------------------------------- embedding (token) rows
+def _token_U(tokens, G, V, padding_idx=None):
+    """Per-sample gradients of an embedding table ``(V, D)`` by a loop over samples and positions."""
+    n, T, d = G.shape
+    U = torch.zeros(n, V, d, dtype=D)
+    for i in range(n):
+        for t in range(T):
+            if tokens[i, t] != padding_idx:
+                U[i, tokens[i, t]] += G[i, t]
+    return U.reshape(n, -1)
+
+
+def _tokens(n=5, T=7, V=6):
+    """Few tokens for many positions: repeats within and across samples."""
+    return torch.randint(0, V, (n, T)), torch.randn(n, T, 3, dtype=D)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_token_pairs_sum_repeated_tokens_and_drop_padding(padding_idx):
+    tokens, G = _tokens()
+    sample, token, A = sketch.token_pairs(tokens, G, padding_idx)
+    assert len(set(zip(sample.tolist(), token.tolist()))) == sample.numel()  # one row per pair
+    assert torch.equal(token, token.sort().values) and padding_idx not in token.tolist()
+    U = torch.zeros(5, 6, 3, dtype=D).index_put_((sample, token), A, accumulate=True)
+    torch.testing.assert_close(U.reshape(5, -1), _token_U(tokens, G, 6, padding_idx), rtol=1e-12, atol=1e-12)
+
+
+def test_token_gram_and_products_match_explicit_U():
+    tokens, G = _tokens()
+    U = _token_U(tokens, G, 6)
+    sample, token, A = sketch.token_pairs(tokens, G)
+    torch.testing.assert_close(sketch.token_gram(sample, token, A, 5), U @ U.T, rtol=1e-12, atol=1e-12)
+    W = torch.randn(6, 3, dtype=D)
+    torch.testing.assert_close(sketch.token_u_dot(sample, token, A, W, 5), U @ W.reshape(-1), rtol=1e-12, atol=1e-12)
+    v = torch.randn(5, dtype=D)
+    out = sketch.token_apply_(W.clone(), sample, token, A, v, -0.5)
+    torch.testing.assert_close(out.reshape(-1), W.reshape(-1) - 0.5 * U.T @ v, rtol=1e-12, atol=1e-12)
+
+
+def test_token_gram_chunks_give_the_same_result(monkeypatch):
+    tokens, G = _tokens(n=7, T=9, V=4)
+    sample, token, A = sketch.token_pairs(tokens, G)
+    full = sketch.token_gram(sample, token, A, 7)
+    cross_args = (sample, token, A, torch.randn(7, 4, 5, dtype=D), torch.randn(7, 3, 5, dtype=D), 7)
+    cross = sketch.token_cross_gram(*cross_args)
+    monkeypatch.setattr(sketch, "_GRAM_CHUNK_ELEMENTS", 1)
+    torch.testing.assert_close(sketch.token_gram(sample, token, A, 7), full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sketch.token_cross_gram(*cross_args), cross, rtol=1e-12, atol=1e-12)
+
+
+def test_token_cross_gram_matches_explicit_rows():
+    tokens, G = _tokens()
+    U = _token_U(tokens, G, 6)
+    Gl, Xl = torch.randn(5, 1, 6, 4, dtype=D), torch.randn(5, 1, 3, 4, dtype=D)
+    L = _explicit_U(Gl, Xl)  # the dense rows of the same (6, 3) matrix
+    sample, token, A = sketch.token_pairs(tokens, G)
+    torch.testing.assert_close(sketch.token_cross_gram(sample, token, A, Gl[:, 0], Xl[:, 0], 5), U @ L.T,
+                               rtol=1e-12, atol=1e-12)

@@ -17,6 +17,7 @@ from torch.nn.utils import parametrize
 from .attention import AttentionLayer, OutProjection, plain_projections
 from .base import Call, Curvature, Factors, LayerCurvature, MatrixLayer, NotExact, find_sample_axis
 from .conv import ConvLayer
+from .embedding import EmbeddingLayer, TiedLinearLayer, group_refusal, unsupported
 from .generic import GenericLayer
 from .linear import LinearLayer
 from .norm import NormLayer
@@ -26,7 +27,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
-SUPPORTED_TYPES = (nn.Linear,) + _CONVS + _NORMS + (nn.MultiheadAttention,)
+SUPPORTED_TYPES = (nn.Linear, nn.Embedding) + _CONVS + _NORMS + (nn.MultiheadAttention,)
 
 
 def runs_code_of(module: nn.Module, base: type, *methods: str) -> bool:
@@ -58,7 +59,41 @@ def layer_for(name: str, module: nn.Module) -> Optional[LayerCurvature]:
     norm = _torch_base(module, _NORMS)
     if norm is not None and runs_code_of(module, norm, "forward") and getattr(module, "weight", None) is not None:
         return NormLayer(name, module)
+    if runs_code_of(module, nn.Embedding, "forward"):
+        reason = unsupported(module)
+        if reason is not None:
+            raise NotExact(reason)
+        return EmbeddingLayer(name, [module])
     return None
+
+
+def _tied_layer(weight: nn.Parameter, modules: List[nn.Module], names: Dict[int, str],
+                holders: Dict[int, List[nn.Module]], accept: Callable[[str, nn.Module], bool]
+                ) -> Union[None, str, LayerCurvature]:
+    """One layer for a ``weight`` that several plain ``nn.Linear`` / ``nn.Embedding`` modules register as
+    their ``weight`` (tied embeddings), hooked on all of them and covering the Linear modules' bias too
+    (unless that bias is registered outside them); or why there is none; ``None`` for other sharing.
+    ``modules`` are in ``named_modules`` order, and the layer takes the first one's name."""
+    if not all(m.weight is weight and (runs_code_of(m, nn.Linear, "forward") or
+                                       runs_code_of(m, nn.Embedding, "forward")) for m in modules):
+        return None
+    excluded = [names[id(m)] for m in modules if not accept(names[id(m)], m)]
+    if excluded:
+        return "its weight is tied to " + ", ".join(repr(n) for n in excluded) + ", excluded by include/exclude"
+    linears = [m for m in modules if isinstance(m, nn.Linear)]
+    if any(m.bias is not linears[0].bias for m in linears):
+        return ("the Linear modules sharing its weight have different biases, and SENG's hooks cannot tell "
+                "their calls apart")
+    embeddings = [m for m in modules if isinstance(m, nn.Embedding)]
+    reason = group_refusal(embeddings)
+    if reason is not None:
+        return reason
+    name = names[id(modules[0])]
+    layer = EmbeddingLayer(name, modules) if embeddings else TiedLinearLayer(name, modules)
+    bias = linears[0].bias if linears else None
+    if bias is not None and any(all(h is not m for m in modules) for h in holders[id(bias)]):
+        layer.excluded.add(id(bias))
+    return layer
 
 
 def _own_params(module: nn.Module) -> List[nn.Parameter]:
@@ -85,16 +120,34 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
     Returns ``(layers, fallbacks, shared)``: ``fallbacks`` maps each module with parameters outside every
     layer to the reason; ``shared`` maps ``id(param)`` of each parameter registered in several modules to
     those modules. A parameter shared between modules is left to the fallback (a curvature built from one
-    of its uses would not be its per-sample gradient). A submodule whose calls its parent's layer computes
-    (``layer.feeds``) takes that layer, or falls back with its parent.
+    of its uses would not be its per-sample gradient), except a weight tied between plain Linear and
+    Embedding modules: one layer hooked on all of them sums its uses (:func:`_tied_layer`). A submodule
+    whose calls its parent's layer computes (``layer.feeds``) takes that layer, or falls back with its parent.
     """
     owners: Dict[int, List[str]] = {}
+    holders: Dict[int, List[nn.Module]] = {}  # the distinct modules registering each parameter
+    weights: Dict[int, nn.Parameter] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        for p in module._parameters.values():
-            if p is not None and name not in owners.setdefault(id(p), []):
+        for key, p in module._parameters.items():
+            if p is None:
+                continue
+            if name not in owners.setdefault(id(p), []):
                 owners[id(p)].append(name)
-    shared = {i: mods for i, mods in owners.items() if len(mods) > 1}
+            if all(m is not module for m in holders.setdefault(id(p), [])):
+                holders[id(p)].append(module)
+            if key == "weight":
+                weights[id(p)] = p
+    # one module registered under several names is not sharing: its hooks see every call
+    shared = {i: owners[i] for i, mods in holders.items() if len(mods) > 1}
     shared_ids = set(shared)
+    names = {id(m): name for name, m in model.named_modules()}
+    order = {i: k for k, i in enumerate(names)}
+    tied: Dict[int, Tuple[nn.Module, Union[str, LayerCurvature]]] = {}  # id(module) -> (first module, layer or why not)
+    for i in shared_ids & set(weights):
+        modules = sorted(holders[i], key=lambda m: order[id(m)])
+        result = _tied_layer(weights[i], modules, names, holders, accept)
+        if result is not None:
+            tied.update({id(m): (modules[0], result) for m in modules})
 
     layers: Dict[str, LayerCurvature] = {}
     fallbacks: Dict[str, str] = {}
@@ -109,10 +162,23 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
             if parametrized[id(module)] not in layers:
                 fallbacks[name] = f"parametrizes '{parametrized[id(module)]}', which has no layer"
             continue
-        layer = fed.pop(id(module), None) or layer_for(name, module)
+        if id(module) in tied:
+            first, result = tied[id(module)]
+            if isinstance(result, str):
+                fallbacks[name] = "excluded by include/exclude" if not accept(name, module) else result
+            elif module is first:
+                layers[name] = result
+            continue
+        layer = fed.pop(id(module), None)
         if isinstance(layer, str):
             fallbacks[name] = f"it runs inside '{layer}', which is not preconditioned"
             continue
+        if layer is None:
+            try:
+                layer = layer_for(name, module)
+            except NotExact as reason:  # a torch layer whose settings couple samples (scale_grad_by_freq)
+                fallbacks[name] = str(reason)
+                continue
         if not accept(name, module):
             fallbacks[name] = "excluded by include/exclude"
         else:
@@ -130,7 +196,6 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
     return layers, fallbacks, shared
 
 
-__all__ = ["AttentionLayer", "Call", "Curvature", "Factors", "GenericLayer", "LayerCurvature", "MatrixLayer",
-           "NotExact", "LinearLayer", "ConvLayer", "NormLayer", "OutProjection", "ROUTES", "RouteSettings",
-           "SUPPORTED_TYPES", "build_layers", "find_sample_axis",
-           "layer_for", "runs_code_of"]
+__all__ = ["AttentionLayer", "Call", "Curvature", "EmbeddingLayer", "Factors", "GenericLayer", "LayerCurvature",
+           "MatrixLayer", "NotExact", "LinearLayer", "ConvLayer", "NormLayer", "OutProjection", "ROUTES",
+           "RouteSettings", "SUPPORTED_TYPES", "build_layers", "find_sample_axis", "layer_for", "runs_code_of"]

@@ -18,18 +18,18 @@ UPDATE_FREQ = 2
 LR = 0.1
 
 
-def _run(x, y, comm, route, reduction="mean", sizes=None, make=make_net):
+def _run(x, y, comm, route, reduction="mean", sizes=None, make_model=make_net, loss_fn=F.cross_entropy):
     """STEPS of SENG + plain SGD; returns the directions (``.grad`` after ``seng.step``) per step.
 
     With ``sizes`` (distributed), the local gradients are combined into the gradient of the global
     loss: weights ``n_r / N`` for mean-reduced local losses, a plain sum for sum-reduced ones."""
-    model = make()
+    model = make_model()
     seng = SENG(model, damping=0.3, update_freq=UPDATE_FREQ, route=route, svd_rank=2, loss_reduction=reduction,
                 comm=comm)
     directions = []
     for _ in range(STEPS):
         model.zero_grad()
-        F.cross_entropy(model(x), y, reduction=reduction).backward()
+        loss_fn(model(x), y, reduction=reduction).backward()
         if sizes is not None:
             weight = x.shape[0] / sum(sizes) if reduction == "mean" else 1.0
             for p in model.parameters():
@@ -67,8 +67,8 @@ def _generic_global_equals_single_process(rank, world_size):
     local = slice(start, start + SIZES[rank])
     for reduction in ("mean", "sum"):
         got, seng = _run(x[local], y[local], GlobalComm(loss_reduction=reduction), "auto", reduction, sizes=SIZES,
-                         make=make_generic_net)
-        want, reference = _run(x, y, None, "auto", reduction, make=make_generic_net)
+                         make_model=make_generic_net)
+        want, reference = _run(x, y, None, "auto", reduction, make_model=make_generic_net)
         assert reference.stats["layers/generic"] == 3 and not reference._reasons
         for step, (g_step, w_step) in enumerate(zip(got, want)):
             for g, w in zip(g_step, w_step):

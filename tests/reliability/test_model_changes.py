@@ -404,6 +404,15 @@ class TiedHead(nn.Module):
         return self.head(torch.tanh(self.fc(self.emb(tokens).mean(1))))
 
 
+class SharedBiasHead(TiedHead):
+    """Hugging Face BERT's pattern: the head's bias is registered both on the model and on the decoder."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.linspace(-0.5, 0.5, 7, dtype=self.emb.weight.dtype))
+        self.head.bias = self.bias
+
+
 class FlatTokens(nn.Module):
     def __init__(self):
         super().__init__()
@@ -420,24 +429,35 @@ def _warnings(caplog):
             if r.levelno == logging.WARNING and r.name.startswith("lightning_seng")]
 
 
-def test_tied_weights_keep_untied_layers_exact():
+def test_tied_weights_are_exact_over_both_uses():
     torch.manual_seed(0)
     model = TiedHead().double()
     x, y = torch.randint(0, 7, (6, 3)), torch.randint(0, 7, (6,))
     seng = SENG(model, damping=DAMPING, update_freq=1)
     _step(model, seng, x, y)
-    got = {k: p.grad.clone() for k, p in model.named_parameters()}
-    assert torch.isfinite(got["emb.weight"]).all()
-    _assert_matches_reference(model, x, y, got, names=["fc.weight", "fc.bias"])
+    assert seng.layers["emb"].kind == "tied"
+    _assert_matches_reference(model, x, y)  # the reference's per-sample gradient of emb.weight sums both uses
 
 
-def test_tied_weights_are_reported_at_attach(caplog):
+def test_tied_weights_need_no_warning(caplog):
     caplog.set_level(logging.INFO, logger="lightning_seng")
     seng = SENG(TiedHead().double(), damping=DAMPING)
-    messages = _warnings(caplog)
-    assert len(messages) == 1 and "'emb'" in messages[0] and "'head'" in messages[0], messages
+    assert _warnings(caplog) == []
     row = next(r for r in seng.coverage() if r.module == "emb")
-    assert not row.curvature and "'head'" in row.note
+    assert row.curvature and row.parameters == 35 and "'head'" in row.note
+
+
+def test_bias_registered_outside_the_tied_modules_falls_back_with_one_warning(caplog):
+    caplog.set_level(logging.INFO, logger="lightning_seng")
+    torch.manual_seed(0)
+    model = SharedBiasHead().double()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    messages = _warnings(caplog)
+    assert len(messages) == 1 and "'head'" in messages[0] and "shared with" in messages[0], messages
+    x, y = torch.randint(0, 7, (6, 3)), torch.randint(0, 7, (6,))
+    raw = _step(model, seng, x, y)
+    assert torch.allclose(model.bias.grad, raw["bias"] / (1 + DAMPING), rtol=1e-15, atol=0)
+    _assert_matches_reference(model, x, y, names=["emb.weight", "fc.weight", "fc.bias"])
 
 
 def test_flattened_token_rows_keep_other_layers_exact():

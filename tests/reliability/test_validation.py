@@ -224,7 +224,7 @@ def test_excluded_recurrent_layer_falls_back_and_the_head_stays_exact():
 @pytest.mark.parametrize("make, x", [
     (lambda: nn.Sequential(), lambda: torch.randn(3, 4, requires_grad=True)),
     (lambda: nn.ReLU(), lambda: torch.randn(3, 4, requires_grad=True)),
-    (lambda: nn.Embedding(5, 4), lambda: torch.randint(0, 5, (3,))),
+    (lambda: nn.PReLU(), lambda: torch.randn(3, 4, requires_grad=True)),
     (lambda: nn.Linear(4, 4).requires_grad_(False), lambda: torch.randn(3, 4, requires_grad=True)),
     (lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False)), lambda: torch.randn(3, 4)),
     (lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4, elementwise_affine=False)), lambda: torch.randn(3, 4)),
