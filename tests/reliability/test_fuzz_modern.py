@@ -12,30 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.modules import Conv1D, RMSNorm
 from tests.zoo._check import check
 
 N_CASES = 24
-
-
-class AddmmLinear(nn.Module):
-    """Hugging Face's Conv1D pattern: weight (in, out), ``addmm`` on the flattened rows."""
-
-    def __init__(self, d_in, d_out):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(d_in, d_out) * 0.3)
-        self.bias = nn.Parameter(torch.randn(d_out) * 0.1)
-
-    def forward(self, x):
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
-
-
-class HandRMSNorm(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.scale = nn.Parameter(torch.rand(d) + 0.5)
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * self.scale
 
 
 class Net(nn.Module):
@@ -53,9 +33,9 @@ class Net(nn.Module):
             elif kind == "gru":
                 blocks.append(nn.GRU(d, d, batch_first=not self.seq_first))
             elif kind == "addmm":
-                blocks.append(AddmmLinear(d, d))
+                blocks.append(Conv1D(d, d))
             else:
-                blocks.append(HandRMSNorm(d))
+                blocks.append(RMSNorm(d))
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(d)
         self.tied = rng.random() < 0.5
