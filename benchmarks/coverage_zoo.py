@@ -6,7 +6,7 @@ fallbacks found at refresh, such as coupled or ambiguous layers, are in it), the
 against a plain forward+backward. The Hugging Face models need the ``zoo`` extra (``transformers``).
 
     python benchmarks/coverage_zoo.py                    # all architectures, batch 4, sequence 64
-    python benchmarks/coverage_zoo.py --only gpt2 vit --batch 2 --full-tables
+    python benchmarks/coverage_zoo.py --only gpt2 vit --batch 4 --full-tables --train
 """
 
 from __future__ import annotations
@@ -92,12 +92,12 @@ def torch_cases(batch: int, seq: int) -> Dict[str, Callable[[], Case]]:
     return {"nn.Transformer": transformer, "lightning-demo-transformer": lightning_demo, "gru-tagger": gru}
 
 
-def run(name: str, make: Callable[[], Case], full_table: bool) -> None:
+def run(name: str, make: Callable[[], Case], full_table: bool, train: bool = False) -> None:
     torch.manual_seed(0)
     model, loss_of, kwargs = make()
-    # Eval mode switches dropout off (gradients still flow): modules whose forward draws dropout would
-    # otherwise fall back, as any recomputation draws another mask. Train-mode coverage is in the note.
-    model.train(False)
+    # Eval mode switches dropout off (gradients still flow); --train keeps it: the generic route then falls
+    # back on modules whose own forward draws dropout (attention replays its draws).
+    model.train(train)
     loss_of(model).backward()  # warm-up
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="architectures to run (default: all)")
     parser.add_argument("--full-tables", action="store_true", help="print every module's row")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--train", action="store_true", help="train mode (dropout on) instead of eval mode")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -143,7 +144,7 @@ def main() -> None:
         print("transformers is not installed (pip install '.[zoo]'): Hugging Face architectures skipped")
     for name, make in cases.items():
         if args.only is None or name in args.only:
-            run(name, make, args.full_tables)
+            run(name, make, args.full_tables, args.train)
 
 
 if __name__ == "__main__":
