@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_seng.lr_schedules import WarmupPolyFactor, warmup_poly
+from tests.recipe_formulas import cifar_lr, imagenet_lr
 
 
 def _lrs(scheduler, steps):
@@ -24,24 +25,6 @@ def _lrs(scheduler, steps):
 def _sgd(lr, groups=1):
     params = [nn.Parameter(torch.zeros(1)) for _ in range(groups)]
     return torch.optim.SGD([{"params": [p]} for p in params], lr=lr, momentum=0.9)
-
-
-def cifar_lr(k, batches):
-    """The authors' CIFAR-10 rule (main_seng.py, --lr-scheme exp): 0.05 (1 - e/70)^6, e = epoch + (batch + 1)/batches."""
-    epoch, batch = divmod(k, batches)
-    e = epoch + (batch + 1) / batches
-    return 0.05 * (1.0 - e / 70) ** 6
-
-
-def imagenet_lr(k, batches):
-    """The authors' ImageNet rule (utils.py LRScheduler.update_lr), with ind_batch counted from 1."""
-    epoch, index = divmod(k, batches)
-    b = index + 1
-    if epoch < 5:
-        lr = 0.01 + (0.145 - 0.01) * (epoch + b / batches) / 5
-    else:
-        lr = 0.145 * (1 - (epoch - 5 + b / batches) / 60) ** 6
-    return lr / 10 if epoch > 39 else lr
 
 
 def test_cifar_recipe_lr_equals_the_formula_at_every_step_of_65_epochs():

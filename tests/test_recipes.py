@@ -16,6 +16,7 @@ from torch import nn
 from lightning_seng.mixin import build_optimizer, build_scheduler, build_seng_callback
 from lightning_seng.schedules import ExponentialDamping
 from lightning_seng.train import _instantiate, build, config_dir, plan_runs
+from tests.recipe_formulas import cifar_lr, imagenet_damping, imagenet_lr
 
 
 def _compose(overrides=()):
@@ -62,9 +63,7 @@ def test_cifar_recipe_is_the_authors_setting():
 def test_cifar_recipe_lr_is_the_authors_formula(k):
     batches = 196
     *_, scheduler, _ = _built("cifar10_resnet18", batches)
-    epoch, batch_idx = divmod(k, batches)
-    e = epoch + (batch_idx + 1) / batches
-    assert _lr_at(scheduler["scheduler"], [k])[k] == pytest.approx(0.05 * (1 - e / 70) ** 6, rel=1e-12)
+    assert _lr_at(scheduler["scheduler"], [k])[k] == pytest.approx(cifar_lr(k, batches), rel=1e-12)
 
 
 def test_imagenet_recipe_is_the_authors_setting():
@@ -82,16 +81,6 @@ def test_imagenet_recipe_is_the_authors_setting():
     assert isinstance(knobs["damping"], ExponentialDamping) and knobs["damping"].steps_per_epoch == "auto"
 
 
-def imagenet_lr(k, batches):
-    epoch, index = divmod(k, batches)
-    b = index + 1  # ind_batch counts from 1 in the official loop
-    if epoch < 5:
-        lr = 0.01 + (0.145 - 0.01) * (epoch + b / batches) / 5
-    else:
-        lr = 0.145 * (1 - (epoch - 5 + b / batches) / 60) ** 6
-    return lr / 10 if epoch > 39 else lr
-
-
 def test_imagenet_recipe_lr_and_damping_are_the_authors_formulas():
     batches = 50  # any count: the recipe takes it from the trainer
     *_, scheduler, callback = _built("imagenet_resnet50", batches)
@@ -102,8 +91,7 @@ def test_imagenet_recipe_lr_and_damping_are_the_authors_formulas():
     damping = callback.seng_kwargs["damping"]
     damping.set_steps_per_epoch(batches)
     for k in steps:
-        t = k // batches + (k % batches + 1) / batches
-        assert damping(k, k // batches) == pytest.approx(0.17 * 0.9 ** (t / 10), rel=1e-14), k
+        assert damping(k, k // batches) == pytest.approx(imagenet_damping(k, batches), rel=1e-14), k
 
 
 def test_imagenet_trainer_starts_the_grad_scaler_at_1024():
@@ -145,8 +133,7 @@ def test_cifar_recipe_trains_with_the_lr_schedule_sized_by_the_trainer(tmp_path)
     module, datamodule, trainer = build(cfg, seng_cfg, opt_cfg, callbacks=[record])
     trainer.fit(module, datamodule=datamodule)
     batches = 7  # 100 training images at batch 16, the last batch partial
-    expected = [0.05 * (1 - (k // batches + (k % batches + 1) / batches) / 70) ** 6 for k in range(2 * batches)]
-    assert record.lrs == pytest.approx(expected, rel=1e-12)
+    assert record.lrs == pytest.approx([cifar_lr(k, batches) for k in range(2 * batches)], rel=1e-12)
 
 
 @pytest.mark.parametrize("override, pattern", [

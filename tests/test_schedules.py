@@ -3,6 +3,7 @@ import math
 import pytest
 
 from lightning_seng.schedules import ConstantDamping, ExponentialDamping, LambdaDamping, make_damping
+from tests.recipe_formulas import imagenet_damping
 
 
 def test_exponential_damping_decays_by_rate_every_period():
@@ -31,13 +32,6 @@ def test_make_damping_accepts_numbers_schedules_and_callables():
 def test_bad_schedule_values_name_the_key(build, key):
     with pytest.raises(ValueError, match=key):
         build()
-
-
-def imagenet_damping(k, batches):
-    """The authors' ImageNet damping (main_seng_bs.py): 0.17 · 0.9^(t/10), t = epoch + ind_batch/batches, ind_batch from 1."""
-    epoch, index = divmod(k, batches)
-    t = epoch + (index + 1) / batches
-    return 0.17 * 0.9 ** (t / 10)
 
 
 def test_damping_per_step_follows_the_fractional_epoch_of_the_imagenet_recipe():

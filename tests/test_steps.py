@@ -10,23 +10,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_seng.callback import SENGCallback
-from lightning_seng.mixin import SENGOptimizerMixin, build_scheduler
+from lightning_seng.mixin import build_scheduler
+from tests.test_mixin import Net
 
 POLY = {"_target_": "lightning_seng.lr_schedules.warmup_poly", "steps_per_epoch": "auto", "decay_epochs": 4,
         "power": 2, "warmup_epochs": 1, "warmup_start_lr": 0.01, "step_offset": 1, "interval": "step"}
 IMAGENET_DAMPING = {"_target_": "lightning_seng.schedules.ExponentialDamping", "damping": 0.17, "rate": 0.9,
                     "period": 10, "steps_per_epoch": "auto", "step_offset": 1}
-
-
-class Net(SENGOptimizerMixin, pl.LightningModule):
-    def __init__(self, optimizer=None, scheduler=None, seng=None):
-        super().__init__()
-        self.save_hyperparameters()
-        self.layer = nn.Linear(4, 2)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.layer(x), y)
 
 
 class Record(Callback):
