@@ -2,8 +2,10 @@
 
 The callback only translates Lightning events into calls on :class:`lightning_seng.SENG`:
 
-- ``on_fit_start``: ``SENG(pl_module, **knobs, comm=trainer.strategy.seng_comm)``; apply the state
-  restored from a checkpoint; print the coverage table (module, type, route, parameters; rank zero).
+- ``on_fit_start``: ``SENG(pl_module, **knobs, comm=trainer.strategy.seng_comm)``; a damping schedule
+  built with ``steps_per_epoch="auto"`` gets the trainer's optimizer steps per epoch (per-step damping
+  in fractional epochs); apply the state restored from a checkpoint; print the coverage table
+  (module, type, route, parameters; rank zero).
 - ``on_train_epoch_start``: ``seng.set_epoch(trainer.current_epoch)`` (epoch-based damping).
 - ``on_train_batch_start``: ``seng.observe_batch(batch)``: the batch size ``N`` of this step.
 - ``on_before_optimizer_step``: ``seng.step(loss_scale)`` for the optimizers named in ``optimizers``.
@@ -42,6 +44,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from lightning_seng import strategy as _strategy  # noqa: F401  registers strategy="seng_ddp" / "seng_ddp_global"
 from lightning_seng.preconditioner import check_int, check_settings
+from lightning_seng.schedules import DampingSchedule
+from lightning_seng.steps import steps_per_epoch
 
 
 
@@ -53,8 +57,9 @@ class SENGCallback(Callback):
     (see :class:`lightning_seng.SENG`). The first-order optimizer then takes its step along ``d``.
 
     Args:
-        damping: :math:`\lambda`; a float, a ``lightning_seng.schedules`` schedule, or a callable
-            ``(step, epoch) -> float``.
+        damping: :math:`\lambda`; a float, a ``lightning_seng.schedules`` schedule (one built with
+            ``steps_per_epoch="auto"`` is given the trainer's optimizer steps per epoch at fit start), or a
+            callable ``(step, epoch) -> float``.
         update_freq: curvature refresh every ``update_freq`` optimizer steps.
         sketch_size: sampling size of the sketched routes; ``None`` = exact.
         curvature_samples: samples of the refresh batch that form ``U`` (uniform subset); ``None`` = all.
@@ -136,6 +141,9 @@ class SENGCallback(Callback):
             )
         from lightning_seng import SENG
 
+        damping = self.seng_kwargs["damping"]
+        if isinstance(damping, DampingSchedule) and damping.steps_per_epoch == "auto":
+            damping.set_steps_per_epoch(steps_per_epoch(trainer))
         if self.seng is not None:
             self.seng.remove()
         self.seng = SENG(pl_module, **self.seng_kwargs, comm=self._communicator(trainer))

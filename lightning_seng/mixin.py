@@ -17,7 +17,9 @@ hyper-parameters (``self.save_hyperparameters()``) needs no optimizer code::
   ``None`` gives :data:`DEFAULT_OPTIMIZER` (SGD with momentum).
 - ``scheduler``: a ``_target_`` config built with ``optimizer=...``; the keys ``interval`` (``"epoch"`` or
   ``"step"``), ``frequency`` and ``monitor`` are Lightning's and are passed to Lightning, not the scheduler.
-  Missing or ``None``: no scheduler.
+  ``steps_per_epoch: auto`` becomes the trainer's optimizer steps per epoch
+  (:func:`lightning_seng.steps.steps_per_epoch`), for per-step schedules such as ``scheduler=poly``
+  (:func:`lightning_seng.lr_schedules.warmup_poly`) or ``OneCycleLR``. Missing or ``None``: no scheduler.
 - ``seng``: keyword arguments of :class:`~lightning_seng.callback.SENGCallback` (a ``_target_`` is optional);
   the callback is returned by ``configure_callbacks`` so Lightning attaches it to the Trainer.
   Missing or ``None``: no SENG, the module trains with the first-order optimizer alone.
@@ -27,12 +29,13 @@ Learning rate, momentum and weight decay stay with the first-order optimizer; SE
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Union
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_seng.callback import SENGCallback
+from lightning_seng.steps import steps_per_epoch as trainer_steps_per_epoch
 
 DEFAULT_OPTIMIZER: dict[str, Any] = {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9}
 LIGHTNING_SCHEDULER_KEYS = ("interval", "frequency", "monitor")
@@ -59,8 +62,13 @@ def build_optimizer(cfg: Mapping[str, Any] | None, params) -> Any:
         raise ValueError(f"optimizer: cannot build {cfg['_target_']} from {cfg}: {root_cause(err)}") from err
 
 
-def build_scheduler(cfg: Mapping[str, Any] | None, optimizer) -> dict[str, Any] | None:
-    """Lightning's ``lr_scheduler`` dict from a ``_target_`` config, or ``None`` without one."""
+def build_scheduler(cfg: Mapping[str, Any] | None, optimizer,
+                    steps_per_epoch: Union[int, Callable[[], int], None] = None) -> dict[str, Any] | None:
+    """Lightning's ``lr_scheduler`` dict from a ``_target_`` config, or ``None`` without one.
+
+    ``steps_per_epoch`` (an int, or a function returning it, called only when needed) replaces a
+    ``steps_per_epoch: auto`` entry of the config; without it such an entry is an error.
+    """
     cfg = _as_dict("scheduler", cfg)
     if not cfg:
         return None
@@ -70,6 +78,11 @@ def build_scheduler(cfg: Mapping[str, Any] | None, optimizer) -> dict[str, Any] 
     if "_target_" not in cfg:
         raise ValueError(f"scheduler must have a '_target_' such as 'torch.optim.lr_scheduler.CosineAnnealingLR' "
                          f"(got {cfg})")
+    if cfg.get("steps_per_epoch") == "auto":
+        if steps_per_epoch is None:
+            raise ValueError("scheduler.steps_per_epoch='auto' needs the trainer's steps per epoch: build the scheduler "
+                             "from a LightningModule attached to a Trainer, or set scheduler.steps_per_epoch to an int")
+        cfg["steps_per_epoch"] = steps_per_epoch() if callable(steps_per_epoch) else steps_per_epoch
     try:
         scheduler = instantiate(cfg, optimizer=optimizer, _convert_="all")
     except Exception as err:
@@ -111,7 +124,8 @@ class SENGOptimizerMixin:
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self._seng_hparam("optimizer"), self.parameters())
-        scheduler = build_scheduler(self._seng_hparam("scheduler"), optimizer)
+        scheduler = build_scheduler(self._seng_hparam("scheduler"), optimizer,
+                                    steps_per_epoch=lambda: trainer_steps_per_epoch(self.trainer))
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

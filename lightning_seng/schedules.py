@@ -1,20 +1,55 @@
 """Damping schedules: λ as a function of the optimizer step and the epoch.
 
 The paper decays the damping together with the learning rate; the exponential schedule here is
-``λ_k = λ_0 · r^(epoch / T)``. Any callable ``(step, epoch) -> float`` works as well.
+``λ_k = λ_0 · r^(t / T)`` with ``t`` the epoch, or the fractional epoch ``t = (step + step_offset) /
+steps_per_epoch`` when ``steps_per_epoch`` is given (a per-step decay, as in the authors' ImageNet recipe).
+Any callable ``(step, epoch) -> float`` works as well.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 
 class DampingSchedule:
-    """Base class: ``value(step, epoch)`` returns the damping λ > 0."""
+    """Base class: ``value(step, epoch)`` returns the damping λ > 0.
+
+    ``step`` counts SENG's steps from 0 (the step about to be taken); ``epoch`` is the integer epoch.
+    A schedule built with ``steps_per_epoch`` reads time as the fractional epoch
+    ``t = (step + step_offset) / steps_per_epoch`` instead (:meth:`fractional_epoch`); with
+    ``steps_per_epoch="auto"`` the Lightning callback supplies the count at fit start
+    (:meth:`set_steps_per_epoch`), and a plain loop must pass an int.
+    """
+
+    steps_per_epoch: Union[int, str, None] = None
+    step_offset: int = 0
+    _resolved_steps: Optional[int] = None
 
     def value(self, step: int, epoch: int) -> float:
         raise NotImplementedError
+
+    def _init_time(self, steps_per_epoch: Union[int, str, None], step_offset: int) -> None:
+        if steps_per_epoch not in (None, "auto"):
+            _check_count("steps_per_epoch", steps_per_epoch, 1, "None, 'auto' or an int >= 1")
+        self.steps_per_epoch = steps_per_epoch
+        self.step_offset = _check_count("step_offset", step_offset, 0, "an int >= 0")
+        self._resolved_steps = steps_per_epoch if isinstance(steps_per_epoch, int) else None
+
+    def set_steps_per_epoch(self, steps_per_epoch: int) -> None:
+        """Resolve ``steps_per_epoch="auto"`` (optimizer steps in one epoch); other settings are kept."""
+        steps = _check_count("steps_per_epoch", steps_per_epoch, 1, "an int >= 1")
+        if self.steps_per_epoch == "auto":
+            self._resolved_steps = steps
+
+    def fractional_epoch(self, step: int, epoch: int) -> float:
+        """``epoch`` without ``steps_per_epoch``, else ``(step + step_offset) / steps_per_epoch``."""
+        if self.steps_per_epoch is None:
+            return epoch
+        if self._resolved_steps is None:
+            raise ValueError("steps_per_epoch='auto' has not been resolved: SENGCallback sets it from the trainer "
+                             "at fit start; in a plain loop pass steps_per_epoch=<optimizer steps per epoch>")
+        return (step + self.step_offset) / self._resolved_steps
 
     def __call__(self, step: int, epoch: int) -> float:
         return self.value(step, epoch)
@@ -24,6 +59,12 @@ def _check_positive(key: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{key} must be a finite number > 0 (got {value!r})")
     return float(value)
+
+
+def _check_count(key: str, value: int, minimum: int, allowed: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be {allowed} (got {value!r})")
+    return value
 
 
 class ConstantDamping(DampingSchedule):
@@ -40,14 +81,18 @@ class ConstantDamping(DampingSchedule):
 
 
 class ExponentialDamping(DampingSchedule):
-    """``λ = λ_0 · rate^(epoch / period)``, optionally floored at ``min_damping``.
+    """``λ = max(λ_0 · rate^(t / period), min_damping)``.
 
-    ``staircase=True`` uses ``floor(epoch / period)`` (decay every ``period`` epochs, as step LR
-    schedules do); otherwise the decay is smooth in the epoch.
+    ``t`` is the integer epoch by default, so λ changes only at epoch boundaries. With
+    ``steps_per_epoch`` (an int, or ``"auto"`` to take it from the Lightning trainer) ``t`` is the
+    fractional epoch ``(step + step_offset) / steps_per_epoch`` and λ changes at every step;
+    ``step_offset=1`` counts the step's own batch as done (the SENG authors' ImageNet recipe:
+    ``0.17 · 0.9^(t/10)``). ``staircase=True`` uses ``floor(t / period)`` (decay every ``period``
+    epochs, as step LR schedules do).
     """
 
     def __init__(self, damping: float, rate: float, period: float = 1.0, min_damping: float = 0.0,
-                 staircase: bool = False):
+                 staircase: bool = False, steps_per_epoch: Union[int, str, None] = None, step_offset: int = 0):
         self.damping = _check_positive("damping", damping)
         self.rate = _check_positive("rate", rate)
         self.period = _check_positive("period", period)
@@ -58,16 +103,18 @@ class ExponentialDamping(DampingSchedule):
             raise ValueError(f"staircase must be True or False (got {staircase!r})")
         self.min_damping = float(min_damping)
         self.staircase = staircase
+        self._init_time(steps_per_epoch, step_offset)
 
     def value(self, step: int, epoch: int) -> float:
-        exponent = epoch / self.period
+        exponent = self.fractional_epoch(step, epoch) / self.period
         if self.staircase:
             exponent = math.floor(exponent)
         return max(self.damping * self.rate ** exponent, self.min_damping)
 
     def __repr__(self) -> str:
         return (f"ExponentialDamping({self.damping}, rate={self.rate}, period={self.period}, "
-                f"min_damping={self.min_damping}, staircase={self.staircase})")
+                f"min_damping={self.min_damping}, staircase={self.staircase}, "
+                f"steps_per_epoch={self.steps_per_epoch!r}, step_offset={self.step_offset})")
 
 
 class LambdaDamping(DampingSchedule):
