@@ -67,11 +67,18 @@ class ExplicitRoute(Route):
             yield slice(start, start + size)
             start += size
 
+    def _sampled_columns(self) -> Tensor:
+        """``U[:, index]``, gathered once per refresh (not per step) and kept beside ``U``."""
+        cols = getattr(self, "_columns", None)
+        if cols is None:
+            cols = self._columns = self.tensors["U"][:, self.tensors["index"]]
+        return cols
+
     def gram(self, generator) -> Tensor:
         U, index = self.tensors["U"], self.tensors.get("index")
         if index is None:
             return U @ U.T
-        Us = U[:, index]
+        Us = self._sampled_columns()
         return (Us @ Us.T) * (U.shape[1] / index.numel())
 
     def u_dot(self, parts: Sequence[Tensor]) -> Tensor:
@@ -79,7 +86,7 @@ class ExplicitRoute(Route):
         if index is None:
             return sum(U[:, cols] @ part.reshape(-1) for cols, part in zip(self._blocks(), parts))
         flat = torch.cat([part.reshape(-1) for part in parts])
-        return (U[:, index] @ flat[index]) * (U.shape[1] / index.numel())
+        return (self._sampled_columns() @ flat[index]) * (U.shape[1] / index.numel())
 
     def apply(self, parts: Sequence[Tensor], v: Tensor, damping: float) -> List[Tensor]:
         U = self.tensors["U"]
