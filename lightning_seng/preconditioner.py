@@ -571,6 +571,11 @@ class SENG:
                 rows.append(CoverageRow(name, kind, "fallback", _numel(rest), False, "; ".join(notes)))
         return Coverage(rows)
 
+    def kept_bytes(self) -> Dict[str, int]:
+        """Bytes each layer keeps between refreshes (its committed curvature: factors or ``U``, ``UUᵀ`` and its
+        Cholesky factor), by layer name; layers without curvature keep none. Sum it for the total."""
+        return {name: 0 if layer.curvature is None else layer.curvature.nbytes for name, layer in self.layers.items()}
+
     def _route_label(self, name: str, layer: LayerCurvature) -> str:
         if not self.comm.owns(name):
             return f"{layer.kind} (rank {self.comm.owners[name]})" if hasattr(self.comm, "owners") else layer.kind

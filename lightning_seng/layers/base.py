@@ -87,6 +87,12 @@ class Curvature:
     damping: float
     mask: Mask
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes this curvature keeps between refreshes: the route's tensors (and any cache), ``K`` and its
+        Cholesky factor."""
+        return self.route.nbytes + self.gram.nbytes + self.chol.nbytes
+
     def state_dict(self) -> dict:
         return {"route": self.route.state_dict(), "gram": self.gram, "chol": self.chol,
                 "damping": self.damping, "mask": list(self.mask)}

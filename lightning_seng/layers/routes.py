@@ -33,6 +33,12 @@ class Route:
         self.tensors = tensors
         self.options = dict(options or {})
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors the route holds, caches included."""
+        cached = [v for v in vars(self).values() if isinstance(v, Tensor)]
+        return sum(t.nbytes for t in list(self.tensors.values()) + cached)
+
     def gram(self, generator: Optional[torch.Generator]) -> Tensor:
         raise NotImplementedError
 
