@@ -516,6 +516,7 @@ class SENG:
             routes[key] = routes.get(key, 0) + 1
         self._stats.update({f"layers/{k}": v for k, v in routes.items()})
         self._stats["coverage"] = self.coverage().percent
+        self._stats["kept_bytes"] = sum(self.kept_bytes().values())
         self._stats["skipped_refreshes"] = self.skipped_refreshes
         self._stats["refresh_time"] = time.perf_counter() - start
 

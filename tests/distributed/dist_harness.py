@@ -44,7 +44,13 @@ def _lightning_entry(rank: int, fn: Callable, world_size: int, port: int, args: 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
-    fn(rank, world_size, *args)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        # Lightning leaves its gloo group alive; torn down at interpreter exit, its threads can abort the
+        # process ("terminate called without an active exception") after the test body has passed.
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _first_cause(context) -> str:
