@@ -2,7 +2,9 @@
 
 Models (our own code): an MLP 784-512-512-10, a small CNN on 32x32 images, the digits autoencoder
 (64-512-256-128-16 and back, ``benchmarks/problems.py``) and a small transformer block (tokens ``(T, D)``:
-attention with our own projections, an MLP, layer norms, a mean-pooled head). Per model, the runners are
+attention with our own projections, an MLP, layer norms, a mean-pooled head), and a token MLP built twice:
+from ``nn.Linear``/``nn.RMSNorm`` (``seqmlp``) and from a ``Conv1D``-style linear and a custom RMS norm, which
+only the generic route covers (``generic``), so that their refresh columns compare the routes. Per model, the runners are
 SGD and SENG with ``update_freq`` 10 (exact), ``update_freq`` 1 and ``curvature_samples = B/4``. Every
 round runs one step of each runner in turn, so that load from other processes hits all of them alike;
 the ratios are medians over rounds. Refresh steps are reported on their own (ratio of the median refresh
@@ -67,6 +69,40 @@ class Block(nn.Module):
         return self.head(x.mean(1))
 
 
+class AddmmLinear(nn.Module):
+    """Hugging Face's ``Conv1D`` pattern (weight ``(in, out)``, ``addmm``): no dedicated route, so generic."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out) * d_in ** -0.5)
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+class CustomRMSNorm(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class TokenMLP(nn.Module):
+    """Tokens ``(T, 64)``: linear 64→96, RMS norm, GELU, linear 96→64, mean over tokens, head 64→10. Built
+    from ``nn.Linear``/``nn.RMSNorm`` (dedicated routes, ``seqmlp``) or from the two modules above (the
+    generic route, ``generic``): the same maths, so the refresh columns compare the routes."""
+
+    def __init__(self, linear: type, norm: type):
+        super().__init__()
+        self.up, self.norm, self.down, self.head = linear(64, 96), norm(96), linear(96, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(F.gelu(self.norm(self.up(x)))).mean(1))
+
+
 def _resnet18_quarter() -> nn.Module:
     """ResNet-18's layout (3x3 stem, stages of two basic blocks, strides 1-2-2-2) at widths 16-32-64-128."""
 
@@ -108,9 +144,11 @@ PROBLEMS = {
         nn.Flatten(), nn.Linear(64 * 4 * 4, 10)), (3, 32, 32), "ce", 1.0, 1.0),
     "autoencoder": Problem(lambda: _autoencoder([512, 256, 128, 16]), (64,), "mse", 1 + 1 / 3, 1 + 1 / 12),
     "block": Problem(Block, (16, 64), "ce", 1 + 1 / 3, 1 + 1 / 12),
+    "seqmlp": Problem(lambda: TokenMLP(nn.Linear, nn.RMSNorm), (16, 64), "ce", 1 + 1 / 3, 1 + 1 / 12),
+    "generic": Problem(lambda: TokenMLP(AddmmLinear, CustomRMSNorm), (16, 64), "ce", 1 + 1 / 3, 1 + 1 / 12),
 }
 TARGETS = {"exact": {"mlp": 1.35, "autoencoder": 1.35, "cnn": 1.1}, "update_freq=1": {"mlp": 1.6},
-           "samples=B/4": {name: 1.15 for name in PROBLEMS}}
+           "samples=B/4": {name: 1.15 for name in ("mlp", "cnn", "autoencoder", "block")}}
 
 
 @dataclass
