@@ -491,16 +491,17 @@ class SENG:
         if not grads_finite:  # this batch is bad as a whole: keep the last good curvature, build nothing
             factors = dict.fromkeys(factors)
         factors = self.comm.gather_factors(factors)
+        prepared = {name: (f, *self.layers[name].prepare(f, self.loss_reduction, self.settings, self.generator))
+                    for name, f in factors.items() if f is not None}
+        # layers that share N are factorised in one batched Cholesky, its status read once
+        chols = sketch.damped_cholesky_batch([gram for _, _, gram in prepared.values()], damping)
         built: Dict[str, Curvature] = {}
         bad = []
-        for name, f in factors.items():
-            if f is None:
-                continue
-            cur = self.layers[name].build(f, damping, self.loss_reduction, self.settings, self.generator)
-            if cur is None:
+        for (name, (f, route, gram)), chol in zip(prepared.items(), chols):
+            if chol is None:
                 bad.append(name)
             else:
-                built[name] = cur
+                built[name] = Curvature(route, gram, chol, damping, f.mask)
         if self.comm.agree(not bad and grads_finite):
             for name, cur in built.items():
                 self.layers[name].curvature = cur

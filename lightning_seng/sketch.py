@@ -11,7 +11,7 @@ Nothing here knows about modules or hooks; every function is tested alone in flo
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -231,6 +231,28 @@ def damped_cholesky(K: Tensor, damping: float, max_tries: int = 6) -> Optional[T
             return L
         jitter *= 10.0
     return None
+
+
+def damped_cholesky_batch(grams: List[Tensor], damping: float) -> List[Optional[Tensor]]:
+    """:func:`damped_cholesky` of every matrix of ``grams``, those of one shape, dtype and device in one batched
+    factorisation whose status is read once; a matrix that fails it is retried alone with growing jitter.
+    ``None`` where a matrix is not finite or cannot be factorised."""
+    out: List[Optional[Tensor]] = [None] * len(grams)
+    groups: Dict[tuple, List[int]] = {}
+    for i, K in enumerate(grams):
+        groups.setdefault((tuple(K.shape), K.dtype, K.device), []).append(i)
+    for (shape, dtype, device), members in groups.items():
+        K = torch.stack([grams[i] for i in members])
+        finite = torch.isfinite(K).flatten(1).all(1)
+        eye = torch.eye(shape[0], dtype=dtype, device=device)
+        L, info = torch.linalg.cholesky_ex(K + damping * eye)
+        status = torch.where(finite, info, -1).tolist()  # the one read of this group
+        for i, code, chol in zip(members, status, L.unbind(0)):
+            if code == 0:
+                out[i] = chol.clone()  # its own storage: a view would keep (and save) the whole batch
+            elif code > 0:  # finite but not positive definite in floating point: jitter, alone
+                out[i] = damped_cholesky(grams[i], damping)
+    return out
 
 
 def cholesky_solve_vec(L: Tensor, b: Tensor) -> Tensor:

@@ -74,3 +74,17 @@ def test_a_nan_between_refreshes_is_handled_on_the_device_and_counted_when_stats
     assert _reads(seng, model, x, y, nan=True) == 0
     assert all(float(p.grad.abs().sum()) == 0 for p in model.parameters())
     assert seng.stats["nonfinite_steps"] == 1 and seng.nonfinite_steps == 1
+
+
+def test_a_refresh_reads_a_fixed_number_of_scalars_whatever_the_number_of_layers():
+    """Layers sharing N are factorised in one batched Cholesky whose status is read once: the refresh reads
+    as many scalars for 2 layers as for 8 (whether the gradient is finite, that status, at most the non-finite
+    count)."""
+    x, y = torch.randn(8, 6), torch.randint(0, 6, (8,))
+    counts = []
+    for depth in (1, 7):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(6, 6), nn.Tanh())], nn.Linear(6, 6))
+        seng = SENG(model, damping=0.5, update_freq=3)
+        counts.append(_reads(seng, model, x, y))
+    assert counts[0] == counts[1] <= 3, counts

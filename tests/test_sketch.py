@@ -200,3 +200,25 @@ def test_token_cross_gram_matches_explicit_rows():
     sample, token, A = sketch.token_pairs(tokens, G)
     torch.testing.assert_close(sketch.token_cross_gram(sample, token, A, Gl[:, 0], Xl[:, 0], 5), U @ L.T,
                                rtol=1e-12, atol=1e-12)
+
+
+def test_batched_damped_cholesky_equals_one_by_one_and_marks_bad_matrices():
+    g = torch.Generator().manual_seed(0)
+    A = [torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    b = torch.randn(4, 2, generator=g, dtype=torch.float64)
+    grams = [a @ a.T for a in A] + [b @ b.T]  # three of one shape (one batch), one of another
+    grams.append(grams[0].clone().fill_(float("nan")))
+    grams.append(-10 * torch.eye(5, dtype=torch.float64))  # never positive definite, even with jitter
+    out = sketch.damped_cholesky_batch(grams, 0.3)
+    for K, L in zip(grams[:4], out[:4]):
+        torch.testing.assert_close(L, sketch.damped_cholesky(K, 0.3), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(L @ L.T, K + 0.3 * torch.eye(K.shape[0], dtype=K.dtype), rtol=1e-10, atol=1e-10)
+        assert L.untyped_storage().nbytes() == L.numel() * L.element_size()  # not a view of the batch
+    assert out[4] is None and out[5] is None
+
+
+def test_batched_damped_cholesky_jitters_a_singular_member_alone():
+    K = torch.ones(4, 4, dtype=torch.float64)  # rank one: K + λI is fine, K alone is singular
+    out = sketch.damped_cholesky_batch([K, K.clone()], 0.0)
+    assert all(L is not None and torch.isfinite(L).all() for L in out)
+    torch.testing.assert_close(out[0], sketch.damped_cholesky(K, 0.0))

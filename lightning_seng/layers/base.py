@@ -246,12 +246,18 @@ class LayerCurvature:
     def _route(self, factors: Factors, scale: float, settings: RouteSettings, generator) -> Route:
         raise NotImplementedError
 
+    def prepare(self, factors: Factors, loss_reduction: str, settings: RouteSettings,
+                generator: Optional[torch.Generator]) -> Tuple[Route, Tensor]:
+        """The route built from ``factors`` and its ``UUᵀ`` ``(N, N)``, not yet factorised: the preconditioner
+        factorises the Gram matrices of all layers together (:func:`~lightning_seng.sketch.damped_cholesky_batch`)."""
+        route = self._route(factors, sample_scale(factors.n, loss_reduction), settings, generator)
+        return route, route.gram(generator)
+
     def build(self, factors: Factors, damping: float, loss_reduction: str, settings: RouteSettings,
               generator: Optional[torch.Generator]) -> Optional[Curvature]:
         """A new curvature from ``factors`` (not yet committed); ``None`` if ``UUᵀ`` is not finite (a NaN or
         Inf anywhere in the factors reaches it) or cannot be factorised."""
-        route = self._route(factors, sample_scale(factors.n, loss_reduction), settings, generator)
-        gram = route.gram(generator)
+        route, gram = self.prepare(factors, loss_reduction, settings, generator)
         chol = sketch.damped_cholesky(gram, damping)
         if chol is None:
             return None
