@@ -30,7 +30,7 @@ from .coverage import Coverage, CoverageRow
 from .distributed import Communicator
 from .layers import ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
 from .layers.base import Curvature
-from .schedules import DampingLike, make_damping
+from .schedules import ConstantDamping, DampingLike, make_damping
 
 log = logging.getLogger(__name__)
 
@@ -495,13 +495,19 @@ class SENG:
                     for name, f in factors.items() if f is not None}
         # layers that share N are factorised in one batched Cholesky, its status read once
         chols = sketch.damped_cholesky_batch([gram for _, _, gram in prepared.values()], damping)
+        # under a damping schedule every step has another λ: an eigendecomposition now serves them all
+        # between refreshes without a factorisation or a host read per layer and step
+        scheduled = not isinstance(self.damping_schedule, ConstantDamping) and prepared
+        eigens = sketch.eigen_batch([gram for (_, _, gram), chol in zip(prepared.values(), chols)
+                                     if chol is not None]) if scheduled else []
+        eigens = iter(eigens)
         built: Dict[str, Curvature] = {}
         bad = []
         for (name, (f, route, gram)), chol in zip(prepared.items(), chols):
             if chol is None:
                 bad.append(name)
             else:
-                built[name] = Curvature(route, gram, chol, damping, f.mask)
+                built[name] = Curvature(route, gram, chol, damping, f.mask, next(eigens) if scheduled else None)
         if self.comm.agree(not bad and grads_finite):
             for name, cur in built.items():
                 self.layers[name].curvature = cur

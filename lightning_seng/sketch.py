@@ -255,6 +255,26 @@ def damped_cholesky_batch(grams: List[Tensor], damping: float) -> List[Optional[
     return out
 
 
+def eigen_batch(grams: List[Tensor]) -> List[Tuple[Tensor, Tensor]]:
+    """``K = Q diag(e) Qᵀ`` of every symmetric ``K`` in ``grams`` (those of one shape, dtype and device in one
+    batched ``eigh``), as ``(Q, e)`` with ``e`` clamped at 0 (``K = UUᵀ`` is positive semi-definite; rounding
+    can make its smallest eigenvalues slightly negative)."""
+    out: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(grams)
+    groups: Dict[tuple, List[int]] = {}
+    for i, K in enumerate(grams):
+        groups.setdefault((tuple(K.shape), K.dtype, K.device), []).append(i)
+    for members in groups.values():
+        e, Q = torch.linalg.eigh(torch.stack([grams[i] for i in members]))
+        for i, q, ev in zip(members, Q.unbind(0), e.clamp_min(0).unbind(0)):
+            out[i] = (q.clone(), ev.clone())
+    return out
+
+
+def eigen_solve_vec(Q: Tensor, e: Tensor, damping: float, b: Tensor) -> Tensor:
+    """``(K + λI)^{-1} b = Q (Qᵀ b / (e + λ))`` for ``K = Q diag(e) Qᵀ``: any ``λ > 0``, no factorisation."""
+    return Q @ ((Q.T @ b) / (e + damping))
+
+
 def cholesky_solve_vec(L: Tensor, b: Tensor) -> Tensor:
     """``(L Lᵀ)^{-1} b`` for a vector ``b`` of shape ``(N,)``."""
     return torch.cholesky_solve(b.unsqueeze(1), L).squeeze(1)

@@ -50,12 +50,13 @@ def _reads(seng, model, x, y, nan=False):
 
 @pytest.mark.parametrize("options", [dict(), dict(route="explicit", sketch_size=20), dict(route="gram"),
                                      dict(route="implicit", svd_rank=2, sketch_size=3), dict(curvature_samples=5),
-                                     dict(skip_nonfinite=False)],
-                         ids=["auto", "explicit-sketch", "gram", "implicit-sketch", "curvature-samples", "keep-nan"])
+                                     dict(skip_nonfinite=False), dict(damping=lambda step, epoch: 0.5 / (1 + step))],
+                         ids=["auto", "explicit-sketch", "gram", "implicit-sketch", "curvature-samples", "keep-nan",
+                              "damping-per-step"])
 def test_no_scalar_reads_between_refreshes_and_few_on_refresh_steps(options):
     torch.manual_seed(0)
     model = Net()
-    seng = SENG(model, damping=0.5, update_freq=3, **options)
+    seng = SENG(model, **{"damping": 0.5, "update_freq": 3, **options})
     x, y = torch.randn(8, 2, 5, 5), torch.randint(0, 6, (8,))
     counts = [_reads(seng, model, x, y) for _ in range(6)]
     layers = len(seng.layers)

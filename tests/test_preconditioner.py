@@ -96,7 +96,7 @@ def test_changing_batch_size_between_refreshes():
         assert seng.layers["0"].curvature.gram.shape == (n, n)
 
 
-def test_damping_schedule_refactors_stored_curvature():
+def test_damping_schedule_solves_other_dampings_from_the_refresh_eigendecomposition():
     model = _mlp()
     seng = SENG(model, damping=ExponentialDamping(1.0, rate=0.1, period=1), update_freq=100)
     x, y = _batch(6)
@@ -110,6 +110,15 @@ def test_damping_schedule_refactors_stored_curvature():
     seng.step()
     ref = layerwise_dense_directions(model, F.cross_entropy, x, y, 0.01, _names(model), grads=g)
     _assert_grads_match(model, ref)
+    assert all(layer.curvature.eigen is not None and layer.curvature.damping == 1.0 for layer in seng.layers.values())
+
+
+def test_constant_damping_keeps_no_eigendecomposition():
+    model = _mlp()
+    seng = SENG(model, damping=0.3, update_freq=100)
+    _backward(model, *_batch(6))
+    seng.step()
+    assert all(layer.curvature.eigen is None for layer in seng.layers.values())
 
 
 def test_excluded_parameters_get_damped_gradient():

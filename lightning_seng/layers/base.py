@@ -79,13 +79,16 @@ class Factors:
 
 @dataclass
 class Curvature:
-    """A committed refresh: the route, ``K = UUᵀ``, the Cholesky factor of ``K + λI`` and ``λ``."""
+    """A committed refresh: the route, ``K = UUᵀ``, the Cholesky factor of ``K + λI`` and ``λ``; under a damping
+    schedule also ``K = Q diag(e) Qᵀ`` (``eigen = (Q, e)``), so that a step with another ``λ`` solves
+    ``(K + λI)^{-1} b = Q (Qᵀ b / (e + λ))`` without a new factorisation (or a host read)."""
 
     route: Route
     gram: Tensor
     chol: Tensor
     damping: float
     mask: Mask
+    eigen: Optional[Tuple[Tensor, Tensor]] = None
 
     @property
     def nbytes(self) -> int:
@@ -94,13 +97,18 @@ class Curvature:
         return self.route.nbytes + self.gram.nbytes + self.chol.nbytes
 
     def state_dict(self) -> dict:
-        return {"route": self.route.state_dict(), "gram": self.gram, "chol": self.chol,
-                "damping": self.damping, "mask": list(self.mask)}
+        state = {"route": self.route.state_dict(), "gram": self.gram, "chol": self.chol,
+                 "damping": self.damping, "mask": list(self.mask)}
+        if self.eigen is not None:
+            state["eigen"] = {"vectors": self.eigen[0], "values": self.eigen[1]}
+        return state
 
     @classmethod
     def from_state(cls, state: dict) -> "Curvature":
+        eigen = state.get("eigen")
         return cls(route_from_state(state["route"]), state["gram"], state["chol"], float(state["damping"]),
-                   tuple(bool(m) for m in state["mask"]))
+                   tuple(bool(m) for m in state["mask"]),
+                   None if eigen is None else (eigen["vectors"], eigen["values"]))
 
 
 def sample_scale(n: int, loss_reduction: str) -> float:
@@ -286,12 +294,17 @@ class LayerCurvature:
         parts = self.grad_parts(cur.mask, cur.gram.dtype)
         if parts is None:
             return None
-        if damping != cur.damping:
+        u = cur.route.u_dot(parts)
+        if damping == cur.damping:
+            w = sketch.cholesky_solve_vec(cur.chol, u)
+        elif cur.eigen is not None:  # a damping schedule: the refresh's eigendecomposition serves every λ
+            w = sketch.eigen_solve_vec(*cur.eigen, damping, u)
+        else:
             chol = sketch.damped_cholesky(cur.gram, damping)
             if chol is None:
                 return None
             cur.chol, cur.damping = chol, damping
-        w = sketch.cholesky_solve_vec(cur.chol, cur.route.u_dot(parts))
+            w = sketch.cholesky_solve_vec(chol, u)
         return self.to_params(cur.route.apply(parts, w, damping), cur.mask)
 
     def trainable_params(self, mask: Mask) -> List[nn.Parameter]:
