@@ -92,9 +92,10 @@ class Curvature:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this curvature keeps between refreshes: the route's tensors (and any cache), ``K`` and its
-        Cholesky factor."""
-        return self.route.nbytes + self.gram.nbytes + self.chol.nbytes
+        """Bytes this curvature keeps between refreshes: the route's tensors (and any cache), ``K``, its
+        Cholesky factor and, under a damping schedule, its eigendecomposition."""
+        eigen = 0 if self.eigen is None else sum(t.nbytes for t in self.eigen)
+        return self.route.nbytes + self.gram.nbytes + self.chol.nbytes + eigen
 
     def state_dict(self) -> dict:
         state = {"route": self.route.state_dict(), "gram": self.gram, "chol": self.chol,
