@@ -233,15 +233,20 @@ def damped_cholesky(K: Tensor, damping: float, max_tries: int = 6) -> Optional[T
     return None
 
 
+def _same_kind(tensors: List[Tensor]) -> Dict[tuple, List[int]]:
+    """Indices of ``tensors`` grouped by ``(shape, dtype, device)``: those that one batched call can take."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((tuple(t.shape), t.dtype, t.device), []).append(i)
+    return groups
+
+
 def damped_cholesky_batch(grams: List[Tensor], damping: float) -> List[Optional[Tensor]]:
     """:func:`damped_cholesky` of every matrix of ``grams``, those of one shape, dtype and device in one batched
     factorisation whose status is read once; a matrix that fails it is retried alone with growing jitter.
     ``None`` where a matrix is not finite or cannot be factorised."""
     out: List[Optional[Tensor]] = [None] * len(grams)
-    groups: Dict[tuple, List[int]] = {}
-    for i, K in enumerate(grams):
-        groups.setdefault((tuple(K.shape), K.dtype, K.device), []).append(i)
-    for (shape, dtype, device), members in groups.items():
+    for (shape, dtype, device), members in _same_kind(grams).items():
         K = torch.stack([grams[i] for i in members])
         finite = torch.isfinite(K).flatten(1).all(1)
         eye = torch.eye(shape[0], dtype=dtype, device=device)
@@ -260,10 +265,7 @@ def eigen_batch(grams: List[Tensor]) -> List[Tuple[Tensor, Tensor]]:
     batched ``eigh``), as ``(Q, e)`` with ``e`` clamped at 0 (``K = UUᵀ`` is positive semi-definite; rounding
     can make its smallest eigenvalues slightly negative)."""
     out: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(grams)
-    groups: Dict[tuple, List[int]] = {}
-    for i, K in enumerate(grams):
-        groups.setdefault((tuple(K.shape), K.dtype, K.device), []).append(i)
-    for members in groups.values():
+    for members in _same_kind(grams).values():
         e, Q = torch.linalg.eigh(torch.stack([grams[i] for i in members]))
         for i, q, ev in zip(members, Q.unbind(0), e.clamp_min(0).unbind(0)):
             out[i] = (q.clone(), ev.clone())
