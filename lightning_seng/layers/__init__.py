@@ -59,11 +59,14 @@ def layer_for(name: str, module: nn.Module) -> Optional[LayerCurvature]:
     norm = _torch_base(module, _NORMS)
     if norm is not None and runs_code_of(module, norm, "forward") and getattr(module, "weight", None) is not None:
         return NormLayer(name, module)
-    if runs_code_of(module, nn.Embedding, "forward"):
+    if isinstance(module, nn.Embedding):
+        # checked for subclasses too: the generic route compares outputs and cannot see a coupling that
+        # only the gradient has (scale_grad_by_freq)
         reason = unsupported(module)
         if reason is not None:
             raise NotExact(reason)
-        return EmbeddingLayer(name, [module])
+        if runs_code_of(module, nn.Embedding, "forward"):
+            return EmbeddingLayer(name, [module])
     return None
 
 
@@ -98,13 +101,6 @@ def _tied_layer(weight: nn.Parameter, modules: List[nn.Module], names: Dict[int,
 
 def _own_params(module: nn.Module) -> List[nn.Parameter]:
     return [p for p in module.parameters(recurse=False)]
-
-
-def _registered_slots(layer: LayerCurvature) -> bool:
-    """Whether every slot of ``layer`` is a parameter registered on its module (an old-style ``weight_norm``
-    pre-hook computes ``weight`` from ``weight_g`` and ``weight_v``)."""
-    registered = {id(p) for p in layer.module._parameters.values()}
-    return all(p is None or id(p) in registered for p in layer.param_slots())
 
 
 def _parametrization_owners(model: nn.Module) -> Dict[int, str]:
@@ -182,7 +178,7 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
         if not accept(name, module):
             fallbacks[name] = "excluded by include/exclude"
         else:
-            if layer is None or not _registered_slots(layer):
+            if layer is None:
                 # the last resort: per-sample gradients of the module's own parameters through its forward
                 layer = GenericLayer(name, module)
             layer.excluded |= {id(p) for p in layer.param_slots() if p is not None and id(p) in shared_ids}

@@ -180,6 +180,22 @@ def test_scale_grad_by_freq_falls_back_with_a_warning(caplog):
     assert torch.allclose(model.emb.weight.grad, raw / (1 + DAMPING), rtol=1e-15, atol=0)
 
 
+class ScaledEmbedding(nn.Embedding):
+    """A subclass (so not the embedding route) whose outputs are per-sample but whose gradient is not."""
+
+    def forward(self, tokens):
+        return 2 * super().forward(tokens)
+
+
+def test_embedding_subclass_with_scale_grad_by_freq_falls_back_rather_than_taking_the_generic_route(caplog):
+    caplog.set_level(logging.WARNING, logger="lightning_seng")
+    model = Bag()
+    model.emb = ScaledEmbedding(V, DIM, scale_grad_by_freq=True)
+    seng = SENG(model.double(), damping=DAMPING, update_freq=1)
+    assert "emb" not in seng.layers
+    assert any("'emb'" in m and "scale_grad_by_freq" in m for m in _warnings(caplog))
+
+
 def test_scale_grad_by_freq_set_after_attach_falls_back_at_the_refresh(caplog):
     caplog.set_level(logging.WARNING, logger="lightning_seng")
     model = Bag().double()
