@@ -74,6 +74,8 @@ class SENGCallback(Callback):
         batch_axis: axis of the batch's first tensor that counts the samples (or a callable
             ``(args, kwargs) -> N``, called with ``((batch,), {})`` here and with the model's forward
             arguments when the LightningModule's own forward runs); see :class:`SENG`.
+        batch_shortcut: ``U g`` of plain Linear layers from the step's own batch when ``.grad`` is exactly that
+            batch's gradient (see :class:`SENG`).
         optimizers: indices into ``trainer.optimizers`` whose steps are preconditioned.
         log_every_n_steps: log ``seng/*`` statistics every this many optimizer steps; ``None`` follows
             ``Trainer(log_every_n_steps=...)``; ``0`` disables logging.
@@ -98,6 +100,7 @@ class SENGCallback(Callback):
         seed: int = 0,
         skip_nonfinite: bool = True,
         batch_axis: int | Callable[[tuple, dict], int] = 0,
+        batch_shortcut: bool = True,
         optimizers: Sequence[int] = (0,),
         log_every_n_steps: int | None = None,
         log_prog_bar: bool = False,
@@ -110,7 +113,7 @@ class SENGCallback(Callback):
             curvature_samples=curvature_samples, svd_rank=svd_rank,
             implicit_threshold=implicit_threshold, loss_reduction=loss_reduction, include=include, exclude=exclude,
             route=route, curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite,
-            batch_axis=batch_axis)
+            batch_axis=batch_axis, batch_shortcut=batch_shortcut)
         if isinstance(optimizers, int) and not isinstance(optimizers, bool):
             optimizers = (optimizers,)
         optimizers = tuple(optimizers)
@@ -146,7 +149,9 @@ class SENGCallback(Callback):
             damping.set_steps_per_epoch(steps_per_epoch(trainer))
         if self.seng is not None:
             self.seng.remove()
-        self.seng = SENG(pl_module, **self.seng_kwargs, comm=self._communicator(trainer))
+        # SENG measures ‖g‖, ‖d‖ and cos(g, d) (a pass over every gradient) only on the steps this callback logs
+        every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        self.seng = SENG(pl_module, **self.seng_kwargs, stats_every=every or None, comm=self._communicator(trainer))
         if self._pending_state is not None:
             self.seng.load_state_dict(_to_device(self._pending_state, pl_module.device))
             self._pending_state = None

@@ -29,7 +29,7 @@ from . import sketch
 from .coverage import Coverage, CoverageRow
 from .distributed import Communicator
 from .layers import ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
-from .layers.base import Curvature
+from .layers.base import Curvature, sample_scale
 from .schedules import ConstantDamping, DampingLike, make_damping
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,12 @@ def _numel(params: List[nn.Parameter]) -> int:
     return sum(0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel() for p in params)
 
 
+def _one_process() -> bool:
+    """Whether no multi-process ``torch.distributed`` group is up (under one, ``.grad`` may be averaged)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
 def _entries(grad: Tensor) -> Tensor:
     """The entries of a gradient: itself, or the values of a sparse one (``nn.Embedding(sparse=True)``)."""
     return grad.coalesce().values() if grad.is_sparse else grad
@@ -106,7 +112,7 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
                    curvature_samples: Optional[int] = None, svd_rank: int = 16, implicit_threshold: int = 700_000, loss_reduction: str = "mean",
                    include: LayerFilter = None, exclude: LayerFilter = None, route: str = "auto",
                    curvature_dtype: Union[torch.dtype, str, None] = None, seed: int = 0,
-                   skip_nonfinite: bool = True, batch_axis: BatchAxis = 0) -> dict:
+                   skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, batch_shortcut: bool = True) -> dict:
     """Validate SENG's settings (all but the model and ``comm``) and return them normalised.
 
     Raises ``ValueError`` naming the key, the value and what is allowed. ``curvature_dtype`` may also
@@ -124,6 +130,8 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
         raise ValueError(f"skip_nonfinite must be True or False (got {skip_nonfinite!r})")
     if not callable(batch_axis):
         check_int("batch_axis", batch_axis, 0)
+    if not isinstance(batch_shortcut, bool):
+        raise ValueError(f"batch_shortcut must be True or False (got {batch_shortcut!r})")
     return dict(
         damping=damping,
         update_freq=check_int("update_freq", update_freq, 1),
@@ -139,6 +147,7 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
         seed=check_int("seed", seed, 0),
         skip_nonfinite=skip_nonfinite,
         batch_axis=batch_axis,
+        batch_shortcut=batch_shortcut,
     )
 
 
@@ -177,6 +186,15 @@ class SENG:
             passed to the model's forward (default 0; 1 for sequence-first models fed ``(T, N, ...)``), or a
             callable ``(args, kwargs) -> N``. Each layer's sample axis is the one axis of size ``N`` in its
             input; a layer with none or several falls back, with a warning.
+        batch_shortcut: compute ``U g`` of a plain ``nn.Linear`` on a 2-D input from the step's own batch
+            (input and output gradient), ``N·B·(d_in + d_out)`` instead of ``N·d_in·d_out``, where the autograd
+            graph and the gradient's version counter show that ``.grad`` is exactly that batch's gradient
+            (``layers/linear.py``); never when ``loss_scale`` ≠ 1 (AMP unscaling changes ``.grad`` unseen) or under a
+            multi-process ``torch.distributed`` group. Set ``False`` if your loop changes ``.grad`` between backward
+            and ``step`` in a way the version counter cannot see (through ``.data`` or a custom kernel).
+        stats_every: besides every refresh step, record ``grad_norm``, ``direction_norm`` and ``cosine`` on
+            every ``stats_every``-th step (``None``: refresh steps only). Recording costs a pass over the
+            gradients and the directions; the Lightning callback sets it to its logging interval.
         comm: a :class:`~lightning_seng.distributed.Communicator` for DDP; ``None`` for one process.
     """
 
@@ -185,7 +203,9 @@ class SENG:
                  implicit_threshold: int = 700_000,
                  loss_reduction: str = "mean", include: LayerFilter = None, exclude: LayerFilter = None,
                  route: str = "auto", curvature_dtype: Optional[torch.dtype] = None, seed: int = 0,
-                 skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, comm: Optional[Communicator] = None):
+                 skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, batch_shortcut: bool = True,
+                 stats_every: Optional[int] = None,
+                 comm: Optional[Communicator] = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
         if comm is not None and not isinstance(comm, Communicator):
@@ -194,7 +214,7 @@ class SENG:
                                  curvature_samples=curvature_samples, svd_rank=svd_rank, implicit_threshold=implicit_threshold,
                                  loss_reduction=loss_reduction, include=include, exclude=exclude, route=route,
                                  curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite,
-                                 batch_axis=batch_axis)
+                                 batch_axis=batch_axis, batch_shortcut=batch_shortcut)
         self.damping_schedule = make_damping(checked["damping"])
         self.settings = RouteSettings(route=checked["route"], sketch_size=checked["sketch_size"],
                                       svd_rank=checked["svd_rank"], implicit_threshold=checked["implicit_threshold"],
@@ -205,6 +225,7 @@ class SENG:
         curvature_dtype = checked["curvature_dtype"]
         self.skip_nonfinite = skip_nonfinite
         self.batch_axis = checked["batch_axis"]
+        self.stats_every = check_int("stats_every", stats_every, 1, allow_none=True)
         self.model = model
         self.comm = comm if comm is not None else Communicator()
 
@@ -229,6 +250,10 @@ class SENG:
                           for layer in self.layers.values() if type(layer).before_call is not LayerCurvature.before_call
                           for module in layer.modules()]
         self._handles.append(model.register_forward_pre_hook(self._observe_input, with_kwargs=True))
+        # U g' from the layer's own batch (layers/linear.py) needs .grad to be that batch's: not under DDP
+        self._observe = checked["batch_shortcut"] and type(self.comm) is Communicator
+        if self._observe:
+            self._handles += [h for layer in self.layers.values() for h in layer.watch()]
         self._batch_size: Optional[int] = None
         self._in_step = False
         self.comm.setup(self.layers, self)
@@ -253,8 +278,12 @@ class SENG:
 
     def _hook(self, layer: LayerCurvature) -> Callable:
         def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if self.capturing:
+            if self._in_step or not torch.is_grad_enabled():
+                return
+            if self.will_refresh:
                 layer.capture(args, kwargs, output)
+            if self._observe and _one_process():
+                layer.observe(args, kwargs, output)
         return forward_hook
 
     def _pre_hook(self, layer: LayerCurvature) -> Callable:
@@ -290,6 +319,7 @@ class SENG:
         self._handles = []
         for layer in self.layers.values():
             layer.clear()
+            layer.release()
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -317,15 +347,26 @@ class SENG:
             raise ValueError(f"loss_scale must be a finite number > 0 (got {loss_scale!r})")
         self._in_step = True
         try:
+            if loss_scale != 1.0:  # .grad may have been unscaled in place, which its version counter does not show
+                for layer in self.layers.values():
+                    layer.release()
             self._step(loss_scale)
         finally:
             self._in_step = False
+            for layer in self.layers.values():
+                layer.release()
 
     def _step(self, loss_scale: float) -> None:
         damping = self.damping
         refresh = self.will_refresh
         with_grad = [(name, p) for name, p in self.model.named_parameters() if p.grad is not None]
         params = [p for _, p in with_grad]
+        records = refresh or (self.stats_every is not None and self.step_count % self.stats_every == 0)
+        if (not records and self.skip_nonfinite and type(self.comm) is Communicator
+                and not any(p.grad.is_sparse for p in params)):
+            self._step_in_place(with_grad, damping)
+            self.step_count += 1
+            return
         squares = self._grad_squares(params)
         # Only a refresh step reads whether the gradient is finite (it decides whether to build curvature);
         # other steps keep it on the device and select with torch.where, so they never wait for the GPU.
@@ -348,11 +389,7 @@ class SENG:
                 continue
             d = layer.direction(damping)
             if d is None:
-                params_l = layer.trainable_params(layer.trainable())
-                if (layer.curvature is None and not layer.captured and name not in self._reasons
-                        and any(p.grad is not None for p in params_l)):
-                    self._fall_back(name, "its parameters have gradients but its forward did not run on a refresh "
-                                          "step (are they used outside the module's forward?)")
+                params_l = self._without_curvature(name, layer)
                 d = [p.grad.to(self.curvature_dtype) / (1.0 + damping) if p.grad is not None else None
                      for p in params_l]
             directions[name] = d
@@ -375,6 +412,55 @@ class SENG:
         else:
             self._write_where_finite(pairs, others, finite, damping)
         self.step_count += 1
+
+    def _without_curvature(self, name: str, layer: LayerCurvature) -> List[nn.Parameter]:
+        """The trainable parameters of a layer that has no usable curvature this step (they get
+        ``g / (1 + λ)``); a layer whose parameters have gradients but whose forward never ran on a refresh
+        step is announced."""
+        params = layer.trainable_params(layer.trainable())
+        if (layer.curvature is None and not layer.captured and name not in self._reasons
+                and any(p.grad is not None for p in params)):
+            self._fall_back(name, "its parameters have gradients but its forward did not run on a refresh "
+                                  "step (are they used outside the module's forward?)")
+        return params
+
+    def _step_in_place(self, with_grad: List[tuple], damping: float) -> None:
+        """A step between refreshes that records no statistics (one process, ``skip_nonfinite``): every
+        direction is written into ``.grad`` in place, and a non-finite gradient is handled on the device
+        (all gradients times 0, then NaN/Inf to 0), so nothing is read back to the host."""
+        self._stats["damping"] = damping
+        grads = [p.grad for _, p in with_grad]
+        if not grads:
+            return
+        finite = self._finite(grads)
+        for name, layer in self.layers.items():
+            if not layer.direction_(damping):
+                for p in self._without_curvature(name, layer):
+                    if p.grad is not None:
+                        p.grad.div_(1.0 + damping)
+        others = self._other_grads(with_grad)
+        if others:
+            torch._foreach_div_([p.grad for p in others], 1.0 + damping)
+        torch._foreach_mul_(grads, finite.to(torch.float32))
+        for g in grads:
+            g.nan_to_num_(0.0, 0.0, 0.0)
+        self._nonfinite_pending = self._nonfinite_pending + (~finite).long()
+
+    @staticmethod
+    def _finite(grads: List[Tensor]) -> Tensor:
+        """Whether every gradient is finite, as a 0-dim bool tensor on the device: from one fused norm in
+        the gradients' own precision (at least float32; a finite gradient whose norm exceeds float32's range,
+        about 1.8e19, counts as non-finite)."""
+        groups: Dict[torch.dtype, List[Tensor]] = {}
+        for g in grads:
+            groups.setdefault(g.dtype, []).append(g)
+        finite = None
+        for dtype, group in groups.items():
+            norms = (torch._foreach_norm(group, 2, dtype=torch.float32) if dtype in (torch.float16, torch.bfloat16)
+                     else torch._foreach_norm(group, 2))
+            ok = torch.isfinite(torch.stack(norms).sum())
+            finite = ok if finite is None else finite & ok
+        return finite
 
     def _write_where_finite(self, pairs, others: List[nn.Parameter], finite: Tensor, damping: float) -> None:
         """Non-refresh steps: the directions where the gradient is finite; otherwise zeros
@@ -439,7 +525,8 @@ class SENG:
 
     @property
     def stats(self) -> Dict[str, float]:
-        """The last step's statistics as numbers: ``damping``, ``grad_norm``, ``direction_norm``, ``cosine``,
+        """The statistics as numbers: ``damping`` (the last step's); ``grad_norm``, ``direction_norm``, ``cosine`` (of
+        the last step that measured them: refresh steps and every ``stats_every``-th step);
         ``coverage`` (% of trainable parameters with curvature), ``refresh_time``, ``skipped_refreshes``,
         ``nonfinite_steps`` and ``layers/<route>``. Reading it waits for the device: read it on logging steps."""
         self._count_nonfinite()
@@ -512,6 +599,8 @@ class SENG:
             for name, cur in built.items():
                 self.layers[name].curvature = cur
                 self._reasons.pop(name, None)
+                if pick is None:  # U's rows are this step's samples, all of them
+                    self.layers[name].refreshed_from_batch(sample_scale(cur.gram.shape[0], self.loss_reduction))
         else:
             self.skipped_refreshes += 1
             for name in bad:

@@ -76,22 +76,40 @@ def patch_u_dot(G: Tensor, X: Tensor, Ww: Optional[Tensor], Wb: Optional[Tensor]
     return out
 
 
+def batch_u_dot(G: Tensor, X: Tensor, gb: Tensor, xb: Tensor, bias: bool) -> Tensor:
+    """``U g'`` for a gradient that is a batch's sum of rank-one terms, ``g' = [gbᵀ xb | gbᵀ 1]``, without
+    forming ``g'``: ``(U g')[n] = Σ_b (G[n]·gb[b]) · (X[n]·xb[b] + bias)``, i.e. ``rowsum((G gbᵀ) ∘ (X xbᵀ + bias))``.
+
+    ``G (N, d_out)``, ``X (N, d_in)`` are ``U``'s rank-one factors, ``gb (B, d_out)``, ``xb (B, d_in)`` the
+    batch's output gradients and inputs. Cost ``N·B·(d_in + d_out)`` instead of ``N·d_out·d_in``. Shape ``(N,)``.
+    """
+    xx = X @ xb.T
+    if bias:
+        xx += 1
+    return torch.linalg.vecdot(G @ gb.T, xx)
+
+
 def patch_apply(G: Tensor, X: Tensor, v: Tensor, Ww: Optional[Tensor], Wb: Optional[Tensor], damping: float,
-                xb: Optional[Tensor] = None) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+                xb: Optional[Tensor] = None, inplace: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """``(g − Uᵀv) / λ`` split like :func:`patch_u_dot`: ``Uᵀv`` is ``Σ_n v[n] Σ_p G[n,g,:,p] X[n,g,:,p]ᵀ``
     for the weight and ``Σ_n v[n] Σ_p G[n,g,:,p] xb[n,g,p]`` for the bias. For a plain Linear the weight
-    part is one fused ``addmm``."""
+    part is one fused ``addmm``. ``inplace`` writes the result into ``Ww`` and ``Wb`` and returns them."""
     N, groups, _, P = G.shape
     gv = G * v[:, None, None, None]
     Dw = Db = None
     if Ww is not None:
         if P == 1 and groups == 1:
-            Dw = torch.addmm(Ww[0], gv[:, 0, :, 0].T, X[:, 0, :, 0], beta=1 / damping, alpha=-1 / damping)[None]
+            if inplace:
+                Ww[0].addmm_(gv[:, 0, :, 0].T, X[:, 0, :, 0], beta=1 / damping, alpha=-1 / damping)
+                Dw = Ww
+            else:
+                Dw = torch.addmm(Ww[0], gv[:, 0, :, 0].T, X[:, 0, :, 0], beta=1 / damping, alpha=-1 / damping)[None]
         else:
-            Dw = (Ww - torch.einsum("ngop,ngip->goi", gv, X)) / damping
+            uw = torch.einsum("ngop,ngip->goi", gv, X)
+            Dw = Ww.sub_(uw).div_(damping) if inplace else (Ww - uw) / damping
     if Wb is not None:
         ub = gv.sum(dim=(0, 3)) if xb is None else (gv * xb[:, :, None, :]).sum(dim=(0, 3))
-        Db = (Wb - ub) / damping
+        Db = Wb.sub_(ub).div_(damping) if inplace else (Wb - ub) / damping
     return Dw, Db
 
 

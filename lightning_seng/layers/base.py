@@ -90,12 +90,32 @@ class Curvature:
     mask: Mask
     eigen: Optional[Tuple[Tensor, Tensor]] = None
 
+    inverse: Optional[Tensor] = None  # (K + λI)^{-1}, formed from ``chol`` on first use (not saved)
+
     @property
     def nbytes(self) -> int:
         """Bytes this curvature keeps between refreshes: the route's tensors (and any cache), ``K``, its
-        Cholesky factor and, under a damping schedule, its eigendecomposition."""
-        eigen = 0 if self.eigen is None else sum(t.nbytes for t in self.eigen)
-        return self.route.nbytes + self.gram.nbytes + self.chol.nbytes + eigen
+        Cholesky factor and inverse and, under a damping schedule, its eigendecomposition."""
+        extra = [] if self.eigen is None else list(self.eigen)
+        if self.inverse is not None:
+            extra.append(self.inverse)
+        return self.route.nbytes + self.gram.nbytes + self.chol.nbytes + sum(t.nbytes for t in extra)
+
+    def solve(self, u: Tensor, damping: float) -> Optional[Tensor]:
+        """``(K + λI)^{-1} u``, ``(N,)``: one matrix-vector product with the inverse kept for the refresh's
+        ``λ`` (formed once from the Cholesky factor: a step solves with no factorisation and no triangular
+        solves); the eigendecomposition for another ``λ`` (damping schedules); else a new factorisation
+        (``None`` if it fails)."""
+        if damping != self.damping:
+            if self.eigen is not None:
+                return sketch.eigen_solve_vec(*self.eigen, damping, u)
+            chol = sketch.damped_cholesky(self.gram, damping)
+            if chol is None:
+                return None
+            self.chol, self.damping, self.inverse = chol, damping, None
+        if self.inverse is None:
+            self.inverse = torch.cholesky_inverse(self.chol)
+        return self.inverse @ u
 
     def state_dict(self) -> dict:
         state = {"route": self.route.state_dict(), "gram": self.gram, "chol": self.chol,
@@ -287,26 +307,62 @@ class LayerCurvature:
         return [part.reshape(p.shape) for part, p in zip(parts, self.trainable_params(mask))]
 
     def direction(self, damping: float) -> Optional[List[Tensor]]:
-        """``(F + λI)^{-1} g`` for the trainable parameters, in their order; ``None`` when this layer
-        has no usable curvature (never refreshed, trainable set changed, no gradients)."""
+        """``(F + λI)^{-1} g`` for the trainable parameters, in their order, as new tensors; ``None`` when this
+        layer has no usable curvature (never refreshed, trainable set changed, no gradients)."""
+        solved = self._solve(damping)
+        if solved is None:
+            return None
+        cur, parts, w = solved
+        return self.to_params(cur.route.apply(parts, w, damping), cur.mask)
+
+    def direction_(self, damping: float) -> bool:
+        """Write ``(F + λI)^{-1} g`` into the trainable parameters' ``.grad`` in place (one fused update per
+        part where the gradient is a contiguous tensor of the curvature's dtype, else through a copy);
+        ``False``, leaving the gradients alone, when this layer has no usable curvature."""
+        solved = self._solve(damping)
+        if solved is None:
+            return False
+        cur, parts, w = solved
+        grads = [p.grad for p in self.trainable_params(cur.mask)]
+        if all(part.dtype == g.dtype and g.is_contiguous() and part.data_ptr() == g.data_ptr()
+               for part, g in zip(parts, grads)):
+            cur.route.apply_(parts, w, damping)
+        else:
+            for g, d in zip(grads, self.to_params(cur.route.apply(parts, w, damping), cur.mask)):
+                g.copy_(d)
+        return True
+
+    def _solve(self, damping: float) -> Optional[Tuple[Curvature, List[Tensor], Tensor]]:
+        """``(curvature, gradient parts, w = (K + λI)^{-1} U g)``, or ``None`` without usable curvature."""
         cur = self.curvature
         if cur is None or self.trainable() != cur.mask:
             return None
         parts = self.grad_parts(cur.mask, cur.gram.dtype)
         if parts is None:
             return None
-        u = cur.route.u_dot(parts)
-        if damping == cur.damping:
-            w = sketch.cholesky_solve_vec(cur.chol, u)
-        elif cur.eigen is not None:  # a damping schedule: the refresh's eigendecomposition serves every λ
-            w = sketch.eigen_solve_vec(*cur.eigen, damping, u)
-        else:
-            chol = sketch.damped_cholesky(cur.gram, damping)
-            if chol is None:
-                return None
-            cur.chol, cur.damping = chol, damping
-            w = sketch.cholesky_solve_vec(chol, u)
-        return self.to_params(cur.route.apply(parts, w, damping), cur.mask)
+        w = cur.solve(self._u_dot(cur, parts), damping)
+        if w is None:
+            return None
+        return cur, parts, w
+
+    def _u_dot(self, cur: Curvature, parts: List[Tensor]) -> Tensor:
+        """``U g`` ``(N,)``; by default from the gradient through the route."""
+        return cur.route.u_dot(parts)
+
+    # ----------------------------------------------------------------- the batch of this step
+    def watch(self) -> List[Any]:
+        """Hooks (handles) the layer needs on its parameters for the steps between refreshes; none by default."""
+        return []
+
+    def observe(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+        """Forward hook body on every step (references only, never copies); nothing by default."""
+
+    def release(self) -> None:
+        """End of a step: drop what :meth:`observe` and :meth:`watch`'s hooks kept."""
+
+    def refreshed_from_batch(self, scale: float) -> None:
+        """The curvature was just rebuilt from all samples of this step's batch, ``U``'s rows scaled by ``scale``
+        (:func:`sample_scale`); nothing by default."""
 
     def trainable_params(self, mask: Mask) -> List[nn.Parameter]:
         return [p for p, m in zip(self.param_slots(), mask) if m]

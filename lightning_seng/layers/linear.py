@@ -4,20 +4,85 @@ Per sample, the gradient is ``J_n = Σ_t G[n, :, t] ⊗ x̃[n, :, t]`` (``x̃`` 
 for the bias): rank one for 2-D inputs, where ``UUᵀ = (G Gᵀ) ∘ (X̃ X̃ᵀ)`` and no per-sample tensor is
 built; rank ≤ T for sequences. A layer called several times in one forward (weight sharing) adds the
 calls as further positions.
+
+Between refreshes (DESIGN.md §4), a plain Linear called once on a 2-D input keeps references (never
+copies) to that call's input ``xb (B, d_in)`` and output gradient ``gb (B, d_out)``, which autograd holds
+anyway, and releases them at the end of the step. When the parameter gradient ``g'`` is exactly that
+call's ``gbᵀ x̃b``, ``U g'`` is ``rowsum((G gbᵀ) ∘ (X̃ x̃bᵀ))``: ``N·B·(d_in + d_out)`` instead of
+``N·d_out·d_in``; on a refresh step whose curvature was built from all of that call's samples,
+``g' = Uᵀ1·√N`` (mean reduction) and ``U g' = (UUᵀ) 1·√N``, for nothing. "Exactly" is decided from the autograd graph, not from values: the gradient that reached
+each parameter's accumulator must be the very tensor that this call's backward produced for it (so no other
+use of the parameter added a term: an L2 penalty in the loss, a second call, a tied use), it must have
+reached a ``.grad`` that was ``None`` (no accumulation over micro-batches or backward passes), and ``.grad``
+must be unmodified since (no weight decay added into it, no clipping, no unscaling). Otherwise ``U g'`` is
+computed from ``.grad`` itself. Not under ``torch.distributed`` with several processes, where ``.grad`` may
+be averaged across them.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .base import Factors, Mask, MatrixLayer
+from .. import sketch
+from .base import Curvature, Factors, Mask, MatrixLayer
+
+
+@dataclass
+class Arrival:
+    """How one parameter's gradient was formed this step."""
+
+    expected: Optional[Tensor] = None  # what this call's backward produced for it, until it reaches the accumulator
+    count: int = 0  # gradients that reached the accumulator
+    was_none: bool = True  # ``.grad`` was None before each of them
+    sole: bool = False  # the one that reached it was ``expected`` itself (no other term was added)
+    grad: Optional[Tensor] = None  # ``.grad`` after accumulation, and its version counter then
+    version: int = -1
+
+
+@dataclass
+class BatchCall:
+    """References to this step's first forward call of the layer: its 2-D input and its output's gradient."""
+
+    x: Optional[Tensor]
+    grad: Optional[Tensor] = None
+    calls: int = 1
+    backwards: int = 0
+    traced: bool = True  # each trainable parameter has exactly one edge from this call's backward
+    row_scale: Optional[float] = None  # U's rows are this call's samples times 1/row_scale (a refresh from it)
+
+
+def sole_edge(root: Any, param: Tensor, depth: int = 4) -> Optional[Tuple[Any, int]]:
+    """The one edge ``(node, index)`` of the autograd graph below ``root`` (searched ``depth`` nodes deep)
+    that feeds ``param``'s gradient accumulator (through a transpose, a dtype cast under autocast, ...);
+    ``None`` if there is none or several."""
+    edges, frontier, seen = [], [root], set()
+    for _ in range(depth):
+        below = []
+        for node in frontier:
+            for index, (nxt, _) in enumerate(node.next_functions):
+                if nxt is None:
+                    continue
+                if hasattr(nxt, "variable"):
+                    if nxt.variable is param:
+                        edges.append((node, index))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    below.append(nxt)
+        frontier = below
+    return edges[0] if len(edges) == 1 else None
 
 
 class LinearLayer(MatrixLayer):
     kind = "linear"
+
+    def __init__(self, name, module):
+        super().__init__(name, module)
+        self.batch: Optional[BatchCall] = None
+        self._arrivals: Dict[int, Arrival] = {}  # id(param) -> how its gradient was formed this step
 
     def sample_axes(self, x: Tensor) -> Sequence[int]:
         return range(x.dim() - 1)  # any leading axis: (N, d), (N, T, d), (T, N, d), ...
@@ -31,3 +96,106 @@ class LinearLayer(MatrixLayer):
         X = (xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)).transpose(1, 2).unsqueeze(1)  # (N, 1, d_in, P)
         G = (gs[0] if len(gs) == 1 else torch.cat(gs, dim=1)).transpose(1, 2).unsqueeze(1)  # (N, 1, d_out, P)
         return self._assemble(G, X, mask)
+
+    # ----------------------------------------------------------------- the batch between refreshes
+    def watch(self) -> List[Any]:
+        """Hooks on the parameters that record how each gradient was formed (:class:`Arrival`); only a plain
+        Linear (not a tied or fed subclass) takes part."""
+        if type(self) is not LinearLayer:
+            return []
+        handles = []
+        for p in self.parameters():
+            # a parameter unfrozen or materialised (lazy modules) later has no record: U g' comes from .grad
+            if not p.requires_grad or isinstance(p, nn.parameter.UninitializedParameter):
+                continue
+            handles.append(p.register_hook(self._arrived(p)))
+            handles.append(p.register_post_accumulate_grad_hook(self._accumulated))
+        return handles
+
+    def _arrival(self, p: Tensor) -> Arrival:
+        arrival = self._arrivals.get(id(p))
+        if arrival is None:
+            arrival = self._arrivals[id(p)] = Arrival()
+        return arrival
+
+    def _arrived(self, p: nn.Parameter):
+        def arrived(grad: Tensor) -> None:
+            a = self._arrival(p)
+            a.count += 1
+            a.was_none = a.was_none and p.grad is None
+            a.sole = a.expected is not None and grad is a.expected
+            a.expected = None  # held no longer than needed: the accumulator may then take the tensor as .grad
+        return arrived
+
+    def _accumulated(self, p: nn.Parameter) -> None:
+        a = self._arrival(p)
+        a.grad, a.version = p.grad, p.grad._version
+
+    def observe(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+        """Forward hook body (every step, beside :meth:`capture` on refresh steps): keep references to the
+        call's input and output gradient, and hook the graph edges that carry its parameters' gradients."""
+        if type(self) is not LinearLayer or not isinstance(output, Tensor) or output.grad_fn is None:
+            return
+        if self.batch is not None:
+            self.batch.calls += 1
+            return
+        x = args[0] if args and isinstance(args[0], Tensor) and args[0].dim() == 2 else None
+        batch = self.batch = BatchCall(None if x is None else x.detach())
+        if x is None:
+            return
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            edge = sole_edge(output.grad_fn, p)
+            if edge is None:
+                batch.traced = False
+                return
+            node, index = edge
+            node.register_hook(self._produced(self._arrival(p), index))
+
+        def keep(grad: Tensor) -> None:
+            batch.grad, batch.backwards = grad.detach(), batch.backwards + 1
+        output.register_hook(keep)
+
+    @staticmethod
+    def _produced(arrival: Arrival, index: int):
+        def produced(grad_inputs, grad_outputs) -> None:
+            arrival.expected = grad_inputs[index]
+        return produced
+
+    def release(self) -> None:
+        self.batch = None
+        self._arrivals = {}
+
+    def refreshed_from_batch(self, scale: float) -> None:
+        if self.batch is not None and self.batch.calls == 1:
+            self.batch.row_scale = 1.0 / scale
+
+    def batch_factors(self, cur: Curvature) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(gb, xb)`` in the curvature's dtype when ``g'`` is exactly this step's ``gbᵀ x̃b`` (see the module
+        docstring) and the shortcut is the cheaper ``U g'``; else ``None``."""
+        b = self.batch
+        if (b is None or b.x is None or b.grad is None or not b.traced or b.calls != 1 or b.backwards != 1
+                or cur.route.name != "gram" or not cur.mask[0]):
+            return None
+        for p in self.trainable_params(cur.mask):
+            a = self._arrivals.get(id(p))
+            if (a is None or a.count != 1 or not a.was_none or not a.sole or p.grad is not a.grad
+                    or p.grad._version != a.version):
+                return None
+        _, groups, d_out, positions = cur.route.tensors["G"].shape
+        d_in = cur.route.tensors["X"].shape[2]
+        if positions != 1 or groups != 1 or b.x.shape[0] * (d_in + d_out) >= d_in * d_out:
+            return None
+        dtype = cur.gram.dtype
+        return b.grad.to(dtype), b.x.to(dtype)
+
+    def _u_dot(self, cur: Curvature, parts: List[Tensor]) -> Tensor:
+        batch = self.batch_factors(cur)
+        if batch is None:
+            return super()._u_dot(cur, parts)
+        if self.batch.row_scale is not None:  # g' = Uᵀ1 / scale, so U g' = (UUᵀ) 1 / scale: no pass over the batch
+            return cur.gram.sum(1) * self.batch.row_scale
+        route = cur.route
+        return sketch.batch_u_dot(route.tensors["G"][:, 0, :, 0], route.tensors["X"][:, 0, :, 0], *batch,
+                                  route.options["bias"])

@@ -48,6 +48,11 @@ class Route:
     def apply(self, parts: Sequence[Tensor], v: Tensor, damping: float) -> List[Tensor]:
         raise NotImplementedError
 
+    def apply_(self, parts: Sequence[Tensor], v: Tensor, damping: float) -> None:
+        """:meth:`apply` written into ``parts`` (the gradients' own storage); by default through a copy."""
+        for part, d in zip(parts, self.apply(parts, v, damping)):
+            part.copy_(d)
+
     def state_dict(self) -> dict:
         return {"name": self.name, "tensors": dict(self.tensors), "options": dict(self.options)}
 
@@ -99,6 +104,11 @@ class ExplicitRoute(Route):
         return [torch.addmv(part.reshape(-1), U[:, cols].T, v, beta=1 / damping, alpha=-1 / damping).reshape(part.shape)
                 for cols, part in zip(self._blocks(), parts)]
 
+    def apply_(self, parts: Sequence[Tensor], v: Tensor, damping: float) -> None:
+        U = self.tensors["U"]
+        for cols, part in zip(self._blocks(), parts):
+            part.view(-1).addmv_(U[:, cols].T, v, beta=1 / damping, alpha=-1 / damping)
+
 
 class GramRoute(Route):
     """Factors ``G (N, groups, d_out, P)`` and ``X (N, groups, d_in, P)`` kept; ``U`` never built. The
@@ -124,6 +134,11 @@ class GramRoute(Route):
         Ww, Wb = self._split(parts)
         out = sketch.patch_apply(self.tensors["G"], self.tensors["X"], v, Ww, Wb, damping, self.tensors.get("xb"))
         return [d for d in out if d is not None]
+
+    def apply_(self, parts: Sequence[Tensor], v: Tensor, damping: float) -> None:
+        Ww, Wb = self._split(parts)
+        sketch.patch_apply(self.tensors["G"], self.tensors["X"], v, Ww, Wb, damping, self.tensors.get("xb"),
+                           inplace=True)
 
 
 class ImplicitRoute(GramRoute):
