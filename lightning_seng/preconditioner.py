@@ -192,9 +192,9 @@ class SENG:
             (``layers/linear.py``); never when ``loss_scale`` ≠ 1 (AMP unscaling changes ``.grad`` unseen) or under a
             multi-process ``torch.distributed`` group. Set ``False`` if your loop changes ``.grad`` between backward
             and ``step`` in a way the version counter cannot see (through ``.data`` or a custom kernel).
-        stats_every: besides every refresh step, record ``grad_norm``, ``direction_norm`` and ``cosine`` on
-            every ``stats_every``-th step (``None``: refresh steps only). Recording costs a pass over the
-            gradients and the directions; the Lightning callback sets it to its logging interval.
+        stats_every: record ``grad_norm``, ``direction_norm`` and ``cosine`` on every ``stats_every``-th step
+            (``None``: on refresh steps). Recording costs passes over the gradients and the directions; the
+            Lightning callback sets it to its logging interval.
         comm: a :class:`~lightning_seng.distributed.Communicator` for DDP; ``None`` for one process.
     """
 
@@ -361,10 +361,18 @@ class SENG:
         refresh = self.will_refresh
         with_grad = [(name, p) for name, p in self.model.named_parameters() if p.grad is not None]
         params = [p for _, p in with_grad]
-        records = refresh or (self.stats_every is not None and self.step_count % self.stats_every == 0)
+        every = self.stats_every
+        records = refresh if every is None else self.step_count % every == 0
         if (not records and self.skip_nonfinite and type(self.comm) is Communicator
                 and not any(p.grad.is_sparse for p in params)):
-            self._step_in_place(with_grad, damping)
+            if refresh:  # a refresh reads whether the gradient is finite: it decides whether to build curvature
+                grads_finite = bool(self._finite([_entries(p.grad) for p in params]))
+                self._refresh(damping, loss_scale, grads_finite)
+                if not grads_finite:
+                    self._zero_nonfinite()
+                    self.step_count += 1
+                    return
+            self._step_in_place(with_grad, damping, checked=refresh)
             self.step_count += 1
             return
         squares = self._grad_squares(params)
@@ -424,15 +432,16 @@ class SENG:
                                   "step (are they used outside the module's forward?)")
         return params
 
-    def _step_in_place(self, with_grad: List[tuple], damping: float) -> None:
-        """A step between refreshes that records no statistics (one process, ``skip_nonfinite``): every
-        direction is written into ``.grad`` in place, and a non-finite gradient is handled on the device
-        (all gradients times 0, then NaN/Inf to 0), so nothing is read back to the host."""
+    def _step_in_place(self, with_grad: List[tuple], damping: float, checked: bool) -> None:
+        """A step that records no statistics (one process, ``skip_nonfinite``): every direction is written into
+        ``.grad`` in place. Unless the gradient is known to be finite (``checked``: a refresh step read it), a
+        non-finite one is handled on the device (all gradients times 0, then NaN/Inf to 0), so nothing is read
+        back to the host."""
         self._stats["damping"] = damping
         grads = [p.grad for _, p in with_grad]
         if not grads:
             return
-        finite = self._finite(grads)
+        finite = None if checked else self._finite(grads)
         for name, layer in self.layers.items():
             if not layer.direction_(damping):
                 for p in self._without_curvature(name, layer):
@@ -441,26 +450,19 @@ class SENG:
         others = self._other_grads(with_grad)
         if others:
             torch._foreach_div_([p.grad for p in others], 1.0 + damping)
-        torch._foreach_mul_(grads, finite.to(torch.float32))
-        for g in grads:
-            g.nan_to_num_(0.0, 0.0, 0.0)
-        self._nonfinite_pending = self._nonfinite_pending + (~finite).long()
+        if finite is not None:
+            torch._foreach_mul_(grads, finite.to(torch.float32))
+            for g in grads:
+                g.nan_to_num_(0.0, 0.0, 0.0)
+            self._nonfinite_pending = self._nonfinite_pending + (~finite).long()
 
     @staticmethod
     def _finite(grads: List[Tensor]) -> Tensor:
-        """Whether every gradient is finite, as a 0-dim bool tensor on the device: from one fused norm in
-        the gradients' own precision (at least float32; a finite gradient whose norm exceeds float32's range,
-        about 1.8e19, counts as non-finite)."""
-        groups: Dict[torch.dtype, List[Tensor]] = {}
-        for g in grads:
-            groups.setdefault(g.dtype, []).append(g)
-        finite = None
-        for dtype, group in groups.items():
-            norms = (torch._foreach_norm(group, 2, dtype=torch.float32) if dtype in (torch.float16, torch.bfloat16)
-                     else torch._foreach_norm(group, 2))
-            ok = torch.isfinite(torch.stack(norms).sum())
-            finite = ok if finite is None else finite & ok
-        return finite
+        """Whether every gradient is finite, as a 0-dim bool tensor on the device: NaN and ±Inf reach the sum of
+        each gradient (accumulated in at least float32, in one read pass; only a sum beyond float32's range,
+        about 3.4e38, would count a finite gradient as non-finite)."""
+        sums = [g.sum(dtype=torch.float32) if g.dtype in (torch.float16, torch.bfloat16) else g.sum() for g in grads]
+        return torch.isfinite(torch.stack([t.to(torch.float64) for t in sums]).sum())
 
     def _write_where_finite(self, pairs, others: List[nn.Parameter], finite: Tensor, damping: float) -> None:
         """Non-refresh steps: the directions where the gradient is finite; otherwise zeros
@@ -526,7 +528,7 @@ class SENG:
     @property
     def stats(self) -> Dict[str, float]:
         """The statistics as numbers: ``damping`` (the last step's); ``grad_norm``, ``direction_norm``, ``cosine`` (of
-        the last step that measured them: refresh steps and every ``stats_every``-th step);
+        the last step that measured them: every ``stats_every``-th step, or refresh steps);
         ``coverage`` (% of trainable parameters with curvature), ``refresh_time``, ``skipped_refreshes``,
         ``nonfinite_steps`` and ``layers/<route>``. Reading it waits for the device: read it on logging steps."""
         self._count_nonfinite()

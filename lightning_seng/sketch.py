@@ -93,20 +93,33 @@ def patch_apply(G: Tensor, X: Tensor, v: Tensor, Ww: Optional[Tensor], Wb: Optio
                 xb: Optional[Tensor] = None, inplace: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """``(g − Uᵀv) / λ`` split like :func:`patch_u_dot`: ``Uᵀv`` is ``Σ_n v[n] Σ_p G[n,g,:,p] X[n,g,:,p]ᵀ``
     for the weight and ``Σ_n v[n] Σ_p G[n,g,:,p] xb[n,g,p]`` for the bias. For a plain Linear the weight
-    part is one fused ``addmm``. ``inplace`` writes the result into ``Ww`` and ``Wb`` and returns them."""
+    part is one fused ``addmm`` (``v`` scales the narrower factor) and the bias part one ``addmv``. ``inplace``
+    writes the result into ``Ww`` and ``Wb`` and returns them."""
     N, groups, _, P = G.shape
+    beta, alpha = 1 / damping, -1 / damping
+    if P == 1 and groups == 1:
+        G2, X2 = G[:, 0, :, 0], X[:, 0, :, 0]
+        Dw = Db = None
+        if Ww is not None:
+            left, right = (G2 * v[:, None], X2) if G2.shape[1] <= X2.shape[1] else (G2, X2 * v[:, None])
+            if inplace:
+                Dw = Ww
+                Ww[0].addmm_(left.T, right, beta=beta, alpha=alpha)
+            else:
+                Dw = torch.addmm(Ww[0], left.T, right, beta=beta, alpha=alpha)[None]
+        if Wb is not None:
+            vb = v if xb is None else v * xb[:, 0, 0]
+            if inplace:
+                Db = Wb
+                Wb[0].addmv_(G2.T, vb, beta=beta, alpha=alpha)
+            else:
+                Db = torch.addmv(Wb[0], G2.T, vb, beta=beta, alpha=alpha)[None]
+        return Dw, Db
     gv = G * v[:, None, None, None]
     Dw = Db = None
     if Ww is not None:
-        if P == 1 and groups == 1:
-            if inplace:
-                Ww[0].addmm_(gv[:, 0, :, 0].T, X[:, 0, :, 0], beta=1 / damping, alpha=-1 / damping)
-                Dw = Ww
-            else:
-                Dw = torch.addmm(Ww[0], gv[:, 0, :, 0].T, X[:, 0, :, 0], beta=1 / damping, alpha=-1 / damping)[None]
-        else:
-            uw = torch.einsum("ngop,ngip->goi", gv, X)
-            Dw = Ww.sub_(uw).div_(damping) if inplace else (Ww - uw) / damping
+        uw = torch.einsum("ngop,ngip->goi", gv, X)
+        Dw = Ww.sub_(uw).div_(damping) if inplace else (Ww - uw) / damping
     if Wb is not None:
         ub = gv.sum(dim=(0, 3)) if xb is None else (gv * xb[:, :, None, :]).sum(dim=(0, 3))
         Db = Wb.sub_(ub).div_(damping) if inplace else (Wb - ub) / damping

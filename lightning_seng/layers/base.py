@@ -90,7 +90,8 @@ class Curvature:
     mask: Mask
     eigen: Optional[Tuple[Tensor, Tensor]] = None
 
-    inverse: Optional[Tensor] = None  # (K + λI)^{-1}, formed from ``chol`` on first use (not saved)
+    inverse: Optional[Tensor] = None  # (K + λI)^{-1}, formed from ``chol`` on the first step after the refresh
+    fresh: bool = True  # built on this step (not saved: a restored curvature is never fresh)
 
     @property
     def nbytes(self) -> int:
@@ -102,10 +103,10 @@ class Curvature:
         return self.route.nbytes + self.gram.nbytes + self.chol.nbytes + sum(t.nbytes for t in extra)
 
     def solve(self, u: Tensor, damping: float) -> Optional[Tensor]:
-        """``(K + λI)^{-1} u``, ``(N,)``: one matrix-vector product with the inverse kept for the refresh's
-        ``λ`` (formed once from the Cholesky factor: a step solves with no factorisation and no triangular
-        solves); the eigendecomposition for another ``λ`` (damping schedules); else a new factorisation
-        (``None`` if it fails)."""
+        """``(K + λI)^{-1} u``, ``(N,)``: on the refresh step, triangular solves with the Cholesky factor; on
+        the steps after it, one matrix-vector product with the inverse, formed once from that factor (with
+        ``update_freq=1`` it never is); the eigendecomposition for another ``λ`` (damping schedules); else a new
+        factorisation (``None`` if it fails)."""
         if damping != self.damping:
             if self.eigen is not None:
                 return sketch.eigen_solve_vec(*self.eigen, damping, u)
@@ -114,6 +115,8 @@ class Curvature:
                 return None
             self.chol, self.damping, self.inverse = chol, damping, None
         if self.inverse is None:
+            if self.fresh:
+                return sketch.cholesky_solve_vec(self.chol, u)
             self.inverse = torch.cholesky_inverse(self.chol)
         return self.inverse @ u
 
@@ -129,7 +132,7 @@ class Curvature:
         eigen = state.get("eigen")
         return cls(route_from_state(state["route"]), state["gram"], state["chol"], float(state["damping"]),
                    tuple(bool(m) for m in state["mask"]),
-                   None if eigen is None else (eigen["vectors"], eigen["values"]))
+                   None if eigen is None else (eigen["vectors"], eigen["values"]), fresh=False)
 
 
 def sample_scale(n: int, loss_reduction: str) -> float:
@@ -358,7 +361,10 @@ class LayerCurvature:
         """Forward hook body on every step (references only, never copies); nothing by default."""
 
     def release(self) -> None:
-        """End of a step: drop what :meth:`observe` and :meth:`watch`'s hooks kept."""
+        """End of a step: drop what :meth:`observe` and :meth:`watch`'s hooks kept; the curvature is no
+        longer fresh."""
+        if self.curvature is not None:
+            self.curvature.fresh = False
 
     def refreshed_from_batch(self, scale: float) -> None:
         """The curvature was just rebuilt from all samples of this step's batch, ``U``'s rows scaled by ``scale``

@@ -164,6 +164,7 @@ class LinearLayer(MatrixLayer):
         return produced
 
     def release(self) -> None:
+        super().release()
         self.batch = None
         self._arrivals = {}
 
