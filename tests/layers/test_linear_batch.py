@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_seng import SENG, sketch
+from lightning_seng.layers import linear
 from lightning_seng.layers.linear import LinearLayer
 from tests.reference import dense_direction, per_sample_gradients, rel_err
 
@@ -39,6 +40,12 @@ def _reference(model, refresh_batch, grads):
         out.update(dense_direction({k: ps[k] for k in keys}, {k: grads[k] for k in keys}, DAMPING,
                                    x.shape[0] ** -0.5))
     return out
+
+
+@pytest.fixture(autouse=True)
+def any_saving(monkeypatch):
+    """These layers are small: let them take part whatever the saving (the gate has its own test)."""
+    monkeypatch.setattr(linear, "MIN_SAVING", 0)
 
 
 @pytest.fixture
@@ -214,3 +221,15 @@ def test_the_shortcut_under_autocast_matches_the_gradient_formula(shortcut_calls
             assert rel_err(layer._u_dot(layer.curvature, parts), layer.curvature.route.u_dot(parts)) < 2e-2
         seng.step()
     assert len(shortcut_calls) == 3  # step 1: both layers, and the call above
+
+
+def test_a_layer_whose_saving_is_below_the_gate_is_not_watched(monkeypatch, shortcut_calls, batch_taken):
+    model = _model()
+    seng, refresh_batch = _refreshed(model)
+    shortcut_calls.clear()
+    batch_taken.clear()
+    # layer 0 (40 -> 30, N = 4, B = 4) saves 4 * (1200 - 4 * 70) = 3680 multiply-adds, layer 2 (30 -> 24) 1728
+    monkeypatch.setattr(linear, "MIN_SAVING", 3000)
+    x1, y1 = _batch(1)
+    _check(model, seng, refresh_batch, lambda: F.cross_entropy(model(x1), y1).backward())
+    assert batch_taken == ["0"] and len(shortcut_calls) == 1
