@@ -17,12 +17,13 @@ from .base import Factors, Mask, MatrixLayer
 
 
 def unfold_patches(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
-                   dilation: Sequence[int]) -> Tensor:
-    """Patches of an already padded input ``(N, C, *spatial)``: ``(N, C·prod(k), P)``, channel-major as
-    in ``weight.reshape(c_out, -1)``, positions in row-major output order."""
+                   dilation: Sequence[int], padding: Sequence[int] = (0, 0)) -> Tensor:
+    """Patches of an input ``(N, C, *spatial)``: ``(N, C·prod(k), P)``, channel-major as in
+    ``weight.reshape(c_out, -1)``, positions in row-major output order. ``padding`` (zeros, the same on both
+    sides of each axis) is for 2-D inputs only, where the unfold pads as it reads; others come padded."""
     dims = len(kernel_size)
     if dims == 2:
-        return F.unfold(x, kernel_size, dilation=dilation, stride=stride)
+        return F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)
     n, c = x.shape[:2]
     for i, (k, s, dil) in enumerate(zip(kernel_size, stride, dilation)):
         x = x.unfold(2 + i, dil * (k - 1) + 1, s)[..., ::dil]
@@ -54,7 +55,12 @@ class ConvLayer(MatrixLayer):
         xs, gs = [], []
         for x, g in calls:
             n = x.shape[0]
-            patches = unfold_patches(self._padded(x), m.kernel_size, m.stride, m.dilation)
+            pad = m._reversed_padding_repeated_twice
+            if len(m.kernel_size) == 2 and m.padding_mode == "zeros" and pad[0] == pad[1] and pad[2] == pad[3]:
+                # zero padding on both sides alike: the unfold pads as it reads, with no padded copy of the input
+                patches = unfold_patches(x, m.kernel_size, m.stride, m.dilation, (pad[2], pad[0]))
+            else:
+                patches = unfold_patches(self._padded(x), m.kernel_size, m.stride, m.dilation)
             xs.append(patches.reshape(n, self.groups, -1, patches.shape[-1]))
             gs.append(g.reshape(n, self.groups, m.out_channels // self.groups, -1))
         if len(calls) == 1:  # no copy in the common case of one call per forward
