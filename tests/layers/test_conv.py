@@ -91,3 +91,28 @@ def test_implicit_route_error_against_exact_is_reported():
           ", ".join(f"p={r}: {e:.2e}" for r, e in errors.items()))
     assert errors[16] < 1e-10  # rank(G_n) <= c_out = 16: no truncation left
     assert errors[1] > errors[4] > errors[8] > errors[16]
+
+
+@pytest.mark.parametrize("config", [
+    dict(in_channels=2, out_channels=3, kernel_size=3, stride=2, padding=1, dilation=2),
+    dict(in_channels=4, out_channels=6, kernel_size=(3, 2), groups=2, padding=(1, 0)),
+    dict(in_channels=3, out_channels=3, kernel_size=3, groups=3, padding="same", bias=False),
+], ids=["stride-dilation", "groups-rect", "depthwise-same"])
+def test_explicit_route_from_the_weight_gradient_convolution_matches_dense(config, monkeypatch):
+    """Many positions for few channels: the per-sample gradients come from ``conv2d_weight`` with the samples
+    as groups (counted), with the bias block beside them."""
+    calls = []
+    real = torch.nn.grad.conv2d_weight
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(5, config["in_channels"], 12, 11, dtype=torch.float64)
+    _assert_exact(nn.Conv2d(**config), x, route="explicit")
+    assert len(calls) == 1
+
+
+def test_few_positions_for_many_channels_keep_the_patches(monkeypatch):
+    calls = []
+    real = torch.nn.grad.conv2d_weight
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(5, 8, 4, 4, dtype=torch.float64)  # P = 16 < 2 * 12
+    _assert_exact(nn.Conv2d(8, 12, 3, padding=1), x, route="explicit")
+    assert calls == []
