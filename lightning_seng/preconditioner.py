@@ -262,7 +262,7 @@ class SENG:
         self.epoch = 0
         self.skipped_refreshes = 0
         self._nonfinite_steps = 0
-        self._nonfinite_pending = torch.zeros((), dtype=torch.long)
+        self._finite_flags: List[Tensor] = []  # between refreshes: whether each step's gradient was finite
         self._stats: Dict[str, Any] = {"skipped_refreshes": 0, "nonfinite_steps": 0}
         self._announce_coverage()
 
@@ -454,15 +454,23 @@ class SENG:
             torch._foreach_mul_(grads, finite.to(torch.float32))
             for g in grads:
                 g.nan_to_num_(0.0, 0.0, 0.0)
-            self._nonfinite_pending = self._nonfinite_pending + (~finite).long()
+            self._finite_flags.append(finite)
 
     @staticmethod
     def _finite(grads: List[Tensor]) -> Tensor:
         """Whether every gradient is finite, as a 0-dim bool tensor on the device: NaN and ±Inf reach the sum of
-        each gradient (accumulated in at least float32, in one read pass; only a sum beyond float32's range,
-        about 3.4e38, would count a finite gradient as non-finite)."""
-        sums = [g.sum(dtype=torch.float32) if g.dtype in (torch.float16, torch.bfloat16) else g.sum() for g in grads]
-        return torch.isfinite(torch.stack([t.to(torch.float64) for t in sums]).sum())
+        absolute values of each gradient (one fused pass, accumulated in at least float32; only a sum beyond
+        float32's range, about 3.4e38, would count a finite gradient as non-finite)."""
+        groups: Dict[torch.dtype, List[Tensor]] = {}
+        for g in grads:
+            groups.setdefault(g.dtype, []).append(g)
+        finite = None
+        for dtype, group in groups.items():
+            norms = (torch._foreach_norm(group, 1, dtype=torch.float32) if dtype in (torch.float16, torch.bfloat16)
+                     else torch._foreach_norm(group, 1))
+            ok = torch.isfinite(torch.stack(norms).sum())
+            finite = ok if finite is None else finite & ok
+        return finite
 
     def _write_where_finite(self, pairs, others: List[nn.Parameter], finite: Tensor, damping: float) -> None:
         """Non-refresh steps: the directions where the gradient is finite; otherwise zeros
@@ -478,7 +486,7 @@ class SENG:
                 bad = ~finite
                 for g in grads:
                     g.masked_fill_(bad, 0.0)
-        self._nonfinite_pending = self._nonfinite_pending + (~finite).long()
+        self._finite_flags.append(finite)
 
     def _other_grads(self, with_grad: List[tuple]) -> List[nn.Parameter]:
         """Trainable parameters with a gradient outside every preconditioned layer: those of unsupported
@@ -541,9 +549,9 @@ class SENG:
 
     def _count_nonfinite(self) -> None:
         """Fold the non-refresh steps' device-side count of non-finite gradients into the counter."""
-        pending = int(self._nonfinite_pending)
+        flags, self._finite_flags = self._finite_flags, []
+        pending = int((~torch.stack(flags)).sum()) if flags else 0
         if pending:
-            self._nonfinite_pending = torch.zeros((), dtype=torch.long)
             self._nonfinite_steps += pending
             self._warn_once("grad", f"SENG: non-finite gradient on {pending} step(s) between curvature refreshes; "
                                     "those steps' gradients were zeroed (counted in stats['nonfinite_steps'])"
@@ -734,7 +742,7 @@ class SENG:
         self.epoch = int(state["epoch"])
         self.skipped_refreshes = int(state["skipped_refreshes"])
         self._nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self._nonfinite_pending = torch.zeros((), dtype=torch.long)
+        self._finite_flags = []
         self._stats.update(skipped_refreshes=self.skipped_refreshes, nonfinite_steps=self._nonfinite_steps)
         self.generator.set_state(state["generator"])
         for name, layer in self.layers.items():

@@ -89,6 +89,31 @@ def batch_u_dot(G: Tensor, X: Tensor, gb: Tensor, xb: Tensor, bias: bool) -> Ten
     return torch.linalg.vecdot(G @ gb.T, xx)
 
 
+def linear_u_dot(G: Tensor, X: Tensor, Ww: Optional[Tensor], Wb: Optional[Tensor]) -> Tensor:
+    """``U g`` for a plain Linear's factors ``G (N, d_out)``, ``X (N, d_in)`` and a gradient split into
+    ``Ww (d_out, d_in)`` and ``Wb (d_out,)`` (either may be ``None``): ``rowsum((G Ww) ∘ X) + G Wb``, ``(N,)``."""
+    u = None if Ww is None else torch.linalg.vecdot(G @ Ww, X)
+    if Wb is not None:
+        u = G @ Wb if u is None else torch.addmv(u, G, Wb)
+    return u
+
+
+def linear_apply(G: Tensor, X: Tensor, v: Tensor, Ww: Optional[Tensor], Wb: Optional[Tensor], damping: float,
+                 inplace: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(g − Uᵀv) / λ`` for a plain Linear (shapes as in :func:`linear_u_dot`): the weight part one fused
+    ``addmm`` with ``v`` scaling the narrower factor, the bias part one ``addmv``; ``inplace`` writes into
+    ``Ww`` and ``Wb``."""
+    beta, alpha = 1 / damping, -1 / damping
+    Dw = Db = None
+    if Ww is not None:
+        left, right = (G * v[:, None], X) if G.shape[1] <= X.shape[1] else (G, X * v[:, None])
+        Dw = Ww.addmm_(left.T, right, beta=beta, alpha=alpha) if inplace else torch.addmm(
+            Ww, left.T, right, beta=beta, alpha=alpha)
+    if Wb is not None:
+        Db = Wb.addmv_(G.T, v, beta=beta, alpha=alpha) if inplace else torch.addmv(Wb, G.T, v, beta=beta, alpha=alpha)
+    return Dw, Db
+
+
 def patch_apply(G: Tensor, X: Tensor, v: Tensor, Ww: Optional[Tensor], Wb: Optional[Tensor], damping: float,
                 xb: Optional[Tensor] = None, inplace: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """``(g − Uᵀv) / λ`` split like :func:`patch_u_dot`: ``Uᵀv`` is ``Σ_n v[n] Σ_p G[n,g,:,p] X[n,g,:,p]ᵀ``
@@ -96,25 +121,12 @@ def patch_apply(G: Tensor, X: Tensor, v: Tensor, Ww: Optional[Tensor], Wb: Optio
     part is one fused ``addmm`` (``v`` scales the narrower factor) and the bias part one ``addmv``. ``inplace``
     writes the result into ``Ww`` and ``Wb`` and returns them."""
     N, groups, _, P = G.shape
-    beta, alpha = 1 / damping, -1 / damping
-    if P == 1 and groups == 1:
-        G2, X2 = G[:, 0, :, 0], X[:, 0, :, 0]
-        Dw = Db = None
-        if Ww is not None:
-            left, right = (G2 * v[:, None], X2) if G2.shape[1] <= X2.shape[1] else (G2, X2 * v[:, None])
-            if inplace:
-                Dw = Ww
-                Ww[0].addmm_(left.T, right, beta=beta, alpha=alpha)
-            else:
-                Dw = torch.addmm(Ww[0], left.T, right, beta=beta, alpha=alpha)[None]
-        if Wb is not None:
-            vb = v if xb is None else v * xb[:, 0, 0]
-            if inplace:
-                Db = Wb
-                Wb[0].addmv_(G2.T, vb, beta=beta, alpha=alpha)
-            else:
-                Db = torch.addmv(Wb[0], G2.T, vb, beta=beta, alpha=alpha)[None]
-        return Dw, Db
+    if P == 1 and groups == 1 and xb is None:
+        Dw, Db = linear_apply(G[:, 0, :, 0], X[:, 0, :, 0], v, None if Ww is None else Ww[0],
+                              None if Wb is None else Wb[0], damping, inplace)
+        if inplace:
+            return Ww, Wb
+        return (None if Dw is None else Dw[None]), (None if Db is None else Db[None])
     gv = G * v[:, None, None, None]
     Dw = Db = None
     if Ww is not None:

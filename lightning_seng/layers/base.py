@@ -396,10 +396,10 @@ class MatrixLayer(LayerCurvature):
         d_out, d_in = self._matrix_dims()
         parts = []
         if mask[0]:
-            parts.append(self.module.weight.grad.reshape(self.groups, d_out, d_in).to(dtype))
+            parts.append(params[0].grad.reshape(self.groups, d_out, d_in))
         if mask[1]:
-            parts.append(self.module.bias.grad.reshape(self.groups, d_out).to(dtype))
-        return parts
+            parts.append(params[-1].grad.reshape(self.groups, d_out))
+        return [part if part.dtype == dtype else part.to(dtype) for part in parts]
 
     def _assemble(self, G: Tensor, X: Tensor, mask: Mask) -> Factors:
         """Factors from ``G (N, groups, d_out, P)`` and inputs ``X (N, groups, d_in, P)``. The bias's row of

@@ -206,9 +206,11 @@ class LinearLayer(MatrixLayer):
             if (a is None or a.count != 1 or not a.was_none or not a.sole or p.grad is not a.grad
                     or p.grad._version != a.version):
                 return None
-        _, groups, d_out, positions = cur.route.tensors["G"].shape
-        d_in = cur.route.tensors["X"].shape[2]
-        if positions != 1 or groups != 1 or b.x.shape[0] * (d_in + d_out) >= d_in * d_out:
+        views = cur.route.plain()
+        if views is None:
+            return None
+        d_out, d_in = views[0].shape[1], views[1].shape[1]
+        if b.x.shape[0] * (d_in + d_out) >= d_in * d_out:
             return None
         dtype = cur.gram.dtype
         return b.grad.to(dtype), b.x.to(dtype)
@@ -219,6 +221,4 @@ class LinearLayer(MatrixLayer):
             return super()._u_dot(cur, parts)
         if self.batch.row_scale is not None:  # g' = Uᵀ1 / scale, so U g' = (UUᵀ) 1 / scale: no pass over the batch
             return cur.gram.sum(1) * self.batch.row_scale
-        route = cur.route
-        return sketch.batch_u_dot(route.tensors["G"][:, 0, :, 0], route.tensors["X"][:, 0, :, 0], *batch,
-                                  route.options["bias"])
+        return sketch.batch_u_dot(*cur.route.plain(), *batch, cur.route.options["bias"])

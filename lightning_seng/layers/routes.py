@@ -127,7 +127,21 @@ class GramRoute(Route):
     def gram(self, generator) -> Tensor:
         return sketch.patch_gram(self.tensors["G"], self.tensors["X"], self.options["bias"])
 
+    def plain(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(G (N, d_out), X (N, d_in))``, views, when the factors are a plain Linear's on 2-D inputs (one group,
+        one position, the bias row ones), else ``None``; found once (a tuple, so ``nbytes`` does not count it)."""
+        views = getattr(self, "_views", False)
+        if views is False:
+            G, X = self.tensors["G"], self.tensors["X"]
+            plain = G.shape[1] == 1 and G.shape[3] == 1 and "xb" not in self.tensors
+            views = self._views = (G[:, 0, :, 0], X[:, 0, :, 0]) if plain else None
+        return views
+
     def u_dot(self, parts: Sequence[Tensor]) -> Tensor:
+        views = self.plain()
+        if views is not None:
+            Ww, Wb = self._split(parts)
+            return sketch.linear_u_dot(*views, None if Ww is None else Ww[0], None if Wb is None else Wb[0])
         return sketch.patch_u_dot(self.tensors["G"], self.tensors["X"], *self._split(parts), self.tensors.get("xb"))
 
     def apply(self, parts: Sequence[Tensor], v: Tensor, damping: float) -> List[Tensor]:
@@ -137,8 +151,13 @@ class GramRoute(Route):
 
     def apply_(self, parts: Sequence[Tensor], v: Tensor, damping: float) -> None:
         Ww, Wb = self._split(parts)
-        sketch.patch_apply(self.tensors["G"], self.tensors["X"], v, Ww, Wb, damping, self.tensors.get("xb"),
-                           inplace=True)
+        views = self.plain()
+        if views is not None:
+            sketch.linear_apply(*views, v, None if Ww is None else Ww[0], None if Wb is None else Wb[0], damping,
+                                inplace=True)
+        else:
+            sketch.patch_apply(self.tensors["G"], self.tensors["X"], v, Ww, Wb, damping, self.tensors.get("xb"),
+                               inplace=True)
 
 
 class ImplicitRoute(GramRoute):
