@@ -462,8 +462,12 @@ class SENG:
         each gradient (one read pass, accumulated in at least float32; only a sum beyond float32's range, about
         3.4e38, would count a finite gradient as non-finite). A plain sum: on a CPU an L1 or L2 norm is several
         times slower."""
-        sums = [g.sum(dtype=torch.float32) if g.dtype in (torch.float16, torch.bfloat16) else g.sum() for g in grads]
-        return torch.isfinite(torch.stack([t.to(torch.float64) for t in sums]).sum())
+        groups: Dict[torch.dtype, List[Tensor]] = {}
+        for g in grads:
+            groups.setdefault(g.dtype, []).append(
+                g.sum(dtype=torch.float32) if g.dtype in (torch.float16, torch.bfloat16) else g.sum())
+        totals = [torch.stack(sums).to(torch.float64).sum() for sums in groups.values()]
+        return torch.isfinite(totals[0] if len(totals) == 1 else torch.stack(totals).sum())
 
     def _write_where_finite(self, pairs, others: List[nn.Parameter], finite: Tensor, damping: float) -> None:
         """Non-refresh steps: the directions where the gradient is finite; otherwise zeros
