@@ -7,16 +7,20 @@ calls as further positions.
 
 Between refreshes (DESIGN.md §4), a plain Linear called once on a 2-D input keeps references (never
 copies) to that call's input ``xb (B, d_in)`` and output gradient ``gb (B, d_out)``, which autograd holds
-anyway, and releases them at the end of the step. When the parameter gradient ``g'`` is exactly that
-call's ``gbᵀ x̃b``, ``U g'`` is ``rowsum((G gbᵀ) ∘ (X̃ x̃bᵀ))``: ``N·B·(d_in + d_out)`` instead of
-``N·d_out·d_in``; on a refresh step whose curvature was built from all of that call's samples,
-``g' = Uᵀ1·√N`` (mean reduction) and ``U g' = (UUᵀ) 1·√N``, for nothing. "Exactly" is decided from the autograd graph, not from values: the gradient that reached
-each parameter's accumulator must be the very tensor that this call's backward produced for it (so no other
-use of the parameter added a term: an L2 penalty in the loss, a second call, a tied use), it must have
-reached a ``.grad`` that was ``None`` (no accumulation over micro-batches or backward passes), and ``.grad``
-must be unmodified since (no weight decay added into it, no clipping, no unscaling). Otherwise ``U g'`` is
-computed from ``.grad`` itself. Not under ``torch.distributed`` with several processes, where ``.grad`` may
-be averaged across them.
+anyway, and releases them at the end of the step. When the weight's gradient ``g'_w`` is exactly that call's
+``gbᵀ xb``, its share of ``U g'`` is ``rowsum((G gbᵀ) ∘ (X xbᵀ))``: ``N·B·(d_in + d_out)`` instead of
+``N·d_out·d_in``; on a refresh step whose curvature was built from all of that call's samples, ``g'_w`` is
+``U_wᵀ1`` over the row scale and its share is ``(UUᵀ)1`` over it, less the bias's part, for almost nothing.
+The bias's share ``G g'_b`` (``N·d_out``) always comes from ``.grad``.
+
+"Exactly" is decided from the autograd graph, not from values: the gradient that reached the weight's
+accumulator must be the very tensor that this call's backward produced for it (so no other use of the weight
+added a term: an L2 penalty in the loss, a second call, a tied use), it must have reached a ``.grad`` that was
+``None`` (no accumulation over micro-batches or backward passes), and ``.grad`` must be unmodified since (its
+version counter: no weight decay added into it, no clipping). Otherwise ``U g'`` is computed from ``.grad``
+itself; so it is under a loss scale (AMP's unscaling changes ``.grad`` without a version bump) and under
+``torch.distributed`` with several processes (``.grad`` may be averaged across them), which the
+preconditioner rules out.
 """
 
 from __future__ import annotations
@@ -51,15 +55,17 @@ class BatchCall:
     grad: Optional[Tensor] = None
     calls: int = 1
     backwards: int = 0
-    traced: bool = True  # each trainable parameter has exactly one edge from this call's backward
+    traced: bool = True  # the weight has exactly one edge from this call's backward
     row_scale: Optional[float] = None  # U's rows are this call's samples times 1/row_scale (a refresh from it)
 
 
 _ACCUMULATOR = torch._C._functions.AccumulateGrad
 
-# Multiply-adds a step must save for a layer to take part: watching a call costs a few Python hooks (about
-# 30 µs a layer, on a CPU or a GPU alike), so the shortcut pays only where it removes real work.
+# Multiply-adds a step must save for a layer to take part: watching a call costs a few Python hooks (tens of
+# µs a layer, on a CPU or a GPU alike), so the shortcut pays only where it removes real work: about 2^22
+# multiply-adds on one CPU core, about a thousand times more on an accelerator (not measured here).
 MIN_SAVING = 1 << 22
+ACCELERATOR_FACTOR = 1 << 10
 
 
 def sole_edges(root: Any, params: Sequence[Tensor], skip: Any = None, depth: int = 3) -> Optional[List[Tuple[Any, int]]]:
@@ -116,14 +122,11 @@ class LinearLayer(MatrixLayer):
         Linear (not a tied or fed subclass) takes part."""
         if type(self) is not LinearLayer:
             return []
-        handles = []
-        for p in self.parameters():
-            # a parameter unfrozen or materialised (lazy modules) later has no record: U g' comes from .grad
-            if not p.requires_grad or isinstance(p, nn.parameter.UninitializedParameter):
-                continue
-            handles.append(p.register_hook(self._arrived(p)))
-            handles.append(p.register_post_accumulate_grad_hook(self._accumulated))
-        return handles
+        p = self.module.weight
+        # a weight unfrozen or materialised (lazy modules) later has no record: U g' comes from .grad
+        if id(p) in self.excluded or not p.requires_grad or isinstance(p, nn.parameter.UninitializedParameter):
+            return []
+        return [p.register_hook(self._arrived(p)), p.register_post_accumulate_grad_hook(self._accumulated)]
 
     def _arrival(self, p: Tensor) -> Arrival:
         arrival = self._arrivals.get(id(p))
@@ -146,7 +149,7 @@ class LinearLayer(MatrixLayer):
 
     def observe(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
         """Forward hook body (every step, beside :meth:`capture` on refresh steps): keep references to the
-        call's input and output gradient, and hook the graph edges that carry its parameters' gradients."""
+        call's input and output gradient, and hook the graph edge that carries the weight's gradient."""
         if type(self) is not LinearLayer or not isinstance(output, Tensor) or output.grad_fn is None:
             return
         if self.batch is not None:
@@ -154,29 +157,31 @@ class LinearLayer(MatrixLayer):
             return
         x = args[0] if args and isinstance(args[0], Tensor) and args[0].dim() == 2 else None
         batch = self.batch = BatchCall(None if x is None else x.detach())
-        if x is None or not self._worth_watching(x.shape[0]):
+        if x is None or not self._worth_watching(x.shape[0], x.device.type == "cpu"):
             batch.x = None
             return
-        params = [p for p in self.parameters() if p.requires_grad]
-        edges = sole_edges(output.grad_fn, params, x.grad_fn)
+        weight = self.module.weight
+        edges = sole_edges(output.grad_fn, [weight], x.grad_fn) if weight.requires_grad else None
         if edges is None:
             batch.traced = False
             return
-        for p, (node, index) in zip(params, edges):
-            node.register_hook(self._produced(self._arrival(p), index))
+        node, index = edges[0]
+        node.register_hook(self._produced(self._arrival(weight), index))
 
         def keep(grad: Tensor) -> None:
             batch.grad, batch.backwards = grad.detach(), batch.backwards + 1
         output.register_hook(keep)
 
-    def _worth_watching(self, batch: int) -> bool:
-        """Whether ``U g'`` from a batch of ``batch`` saves at least :data:`MIN_SAVING` multiply-adds over ``U g'``
-        from the gradient, for the current curvature's ``N`` rows (``batch`` before the first refresh)."""
+    def _worth_watching(self, batch: int, cpu: bool) -> bool:
+        """Whether ``U g'`` from a batch of ``batch`` saves at least :data:`MIN_SAVING` multiply-adds (times
+        :data:`ACCELERATOR_FACTOR` off the CPU) over ``U g'`` from the gradient, for the current curvature's ``N``
+        rows (``batch`` before the first refresh)."""
+        gate = MIN_SAVING if cpu else MIN_SAVING * ACCELERATOR_FACTOR
         cur, known = self.curvature, self._worth
-        if known is None or known[0] is not cur or known[1] != batch or known[2] != MIN_SAVING:
+        if known is None or known[0] is not cur or known[1] != batch or known[2] != gate:
             d_out, d_in = self.module.weight.shape
             n = batch if cur is None else cur.gram.shape[0]
-            known = self._worth = cur, batch, MIN_SAVING, n * (d_in * d_out - batch * (d_in + d_out)) >= MIN_SAVING
+            known = self._worth = cur, batch, gate, n * (d_in * d_out - batch * (d_in + d_out)) >= gate
         return known[3]
 
     @staticmethod
@@ -201,11 +206,11 @@ class LinearLayer(MatrixLayer):
         if (b is None or b.x is None or b.grad is None or not b.traced or b.calls != 1 or b.backwards != 1
                 or cur.route.name != "gram" or not cur.mask[0]):
             return None
-        for p in self.trainable_params(cur.mask):
-            a = self._arrivals.get(id(p))
-            if (a is None or a.count != 1 or not a.was_none or not a.sole or p.grad is not a.grad
-                    or p.grad._version != a.version):
-                return None
+        p = self.module.weight
+        a = self._arrivals.get(id(p))
+        if (a is None or a.count != 1 or not a.was_none or not a.sole or p.grad is not a.grad
+                or p.grad._version != a.version):
+            return None
         views = cur.route.plain()
         if views is None:
             return None
@@ -219,6 +224,15 @@ class LinearLayer(MatrixLayer):
         batch = self.batch_factors(cur)
         if batch is None:
             return super()._u_dot(cur, parts)
-        if self.batch.row_scale is not None:  # g' = Uᵀ1 / scale, so U g' = (UUᵀ) 1 / scale: no pass over the batch
-            return cur.gram.sum(1) * self.batch.row_scale
-        return sketch.batch_u_dot(*cur.route.plain(), *batch, cur.route.options["bias"])
+        G, X = cur.route.plain()
+        bias = cur.route.options["bias"]
+        if self.batch.row_scale is not None:
+            # g'_w = U_wᵀ1 / scale, so U_w g'_w = (UUᵀ)1 / scale less the bias's share (G Gᵀ)1 = G (Gᵀ1)
+            u = cur.gram.sum(1)
+            if bias:
+                u = torch.addmv(u, G, G.sum(0), alpha=-1)
+            u = u * self.batch.row_scale
+        else:
+            u = sketch.batch_u_dot(G, X, *batch, False)
+        # the bias's share from .grad itself: N·d_out, no need to know how it was formed
+        return torch.addmv(u, G, parts[-1][0]) if bias else u

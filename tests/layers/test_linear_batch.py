@@ -233,3 +233,21 @@ def test_a_layer_whose_saving_is_below_the_gate_is_not_watched(monkeypatch, shor
     x1, y1 = _batch(1)
     _check(model, seng, refresh_batch, lambda: F.cross_entropy(model(x1), y1).backward())
     assert batch_taken == ["0"] and len(shortcut_calls) == 1
+
+
+def test_the_bias_share_comes_from_its_gradient_so_a_changed_bias_gradient_stays_exact(shortcut_calls, batch_taken):
+    """Only the weight's gradient is traced: an extra term on the biases (here an L1 penalty and an edit of
+    ``.grad``) leaves the shortcut on and the direction exact."""
+    model = _model()
+    seng, refresh_batch = _refreshed(model)
+    shortcut_calls.clear()
+    batch_taken.clear()
+    x1, y1 = _batch(1)
+
+    def backward():
+        (F.cross_entropy(model(x1), y1) + 0.1 * (model[0].bias.abs().sum() + model[2].bias.abs().sum())).backward()
+
+    def edit(m):
+        m[2].bias.grad.mul_(3.0)
+    _check(model, seng, refresh_batch, backward, edit)
+    assert batch_taken == ["0", "2"] and len(shortcut_calls) == 2
