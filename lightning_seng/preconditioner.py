@@ -264,6 +264,7 @@ class SENG:
         self._nonfinite_steps = 0
         self._finite_flags: List[Tensor] = []  # between refreshes: whether each step's gradient was finite
         self._stats: Dict[str, Any] = {"skipped_refreshes": 0, "nonfinite_steps": 0}
+        self._coverage_cached: tuple = (None, 0.0)  # (what the percentage depends on, the percentage)
         self._announce_coverage()
 
     # ------------------------------------------------------------------ hooks
@@ -618,7 +619,7 @@ class SENG:
             key = self._route_key(name, layer)
             routes[key] = routes.get(key, 0) + 1
         self._stats.update({f"layers/{k}": v for k, v in routes.items()})
-        self._stats["coverage"] = self.coverage().percent
+        self._stats["coverage"] = self._coverage_percent()
         self._stats["kept_bytes"] = sum(self.kept_bytes().values())
         self._stats["skipped_refreshes"] = self.skipped_refreshes
         self._stats["refresh_time"] = time.perf_counter() - start
@@ -639,6 +640,14 @@ class SENG:
                         f"({type(self.layers[name].module).__name__}): {reason}; it gets g / (1 + damping)")
 
     # ------------------------------------------------------------------ coverage
+    def _coverage_percent(self) -> float:
+        """``coverage().percent``, recomputed only when what it depends on changed: the trainable parameters
+        and the layers that fall back (a refresh on every step would otherwise walk the model each time)."""
+        key = (tuple(p.requires_grad for p in self.model.parameters()), tuple(sorted(self._reasons)))
+        if self._coverage_cached[0] != key:
+            self._coverage_cached = key, self.coverage().percent
+        return self._coverage_cached[1]
+
     def coverage(self) -> Coverage:
         """One row per module with trainable parameters: its route (before the first refresh, the layer
         kind; after, ``kind/route``), its parameter count and whether it has curvature (see

@@ -38,6 +38,12 @@ def patch_gram(G: Tensor, X: Tensor, bias: bool = False) -> Tensor:
     """
     N, groups, d_out, P = G.shape
     d_in = X.shape[2]
+    if P == 1 and groups == 1:  # a plain Linear: two products and one in-place Hadamard
+        g2, x2 = G[:, 0, :, 0], X[:, 0, :, 0]
+        xx = x2 @ x2.T
+        if bias:
+            xx += 1
+        return (g2 @ g2.T).mul_(xx)
     if P == 1:
         g2, x2 = G[..., 0].transpose(0, 1), X[..., 0].transpose(0, 1)  # (groups, N, d)
         xx = x2 @ x2.transpose(1, 2)
@@ -291,9 +297,11 @@ def damped_cholesky_batch(grams: List[Tensor], damping: float) -> List[Optional[
     out: List[Optional[Tensor]] = [None] * len(grams)
     for (shape, dtype, device), members in _same_kind(grams).items():
         K = torch.stack([grams[i] for i in members])
-        finite = torch.isfinite(K).flatten(1).all(1)
-        eye = torch.eye(shape[0], dtype=dtype, device=device)
-        L, info = torch.linalg.cholesky_ex(K + damping * eye)
+        K.diagonal(dim1=1, dim2=2).add_(damping)
+        L, info = torch.linalg.cholesky_ex(K)
+        # A NaN or Inf in K reaches the diagonal of L in its row (the factorisation reads the lower triangle,
+        # and K is symmetric), or makes the factorisation fail: the diagonal tells, N entries instead of N².
+        finite = torch.isfinite(L.diagonal(dim1=1, dim2=2)).all(1)
         status = torch.where(finite, info, -1).tolist()  # the one read of this group
         for i, code, chol in zip(members, status, L.unbind(0)):
             if code == 0:
