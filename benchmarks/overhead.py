@@ -6,7 +6,8 @@ attention with our own projections, an MLP, layer norms, a mean-pooled head), an
 from ``nn.Linear``/``nn.RMSNorm`` (``seqmlp``) and from a ``Conv1D``-style linear and a custom RMS norm, which
 only the generic route covers (``generic``), so that their refresh columns compare the routes. Per model, the runners are
 SGD and SENG with ``update_freq`` 10 (exact), ``update_freq`` 1 and ``curvature_samples = B/4``. Every
-round runs one step of each runner in turn, so that load from other processes hits all of them alike;
+round runs one step of each runner in turn (the order rotated every round), so that load from other
+processes and the caches each runner leaves to the next hit all of them alike;
 the ratios are medians over rounds. Refresh steps are reported on their own (ratio of the median refresh
 step to SGD's step) and amortised over ``update_freq`` (mean of one cycle: one refresh, ``K - 1`` steps
 between refreshes).
@@ -238,7 +239,10 @@ def measure(name: str, batch: int, rounds: int, warmup: int) -> dict:
         labels += ["floor", "floor B/4"]
     runners = [_make_runner(problem, label, batch) for label in labels]
     for i in range(warmup + rounds):
-        for r in runners:  # round-robin: one step of each in turn
+        # round-robin, one step of each in turn, the order rotated every round: the runner that follows another
+        # finds the caches as that one left them, which is worth a few per cent of a step on this machine
+        shift = i % len(runners)
+        for r in runners[shift:] + runners[:shift]:
             refresh = r.seng is not None and r.seng.will_refresh and r.seng.settings.update_freq > 1
             t0 = time.perf_counter()
             _step(r, problem, xs[i % 4], ys[i % 4])

@@ -252,8 +252,6 @@ class SENG:
         self._handles.append(model.register_forward_pre_hook(self._observe_input, with_kwargs=True))
         # U g' from the layer's own batch (layers/linear.py) needs .grad to be that batch's: not under DDP
         self._observe = checked["batch_shortcut"] and type(self.comm) is Communicator
-        if self._observe:
-            self._handles += [h for layer in self.layers.values() for h in layer.watch()]
         self._batch_size: Optional[int] = None
         self._in_step = False
         self.comm.setup(self.layers, self)
@@ -321,6 +319,7 @@ class SENG:
         for layer in self.layers.values():
             layer.clear()
             layer.release()
+            layer.remove_hooks()
 
     # ------------------------------------------------------------------ schedule
     @property

@@ -353,9 +353,8 @@ class LayerCurvature:
         return cur.route.u_dot(parts)
 
     # ----------------------------------------------------------------- the batch of this step
-    def watch(self) -> List[Any]:
-        """Hooks (handles) the layer needs on its parameters for the steps between refreshes; none by default."""
-        return []
+    def remove_hooks(self) -> None:
+        """Remove the hooks the layer put on its parameters by itself (:meth:`observe`); none by default."""
 
     def observe(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
         """Forward hook body on every step (references only, never copies); nothing by default."""

@@ -61,10 +61,12 @@ class BatchCall:
 
 _ACCUMULATOR = torch._C._functions.AccumulateGrad
 
-# Multiply-adds a step must save for a layer to take part: watching a call costs a few Python hooks (tens of
-# µs a layer, on a CPU or a GPU alike), so the shortcut pays only where it removes real work: about 2^22
-# multiply-adds on one CPU core, about a thousand times more on an accelerator (not measured here).
-MIN_SAVING = 1 << 22
+# Multiply-adds a step must save for a layer to take part. Watching a call costs a few Python hooks in the
+# forward and backward, about 0.15 ms a layer on one core of the development CPU (benchmarks/overhead.py's MLP:
+# at N = B = 128 the 784-512-512 layers, saving 2^24.8 and 2^24, break even; at N = 32, saving 2^22.8 and 2^22,
+# they lose; 2048-wide layers win 8 % of a step). On an accelerator the same hooks cost the same host time
+# while the products run about a thousand times faster (not measured here).
+MIN_SAVING = 1 << 24
 ACCELERATOR_FACTOR = 1 << 10
 
 
@@ -101,6 +103,7 @@ class LinearLayer(MatrixLayer):
         super().__init__(name, module)
         self.batch: Optional[BatchCall] = None
         self._arrivals: Dict[int, Arrival] = {}  # id(param) -> how its gradient was formed this step
+        self._leaf_hooks: List[Any] = []  # [weight, its hook handles] once a call was watched
         self._worth: Optional[tuple] = None  # (curvature, batch, gate, whether to watch), decided once for them
 
     def sample_axes(self, x: Tensor) -> Sequence[int]:
@@ -117,16 +120,19 @@ class LinearLayer(MatrixLayer):
         return self._assemble(G, X, mask)
 
     # ----------------------------------------------------------------- the batch between refreshes
-    def watch(self) -> List[Any]:
-        """Hooks on the parameters that record how each gradient was formed (:class:`Arrival`); only a plain
-        Linear (not a tied or fed subclass) takes part."""
-        if type(self) is not LinearLayer:
-            return []
-        p = self.module.weight
-        # a weight unfrozen or materialised (lazy modules) later has no record: U g' comes from .grad
-        if id(p) in self.excluded or not p.requires_grad or isinstance(p, nn.parameter.UninitializedParameter):
-            return []
-        return [p.register_hook(self._arrived(p)), p.register_post_accumulate_grad_hook(self._accumulated)]
+    def _watch_weight(self, weight: nn.Parameter) -> None:
+        """Hooks on the weight that record how its gradient was formed (:class:`Arrival`), registered when a call
+        is watched and kept while calls are (a layer not watched pays nothing)."""
+        if self._leaf_hooks and self._leaf_hooks[0] is weight:
+            return
+        self.remove_hooks()
+        self._leaf_hooks = [weight, weight.register_hook(self._arrived(weight)),
+                            weight.register_post_accumulate_grad_hook(self._accumulated)]
+
+    def remove_hooks(self) -> None:
+        for handle in self._leaf_hooks[1:]:
+            handle.remove()
+        self._leaf_hooks = []
 
     def _arrival(self, p: Tensor) -> Arrival:
         arrival = self._arrivals.get(id(p))
@@ -156,15 +162,19 @@ class LinearLayer(MatrixLayer):
             self.batch.calls += 1
             return
         x = args[0] if args and isinstance(args[0], Tensor) and args[0].dim() == 2 else None
-        batch = self.batch = BatchCall(None if x is None else x.detach())
-        if x is None or not self._worth_watching(x.shape[0], x.device.type == "cpu"):
-            batch.x = None
-            return
         weight = self.module.weight
-        edges = sole_edges(output.grad_fn, [weight], x.grad_fn) if weight.requires_grad else None
+        # a second call, should there be one, shows as a second term at the weight's accumulator
+        if (x is None or not weight.requires_grad or id(weight) in self.excluded
+                or not self._worth_watching(x.shape[0], x.device.type == "cpu")):
+            if self._leaf_hooks:  # not worth it (any more): the weight's hooks would cost every backward
+                self.remove_hooks()
+            return
+        batch = self.batch = BatchCall(x.detach())
+        edges = sole_edges(output.grad_fn, [weight], x.grad_fn)
         if edges is None:
             batch.traced = False
             return
+        self._watch_weight(weight)
         node, index = edges[0]
         node.register_hook(self._produced(self._arrival(weight), index))
 
