@@ -4,7 +4,7 @@ shared machine hits all optimizers alike.
     python benchmarks/step_time.py                    # reads benchmarks/results/summary.csv
     python benchmarks/step_time.py step_time.rounds=5 step_time.steps=20
 
-For each problem, every optimizer (with the learning rate compare.py chose, read from
+For each problem, every optimizer (with the settings compare.py chose, read from
 ``summary.csv``) gets a model of its own; then ``rounds`` times, each optimizer in turn runs
 ``steps`` training steps (``step_time`` block of conf/compare.yaml) (a multiple of the curvature refresh interval, so refresh steps count at
 their real rate) on batches of ``batch_size``. The reported time is the median over rounds of the
@@ -30,6 +30,7 @@ if __package__ in (None, ""):
 from benchmarks.peers import make_stepper, missing_reason  # noqa: E402
 from benchmarks.problems import build_problem  # noqa: E402
 from benchmarks.report import LABELS  # noqa: E402
+from benchmarks.tuning import parse, with_knobs  # noqa: E402
 
 COLUMNS = ["problem", "optimizer", "lr", "steps_per_round", "rounds", "step_ms_median",
            "step_ms_min", "step_ms_max", "vs_sgd", "epochs_to_target_mean",
@@ -45,7 +46,9 @@ def time_problem(problem, summary: dict, cfg: DictConfig) -> list[dict]:
     """Round-robin step times of every optimizer in ``summary`` on ``problem``, and the wall time
     to target they imply: ``est_wall_to_target_s = epochs_to_target_mean x steps per epoch x
     step_ms_median`` (an estimate from the measured epochs and these steadier step times)."""
-    lrs = {key: float(row["lr"]) for key, row in summary.items()}
+    points = {key: parse(row["settings"]) if row.get("settings") else {"lr": float(row["lr"])}
+              for key, row in summary.items()}
+    lrs = {key: point["lr"] for key, point in points.items()}
     batch_size = int(cfg.batch_size)
     steps, rounds = int(cfg.step_time.steps), int(cfg.step_time.rounds)
     data = problem.train_full
@@ -56,7 +59,8 @@ def time_problem(problem, summary: dict, cfg: DictConfig) -> list[dict]:
         torch.manual_seed(0)
         model = problem.make_model()
         steppers[name] = make_stepper(name, model, problem.loss_fn, lrs[(problem.name, name)],
-                                      cfg.optim[name], 0, problem.loss_kind, batch_size)
+                                      with_knobs(cfg.optim[name], points[(problem.name, name)]),
+                                      0, problem.loss_kind, batch_size)
         orders[name] = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {name: [] for name in steppers}
     n_batches = len(data) // batch_size

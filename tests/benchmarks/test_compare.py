@@ -1,4 +1,6 @@
 """Smoke test of the benchmark script: the quick config, SGD and SENG only, tiny budgets."""
+from collections import Counter
+
 import csv
 import subprocess
 import sys
@@ -31,10 +33,38 @@ def test_quick_config_writes_expected_csvs(tmp_path):
     assert len(curves) == 4 * 2
     assert {r["epoch"] for r in curves} == {"0", "1"}
 
-    search = _rows(tmp_path / "lr_search.csv")
-    assert len(search) == 4 * 2  # lr_grid_size=2 values per problem and optimizer
+    search = _rows(tmp_path / "search.csv")
+    # the same budget for both: trials=2 per problem and optimizer, SENG's over lr x damping
+    assert Counter((r["problem"], r["optimizer"]) for r in search) == {
+        ("mlp", "sgd"): 2, ("mlp", "seng"): 2, ("cnn", "sgd"): 2, ("cnn", "seng"): 2}
+    assert {r["damping"] for r in search if r["optimizer"] == "seng"} == {"0.5", "2"}
+    assert {r["damping"] for r in search if r["optimizer"] == "sgd"} == {""}
     assert sum(r["chosen"] == "True" for r in search) == 4
+    chosen = {(r["problem"], r["optimizer"]): r["settings"] for r in search if r["chosen"] == "True"}
+    assert {(r["problem"], r["optimizer"]): r["settings"] for r in summary} == chosen
     assert (tmp_path / "summary.md").read_text().startswith("| problem |")
+
+    seeds = _rows(tmp_path / "seeds.csv")
+    assert [(r["problem"], r["optimizer"], r["seed"]) for r in seeds] == [
+        ("mlp", "sgd", "0"), ("mlp", "seng", "0"), ("cnn", "sgd", "0"), ("cnn", "seng", "0")]
+    assert len((tmp_path / "seeds.md").read_text().splitlines()) == 2 + 4
+
+
+def test_every_seed_gets_its_own_row(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--config-name", "quick",
+           "optimizers=[sgd]", "problems=[mlp]", "plots=false", "seeds=[0,1,2]",
+           f"out_dir={tmp_path}", "epochs.mlp=1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["seed"] for r in _rows(tmp_path / "seeds.csv")] == ["0", "1", "2"]
+
+
+def test_unequal_trial_budget_is_refused_naming_the_key(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--config-name", "quick",
+           "optimizers=[sgd,seng]", "problems=[mlp]", "trials=3", f"out_dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "optim.sgd.search has 2 grid points, fewer than trials=3" in done.stderr
 
 
 def test_missing_peer_is_skipped_with_install_hint(monkeypatch):
