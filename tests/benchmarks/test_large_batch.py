@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from benchmarks.large_batch import (bend_points, claims, eval_steps, grid_edge,
                                     steps_to_target, summarize)
 from benchmarks.teacher import make_splits
+from tests.benchmarks.test_compare import compose_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,9 +129,9 @@ def test_tiny_run_tunes_every_point_equally_and_writes_every_seed(tmp_path):
     assert (tmp_path / "large_batch.md").read_text() == table
 
 
-def test_too_few_steps_per_epoch_at_the_largest_batch_is_refused(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "large_batch.py"), *TINY,
-           "batch_sizes=[16,128]", f"out_dir={tmp_path}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
-    assert "data.n_train=1280 leaves 10 steps per epoch at batch size 128" in done.stderr
+def test_too_few_steps_per_epoch_at_the_largest_batch_is_refused():
+    from benchmarks.large_batch import _validate
+
+    cfg = compose_bench("large_batch", [*TINY, "batch_sizes=[16,128]"])
+    with pytest.raises(ValueError, match=r"data.n_train=1280 leaves 10 steps per epoch at batch size 128"):
+        _validate(cfg, 1280)

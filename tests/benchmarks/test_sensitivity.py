@@ -4,6 +4,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.benchmarks.test_compare import compose_bench
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -23,9 +27,9 @@ def test_sweep_writes_one_row_per_cell_and_the_heatmap(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_non_positive_grid_value_is_refused_naming_the_key(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "sensitivity.py"), "--config-name", "quick",
-           "sensitivity.damping=[0.0,1.0]", f"out_dir={tmp_path}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0
-    assert "sensitivity.damping must be a non-empty list of positive values" in done.stderr
+def test_a_non_positive_grid_value_is_refused_naming_the_key():
+    from benchmarks.sensitivity import _validate
+
+    cfg = compose_bench("quick", ["sensitivity.damping=[0.0,1.0]"])
+    with pytest.raises(ValueError, match=r"sensitivity.damping must be a non-empty list of positive values"):
+        _validate(cfg)
