@@ -1,7 +1,7 @@
 """Convergence and cost of SENG against SGD, AdamW, K-FAC, Shampoo and SOAP on scikit-learn's
 digits (an MLP, a small CNN on 16x16 upsampled digits, and a deep autoencoder).
 
-    python benchmarks/compare.py                      # the full run (14 minutes on 2 lightly loaded cores)
+    python benchmarks/compare.py                      # the full run (16 minutes on one thread of a shared 2-core machine)
     python benchmarks/compare.py --config-name quick  # smoke run, under a minute
     python benchmarks/compare.py problems=[mlp] optimizers=[seng,sgd] seeds=[0]
 
