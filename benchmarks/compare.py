@@ -1,19 +1,25 @@
 """Convergence and cost of SENG against SGD, AdamW, K-FAC, Shampoo and SOAP on scikit-learn's
 digits (an MLP, a small CNN on 16x16 upsampled digits, and a deep autoencoder).
 
-    python benchmarks/compare.py                      # the full run (14 minutes on 2 lightly loaded cores)
+    python benchmarks/compare.py                      # the full run (16 minutes on one thread of a shared 2-core machine)
     python benchmarks/compare.py --config-name quick  # smoke run, under a minute
     python benchmarks/compare.py problems=[mlp] optimizers=[seng,sgd] seeds=[0]
 
 Protocol, the same for every optimizer:
-1. Learning-rate search: each optimizer trains on the train split with every value of its own
-   grid (every grid has ``lr_grid_size`` values), seed ``search_seed``, the same epoch budget as
-   the final runs. The chosen value has the best area under the validation curve (mean
+1. Tuning with an equal budget: every optimizer gets exactly ``trials`` trials over its own knobs
+   (its ``search`` block: the learning rate for all, the damping for SENG and K-FAC, the weight
+   decay where the recipe has one; see benchmarks/tuning.py). Each trial trains on the train
+   split with seed ``search_seed`` and the same epoch budget and learning-rate ``schedule`` as
+   the final runs. The chosen trial has the best area under the validation curve (mean
    validation accuracy over the epochs; mean log reconstruction error for the autoencoder), see
-   ``search_score``. Diverged runs (non-finite loss) are never chosen unless every value diverged.
-2. Final runs: the chosen learning rate on train+validation, evaluated on the test split after
+   ``search_score``. Diverged runs (non-finite loss) are never chosen unless every trial diverged.
+2. Final runs: the chosen settings on train+validation, evaluated on the test split after
    every epoch, for every seed in ``seeds`` (the seed sets the initialisation, the batch order
-   and the curvature sampling).
+   and the curvature sampling). Every seed is reported (seeds.csv, seeds.md), and the mean and
+   standard deviation beside them (summary.csv, summary.md).
+
+The learning-rate schedule (``schedule.name``: constant, cosine or poly, with an optional linear
+warm-up; benchmarks/lr_schedule.py) is set every iteration and is the same for every optimizer.
 
 Measured per run: the test metric and training loss after each epoch; training wall time (the
 optimizer steps only: forward, backward, preconditioning, update; evaluation excluded);
@@ -22,8 +28,9 @@ through /proc/self/clear_refs before the run) minus VmRSS at the start of the ru
 garbage collection and malloc_trim. Wall times come from one process on a shared machine with
 ``threads`` torch threads: read them as ratios, not absolutes.
 
-Outputs in ``out_dir``: curves.csv (one row per epoch), lr_search.csv, summary.csv,
-summary.md (the table in the README) and one PNG per problem.
+Outputs in ``out_dir``: curves.csv (one row per epoch), search.csv (one row per trial), seeds.csv
+and seeds.md (one row per final run), summary.csv, summary.md (mean ± std and ratios) and one PNG
+per problem.
 """
 from __future__ import annotations
 
@@ -45,15 +52,21 @@ from omegaconf import DictConfig, OmegaConf
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import lr_schedule  # noqa: E402
 from benchmarks.peers import OPTIMIZERS, make_stepper, missing_reason  # noqa: E402
 from benchmarks.problems import Problem, Split, build_problem, evaluate  # noqa: E402
-from benchmarks.report import plot_problem, summary_markdown  # noqa: E402
+from benchmarks.report import plot_problem, seeds_markdown, summary_markdown  # noqa: E402
+from benchmarks.tuning import describe, grid_edge, parse, trial_points, with_knobs  # noqa: E402
 
-CURVE_COLUMNS = ["problem", "optimizer", "seed", "lr", "epoch", "steps", "wall_s", "train_loss",
-                 "test_loss", "test_metric", "metric_name"]
-SEARCH_COLUMNS = ["problem", "optimizer", "lr", "diverged", "val_score", "val_epochs_to_target",
-                  "val_final_metric", "chosen", "failure"]
-SUMMARY_COLUMNS = ["problem", "optimizer", "lr", "metric_name", "target", "seeds",
+CURVE_COLUMNS = ["problem", "optimizer", "seed", "lr", "settings", "epoch", "steps", "wall_s",
+                 "train_loss", "test_loss", "test_metric", "metric_name"]
+SEARCH_COLUMNS = ["problem", "optimizer", "trial", "settings", "lr", "damping", "weight_decay",
+                  "diverged", "val_score", "val_epochs_to_target", "val_final_metric", "chosen",
+                  "failure"]
+SEED_COLUMNS = ["problem", "optimizer", "settings", "seed", "metric_name", "target",
+                "epochs_to_target", "steps_to_target", "wall_to_target_s", "final_metric",
+                "step_ms", "peak_rss_mib"]
+SUMMARY_COLUMNS = ["problem", "optimizer", "settings", "grid_edge", "lr", "metric_name", "target", "seeds",
                    "seeds_reached", "epochs_to_target_mean", "epochs_to_target_std",
                    "wall_to_target_s_mean", "wall_to_target_s_std", "final_metric_mean",
                    "final_metric_std", "step_ms_mean", "step_ms_std", "peak_rss_mib_mean",
@@ -68,6 +81,7 @@ class RunResult:
     optimizer: str
     seed: int
     lr: float
+    settings: str = ""
     train_loss: list[float] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)
     eval_metric: list[float] = field(default_factory=list)
@@ -132,20 +146,24 @@ def _maxrss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def train_run(problem: Problem, optimizer: str, lr: float, seed: int, train: Split,
+def train_run(problem: Problem, optimizer: str, point: dict, seed: int, train: Split,
               held_out: Split, cfg: DictConfig) -> RunResult:
-    """Train a fresh model with ``optimizer`` for ``cfg.epochs[problem]`` epochs and evaluate it
-    on ``held_out`` after every epoch."""
+    """Train a fresh model with ``optimizer`` at the trial settings ``point`` ({knob: value},
+    see benchmarks/tuning.py) for ``cfg.epochs[problem]`` epochs, the learning rate following
+    ``cfg.schedule`` every iteration, and evaluate it on ``held_out`` after every epoch."""
     epochs = int(cfg.epochs[problem.name])
     batch_size = int(cfg.batch_size)
-    result = RunResult(problem.name, optimizer, seed, lr)
+    lr = float(point["lr"])
+    result = RunResult(problem.name, optimizer, seed, lr, describe(point))
     with PeakMemory() as mem:
         torch.manual_seed(seed)
         model = problem.make_model()
-        stepper = make_stepper(optimizer, model, problem.loss_fn, lr, cfg.optim[optimizer], seed,
+        stepper = make_stepper(optimizer, model, problem.loss_fn, lr,
+                               with_knobs(cfg.optim[optimizer], point), seed,
                                problem.loss_kind, batch_size)
         shuffle = torch.Generator().manual_seed(seed)
         n_batches = len(train) // batch_size  # drop_last: every step sees batch_size samples
+        scheduler = lr_schedule.attach(stepper.opt, cfg.schedule, n_batches, epochs)
         loss0, metric0 = evaluate(model, problem, held_out)
         result.train_loss.append(float(problem.loss_fn(model(train.x), train.y).detach()))
         result.eval_loss.append(loss0)
@@ -165,7 +183,7 @@ def train_run(problem: Problem, optimizer: str, lr: float, seed: int, train: Spl
                     loss = stepper.train_step(train.x[idx], train.y[idx])
                 except (ValueError, RuntimeError) as err:
                     # Blown-up weights make K-FAC's Monte-Carlo sampling or its Cholesky fail:
-                    # recorded as a divergence, with the message kept for lr_search.csv.
+                    # recorded as a divergence, with the message kept for search.csv.
                     result.failure = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
                     print(f"  {problem.name} {optimizer} lr={lr:g} seed={seed}: step failed, "
                           f"counted as diverged ({result.failure})", flush=True)
@@ -173,6 +191,7 @@ def train_run(problem: Problem, optimizer: str, lr: float, seed: int, train: Spl
                 losses.append(loss)
                 if not math.isfinite(loss):
                     break
+                scheduler.step()
             wall += time.perf_counter() - start
             steps += len(losses)
             train_loss = sum(losses) / len(losses)
@@ -202,22 +221,26 @@ def search_score(run: RunResult, problem: Problem) -> float:
     return sum(math.log(max(v, 1e-12)) for v in values) / len(values)
 
 
-def search_lr(problem: Problem, optimizer: str, cfg: DictConfig) -> tuple[float, list[dict]]:
-    """Try every value of the optimizer's grid on train -> validation; return the chosen
-    learning rate and one row per value for lr_search.csv."""
-    grid = [float(v) for v in cfg.optim[optimizer].lr_grid]
-    runs = [train_run(problem, optimizer, lr, int(cfg.search_seed), problem.train, problem.val,
-                      cfg) for lr in grid]
-    best = min(runs, key=lambda r: search_score(r, problem))
+def search(problem: Problem, optimizer: str, cfg: DictConfig) -> tuple[dict, list[dict]]:
+    """Run the optimizer's ``cfg.trials`` trials on train -> validation; return the chosen
+    settings ({knob: value}) and one row per trial for search.csv."""
+    points = trial_points(optimizer, cfg.optim[optimizer].search, int(cfg.trials),
+                          int(cfg.search_seed))
+    runs = [train_run(problem, optimizer, point, int(cfg.search_seed), problem.train,
+                      problem.val, cfg) for point in points]
+    best = min(range(len(runs)), key=lambda i: search_score(runs[i], problem))
     rows = []
-    for run in runs:
+    for i, (point, run) in enumerate(zip(points, runs)):
         reached = run.epochs_to_target(problem)
-        rows.append(dict(problem=problem.name, optimizer=optimizer, lr=run.lr,
+        rows.append(dict(problem=problem.name, optimizer=optimizer, trial=i,
+                         settings=run.settings, lr=point["lr"],
+                         damping=point.get("damping", ""),
+                         weight_decay=point.get("weight_decay", ""),
                          diverged=run.diverged, val_score=search_score(run, problem),
                          val_epochs_to_target="" if reached is None else reached,
-                         val_final_metric=run.eval_metric[-1], chosen=run is best,
+                         val_final_metric=run.eval_metric[-1], chosen=i == best,
                          failure=run.failure))
-    return best.lr, rows
+    return points[best], rows
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -239,8 +262,8 @@ def summarize(problem: Problem, optimizer: str, runs: list[RunResult], cfg: Dict
     final_mean, final_std = _mean_std([r.eval_metric[-1] for r in runs])
     step_mean, step_std = _mean_std([r.step_ms for r in runs])
     mem_mean, mem_std = _mean_std([r.peak_rss_mib for r in runs])
-    return dict(problem=problem.name, optimizer=optimizer, lr=runs[0].lr,
-                metric_name=problem.metric_name, target=problem.target, seeds=len(runs),
+    return dict(problem=problem.name, optimizer=optimizer, settings=runs[0].settings,
+                lr=runs[0].lr, metric_name=problem.metric_name, target=problem.target, seeds=len(runs),
                 seeds_reached=len(reached), epochs_to_target_mean=ep_mean,
                 epochs_to_target_std=ep_std, wall_to_target_s_mean=wall_mean,
                 wall_to_target_s_std=wall_std, final_metric_mean=final_mean,
@@ -249,9 +272,22 @@ def summarize(problem: Problem, optimizer: str, runs: list[RunResult], cfg: Dict
                 epochs=int(cfg.epochs[problem.name]))
 
 
+def seed_row(problem: Problem, run: RunResult) -> dict:
+    """One final run as a row of seeds.csv: epochs, steps and wall time to the target (empty
+    when the run never reached it), the final metric, ms per step and peak memory."""
+    e = run.epochs_to_target(problem)
+    return dict(problem=run.problem, optimizer=run.optimizer, settings=run.settings,
+                seed=run.seed, metric_name=problem.metric_name, target=problem.target,
+                epochs_to_target="" if e is None else e,
+                steps_to_target="" if e is None else run.steps[e],
+                wall_to_target_s="" if e is None else run.wall_s[e],
+                final_metric=run.eval_metric[-1], step_ms=run.step_ms,
+                peak_rss_mib=run.peak_rss_mib)
+
+
 def _curve_rows(problem: Problem, run: RunResult) -> list[dict]:
     return [dict(problem=run.problem, optimizer=run.optimizer, seed=run.seed, lr=run.lr,
-                 epoch=e, steps=run.steps[e], wall_s=run.wall_s[e],
+                 settings=run.settings, epoch=e, steps=run.steps[e], wall_s=run.wall_s[e],
                  train_loss=run.train_loss[e], test_loss=run.eval_loss[e],
                  test_metric=run.eval_metric[e], metric_name=problem.metric_name)
             for e in range(len(run.eval_metric))]
@@ -267,15 +303,14 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 
 def _validate(cfg: DictConfig) -> None:
-    sizes = {name: len(cfg.optim[name].lr_grid) for name in cfg.optimizers}
-    if any(size != cfg.lr_grid_size for size in sizes.values()):
-        raise ValueError(f"every optimizer's lr_grid must have lr_grid_size={cfg.lr_grid_size} "
-                         f"values for an equal search budget (got {sizes})")
     for name in cfg.optimizers:
         if name not in OPTIMIZERS:
             raise ValueError(f"optimizers must be drawn from {list(OPTIMIZERS)} (got {name!r})")
+        # raises, naming the key, on an unknown knob or a grid smaller than the trial budget
+        trial_points(name, cfg.optim[name].search, int(cfg.trials), int(cfg.search_seed))
     if not cfg.seeds:
         raise ValueError("seeds must hold at least one seed (got [])")
+    lr_schedule.check_schedule(cfg.schedule)
 
 
 def run(cfg: DictConfig) -> dict[str, list[dict]]:
@@ -291,22 +326,24 @@ def run(cfg: DictConfig) -> dict[str, list[dict]]:
             available.append(name)
         else:
             print(reason, flush=True)
-    curves, searches, summaries = [], [], []
+    curves, searches, seed_rows, summaries = [], [], [], []
     for problem_name in cfg.problems:
         problem = build_problem(problem_name, cfg.problem[problem_name])
         runs_by_opt: dict[str, list[RunResult]] = {}
         for optimizer in available:
             t0 = time.perf_counter()
-            lr, rows = search_lr(problem, optimizer, cfg)
+            point, rows = search(problem, optimizer, cfg)
             searches.extend(rows)
-            runs = [train_run(problem, optimizer, lr, int(seed), problem.train_full,
+            runs = [train_run(problem, optimizer, point, int(seed), problem.train_full,
                               problem.test, cfg) for seed in cfg.seeds]
             runs_by_opt[optimizer] = runs
             for r in runs:
                 curves.extend(_curve_rows(problem, r))
+                seed_rows.append(seed_row(problem, r))
             summary = summarize(problem, optimizer, runs, cfg)
+            summary["grid_edge"] = grid_edge([parse(r["settings"]) for r in rows], point)
             summaries.append(summary)
-            print(f"[{problem.name:11s}] {optimizer:7s} lr={lr:<8.3g} "
+            print(f"[{problem.name:11s}] {optimizer:7s} {describe(point):28s} "
                   f"reached {summary['seeds_reached']}/{summary['seeds']}  "
                   f"epochs->target {summary['epochs_to_target_mean']:.1f}  "
                   f"final {problem.metric_name} {summary['final_metric_mean']:.4f}  "
@@ -315,12 +352,16 @@ def run(cfg: DictConfig) -> dict[str, list[dict]]:
         if runs_by_opt and cfg.plots:
             plot_problem(problem, runs_by_opt, out_dir / f"{problem.name}.png")
         _write_csv(out_dir / "curves.csv", CURVE_COLUMNS, curves)
-        _write_csv(out_dir / "lr_search.csv", SEARCH_COLUMNS, searches)
+        _write_csv(out_dir / "search.csv", SEARCH_COLUMNS, searches)
+        _write_csv(out_dir / "seeds.csv", SEED_COLUMNS, seed_rows)
         _write_csv(out_dir / "summary.csv", SUMMARY_COLUMNS, summaries)
     table = summary_markdown(summaries, cfg)
     (out_dir / "summary.md").write_text(table)
+    per_seed = seeds_markdown(seed_rows)
+    (out_dir / "seeds.md").write_text(per_seed)
     print(table)
-    return dict(curves=curves, lr_search=searches, summary=summaries)
+    print(per_seed)
+    return dict(curves=curves, search=searches, seeds=seed_rows, summary=summaries)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="compare")

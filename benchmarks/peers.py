@@ -49,7 +49,9 @@ def missing_reason(name: str) -> str | None:
 
 
 class Stepper:
-    """One optimizer bound to one model and loss: ``train_step(x, y)`` returns the batch loss."""
+    """One optimizer bound to one model and loss: ``train_step(x, y)`` returns the batch loss.
+    Subclasses keep the torch optimizer that owns the learning rate in ``self.opt``, so one
+    learning-rate scheduler can drive every method alike."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable):
         self.model = model
@@ -150,7 +152,8 @@ def make_stepper(name: str, model: nn.Module, loss_fn: Callable, lr: float, cfg,
         return FirstOrder(model, loss_fn, opt)
     if name == "seng":
         seng_kwargs = dict(damping=cfg.damping, update_freq=cfg.update_freq,
-                           sketch_size=cfg.sketch_size)
+                           sketch_size=cfg.sketch_size,
+                           curvature_samples=cfg.get("curvature_samples"))
         return SengStepper(model, loss_fn, lr, cfg.momentum, cfg.weight_decay, seng_kwargs, seed)
     if name == "kfac":
         return KfacStepper(model, loss_fn, lr, cfg.momentum, cfg.weight_decay, cfg.damping,

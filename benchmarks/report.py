@@ -32,7 +32,7 @@ def plot_problem(problem, runs_by_opt: dict, path: Path) -> None:
     metric_label = METRIC_LABELS.get(problem.metric_name, problem.metric_name)
     for name, runs in runs_by_opt.items():
         color = COLORS.get(name)
-        label = f"{LABELS.get(name, name)} (lr={runs[0].lr:.3g})"
+        label = f"{LABELS.get(name, name)} ({runs[0].settings or f'lr={runs[0].lr:.3g}'})"
         wall, _, _ = _band(runs, "wall_s")
         epochs = list(range(len(wall)))
         for row, attr in enumerate(("train_loss", "eval_metric")):
@@ -92,15 +92,17 @@ def _pm(mean: float, std: float, fmt: str) -> str:
 def summary_markdown(summaries: list[dict], cfg) -> str:
     """The README table: one row per problem and optimizer, then SENG's ratios per problem."""
     lines = [
-        "| problem | optimizer | lr | reached | epochs to target | wall s to target | "
+        "| problem | optimizer | chosen settings | reached | epochs to target | wall s to target | "
         "final metric | ms / step | peak RSS added (MiB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
+        edge = f" (grid edge: {s['grid_edge']})" if s.get("grid_edge") else ""
         target = f"{s['metric_name']} {'≥' if s['metric_name'] == 'test_acc' else '≤'} {s['target']:g}"
         lines.append(
             f"| {s['problem']} ({target}) | {LABELS.get(s['optimizer'], s['optimizer'])} | "
-            f"{s['lr']:.3g} | {s['seeds_reached']}/{s['seeds']} | "
+            f"{s.get('settings') or format(s['lr'], '.3g')}{edge} | "
+            f"{s['seeds_reached']}/{s['seeds']} | "
             f"{_pm(s['epochs_to_target_mean'], s['epochs_to_target_std'], '.1f')} | "
             f"{_pm(s['wall_to_target_s_mean'], s['wall_to_target_s_std'], '.2f')} | "
             f"{_pm(s['final_metric_mean'], s['final_metric_std'], '.4f')} | "
@@ -111,6 +113,58 @@ def summary_markdown(summaries: list[dict], cfg) -> str:
         lines += ["", "| problem | peer | peer epochs / SENG epochs | peer wall s / SENG wall s |",
                   "|---|---|---|---|"]
         lines += ratios
+    claims = claim_lines(summaries)
+    if claims:
+        lines += ["", "SENG ≥ 1.5x fewer epochs than both SGD and AdamW, and less wall time than "
+                  "K-FAC (means over seeds):"] + claims
+    return "\n".join(lines) + "\n"
+
+
+def claim_lines(summaries: list[dict], factor: float = 1.5) -> list[str]:
+    """Per problem, whether SENG reached the target in at least ``factor``x fewer epochs than
+    both SGD and AdamW and in less wall time than K-FAC (means over seeds; a peer that missed
+    the target on a seed counts as slower than SENG only if SENG reached it on every seed)."""
+    by_problem: dict[str, dict[str, dict]] = {}
+    for s in summaries:
+        by_problem.setdefault(s["problem"], {})[s["optimizer"]] = s
+    lines = []
+    for problem, opts in by_problem.items():
+        seng = opts.get("seng")
+        if seng is None or not all(k in opts for k in ("sgd", "adamw", "kfac")):
+            continue
+        if seng["seeds_reached"] < seng["seeds"]:
+            lines.append(f"- {problem}: no — SENG reached the target on "
+                         f"{seng['seeds_reached']}/{seng['seeds']} seeds.")
+            continue
+
+        def missed(peer: dict) -> bool:
+            return peer["seeds_reached"] < peer["seeds"]
+
+        epochs_ok = all(missed(opts[p]) or opts[p]["epochs_to_target_mean"]
+                        >= factor * seng["epochs_to_target_mean"] for p in ("sgd", "adamw"))
+        kfac = opts["kfac"]
+        wall_ok = missed(kfac) or kfac["wall_to_target_s_mean"] > seng["wall_to_target_s_mean"]
+        verdict = "yes" if epochs_ok and wall_ok else "no"
+        lines.append(f"- {problem}: {verdict} — ≥ {factor:g}x fewer epochs than SGD and AdamW: "
+                     f"{'yes' if epochs_ok else 'no'}; less wall time than K-FAC: "
+                     f"{'yes' if wall_ok else 'no'}.")
+    return lines
+
+
+def seeds_markdown(rows: list[dict]) -> str:
+    """Every final run, one row per problem, optimizer and seed ("—": target never reached)."""
+    lines = ["| problem | optimizer | chosen settings | seed | epochs to target | "
+             "steps to target | wall s to target | final metric | ms / step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reached = r["epochs_to_target"] != ""
+        lines.append(
+            f"| {r['problem']} | {LABELS.get(r['optimizer'], r['optimizer'])} | "
+            f"{r['settings']} | {r['seed']} | "
+            f"{r['epochs_to_target'] if reached else '—'} | "
+            f"{r['steps_to_target'] if reached else '—'} | "
+            f"{format(float(r['wall_to_target_s']), '.2f') if reached else '—'} | "
+            f"{float(r['final_metric']):.4f} | {float(r['step_ms']):.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,7 +212,7 @@ def runs_from_curves(path: Path) -> dict:
             run = seeds.get(key)
             if run is None:
                 run = seeds[key] = RunResult(row["problem"], row["optimizer"], int(row["seed"]),
-                                             float(row["lr"]))
+                                             float(row["lr"]), row.get("settings", ""))
             run.train_loss.append(float(row["train_loss"]))
             run.eval_loss.append(float(row["test_loss"]))
             run.eval_metric.append(float(row["test_metric"]))
@@ -171,12 +225,27 @@ def summaries_from_csv(path: Path) -> list[dict]:
     """Rows of a summary.csv with their numbers parsed back."""
     import csv
 
-    text_keys = {"problem", "optimizer", "metric_name"}
+    text_keys = {"problem", "optimizer", "metric_name", "settings", "grid_edge"}
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     return [{k: (v if k in text_keys else (int(v) if k in ("seeds", "seeds_reached", "epochs")
                                              else float(v)))
              for k, v in row.items()} for row in rows]
+
+
+def _fill_grid_edges(summaries: list[dict], search_csv: Path) -> None:
+    """Set each summary's ``grid_edge`` from the trials in search.csv (see tuning.grid_edge)."""
+    import csv
+
+    from benchmarks.tuning import grid_edge, parse
+
+    with open(search_csv, newline="") as f:
+        trials = list(csv.DictReader(f))
+    for s in summaries:
+        mine = [t for t in trials if (t["problem"], t["optimizer"]) == (s["problem"], s["optimizer"])]
+        chosen = [parse(t["settings"]) for t in mine if t["chosen"] == "True"]
+        if chosen:
+            s["grid_edge"] = grid_edge([parse(t["settings"]) for t in mine], chosen[0])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(argv[0] if argv else "benchmarks/results")
     cfg = OmegaConf.load(Path(__file__).parent / "conf" / "compare.yaml")
     summaries = summaries_from_csv(out_dir / "summary.csv")
+    if (out_dir / "search.csv").exists():
+        _fill_grid_edges(summaries, out_dir / "search.csv")
     (out_dir / "summary.md").write_text(summary_markdown(summaries, cfg))
     print(f"wrote {out_dir / 'summary.md'}")
     for problem_name, runs_by_opt in runs_from_curves(out_dir / "curves.csv").items():

@@ -1,10 +1,21 @@
 """Smoke test of the benchmark script: the quick config, SGD and SENG only, tiny budgets."""
+from collections import Counter
+
+import pytest
+from hydra import compose, initialize_config_dir
+
 import csv
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose_bench(name: str, overrides: list[str]):
+    """A benchmark config composed in-process, as the script would see it."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "benchmarks" / "conf")):
+        return compose(config_name=name, overrides=overrides)
 
 
 def _rows(path: Path) -> list[dict]:
@@ -14,7 +25,7 @@ def _rows(path: Path) -> list[dict]:
 
 def test_quick_config_writes_expected_csvs(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--config-name", "quick",
-           "optimizers=[sgd,seng]", "problems=[mlp,cnn]", "plots=false",
+           "optimizers=[sgd,seng]", "problems=[mlp,cnn]", "plots=false", "seeds=[0,1]",
            f"out_dir={tmp_path}", "epochs.mlp=1", "epochs.cnn=1"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -27,14 +38,33 @@ def test_quick_config_writes_expected_csvs(tmp_path):
         assert column in summary[0]
 
     curves = _rows(tmp_path / "curves.csv")
-    # one seed, epoch 0 (before training) and epoch 1, per problem and optimizer
-    assert len(curves) == 4 * 2
+    # two seeds, epoch 0 (before training) and epoch 1, per problem and optimizer
+    assert len(curves) == 4 * 2 * 2
     assert {r["epoch"] for r in curves} == {"0", "1"}
 
-    search = _rows(tmp_path / "lr_search.csv")
-    assert len(search) == 4 * 2  # lr_grid_size=2 values per problem and optimizer
+    search = _rows(tmp_path / "search.csv")
+    # the same budget for both: trials=2 per problem and optimizer, SENG's over lr x damping
+    assert Counter((r["problem"], r["optimizer"]) for r in search) == {
+        ("mlp", "sgd"): 2, ("mlp", "seng"): 2, ("cnn", "sgd"): 2, ("cnn", "seng"): 2}
+    assert {r["damping"] for r in search if r["optimizer"] == "seng"} == {"0.5", "2"}
+    assert {r["damping"] for r in search if r["optimizer"] == "sgd"} == {""}
     assert sum(r["chosen"] == "True" for r in search) == 4
+    chosen = {(r["problem"], r["optimizer"]): r["settings"] for r in search if r["chosen"] == "True"}
+    assert {(r["problem"], r["optimizer"]): r["settings"] for r in summary} == chosen
     assert (tmp_path / "summary.md").read_text().startswith("| problem |")
+
+    seeds = _rows(tmp_path / "seeds.csv")
+    assert [(r["problem"], r["optimizer"], r["seed"]) for r in seeds] == [
+        (p, o, s) for p in ("mlp", "cnn") for o in ("sgd", "seng") for s in ("0", "1")]
+    assert len((tmp_path / "seeds.md").read_text().splitlines()) == 2 + 8
+
+
+def test_unequal_trial_budget_is_refused_naming_the_key():
+    from benchmarks.compare import _validate
+
+    cfg = compose_bench("quick", ["optimizers=[sgd,seng]", "trials=3"])
+    with pytest.raises(ValueError, match=r"optim.sgd.search has 2 grid points, fewer than trials=3"):
+        _validate(cfg)
 
 
 def test_missing_peer_is_skipped_with_install_hint(monkeypatch):
