@@ -153,7 +153,8 @@ def make_stepper(name: str, model: nn.Module, loss_fn: Callable, lr: float, cfg,
     if name == "seng":
         seng_kwargs = dict(damping=cfg.damping, update_freq=cfg.update_freq,
                            sketch_size=cfg.sketch_size,
-                           curvature_samples=cfg.get("curvature_samples"))
+                           curvature_samples=cfg.get("curvature_samples"),
+                           relative_damping=bool(cfg.get("relative_damping", False)))
         return SengStepper(model, loss_fn, lr, cfg.momentum, cfg.weight_decay, seng_kwargs, seed)
     if name == "kfac":
         return KfacStepper(model, loss_fn, lr, cfg.momentum, cfg.weight_decay, cfg.damping,

@@ -76,6 +76,7 @@ class SENGCallback(Callback):
             arguments when the LightningModule's own forward runs); see :class:`SENG`.
         batch_shortcut: ``U g`` of plain Linear layers from the step's own batch when ``.grad`` is exactly that
             batch's gradient (see :class:`SENG`).
+        relative_damping: each layer's damping times the mean eigenvalue of its ``UUᵀ`` (see :class:`SENG`).
         optimizers: indices into ``trainer.optimizers`` whose steps are preconditioned.
         log_every_n_steps: log ``seng/*`` statistics every this many optimizer steps; ``None`` follows
             ``Trainer(log_every_n_steps=...)``; ``0`` disables logging.
@@ -101,6 +102,7 @@ class SENGCallback(Callback):
         skip_nonfinite: bool = True,
         batch_axis: int | Callable[[tuple, dict], int] = 0,
         batch_shortcut: bool = True,
+        relative_damping: bool = False,
         optimizers: Sequence[int] = (0,),
         log_every_n_steps: int | None = None,
         log_prog_bar: bool = False,
@@ -113,7 +115,7 @@ class SENGCallback(Callback):
             curvature_samples=curvature_samples, svd_rank=svd_rank,
             implicit_threshold=implicit_threshold, loss_reduction=loss_reduction, include=include, exclude=exclude,
             route=route, curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite,
-            batch_axis=batch_axis, batch_shortcut=batch_shortcut)
+            batch_axis=batch_axis, batch_shortcut=batch_shortcut, relative_damping=relative_damping)
         if isinstance(optimizers, int) and not isinstance(optimizers, bool):
             optimizers = (optimizers,)
         optimizers = tuple(optimizers)

@@ -112,7 +112,8 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
                    curvature_samples: Optional[int] = None, svd_rank: int = 16, implicit_threshold: int = 700_000, loss_reduction: str = "mean",
                    include: LayerFilter = None, exclude: LayerFilter = None, route: str = "auto",
                    curvature_dtype: Union[torch.dtype, str, None] = None, seed: int = 0,
-                   skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, batch_shortcut: bool = True) -> dict:
+                   skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, batch_shortcut: bool = True,
+                   relative_damping: bool = False) -> dict:
     """Validate SENG's settings (all but the model and ``comm``) and return them normalised.
 
     Raises ``ValueError`` naming the key, the value and what is allowed. ``curvature_dtype`` may also
@@ -132,6 +133,8 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
         check_int("batch_axis", batch_axis, 0)
     if not isinstance(batch_shortcut, bool):
         raise ValueError(f"batch_shortcut must be True or False (got {batch_shortcut!r})")
+    if not isinstance(relative_damping, bool):
+        raise ValueError(f"relative_damping must be True or False (got {relative_damping!r})")
     return dict(
         damping=damping,
         update_freq=check_int("update_freq", update_freq, 1),
@@ -148,6 +151,7 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
         skip_nonfinite=skip_nonfinite,
         batch_axis=batch_axis,
         batch_shortcut=batch_shortcut,
+        relative_damping=relative_damping,
     )
 
 
@@ -192,6 +196,10 @@ class SENG:
             (``layers/linear.py``); never when ``loss_scale`` ≠ 1 (AMP unscaling changes ``.grad`` unseen) or under a
             multi-process ``torch.distributed`` group. Set ``False`` if your loop changes ``.grad`` between backward
             and ``step`` in a way the version counter cannot see (through ``.data`` or a custom kernel).
+        relative_damping: each layer's damping is ``damping`` times the mean eigenvalue of its ``UUᵀ``,
+            ``tr(UUᵀ)/N`` (the mean squared per-sample gradient norm over ``N``), taken at each refresh: one
+            setting for layers and problems whose gradients differ in scale. Layers without curvature keep
+            ``g / (1 + damping)``.
         stats_every: record ``grad_norm``, ``direction_norm`` and ``cosine`` on every ``stats_every``-th step
             (``None``: on refresh steps). Recording costs passes over the gradients and the directions; the
             Lightning callback sets it to its logging interval.
@@ -204,7 +212,7 @@ class SENG:
                  loss_reduction: str = "mean", include: LayerFilter = None, exclude: LayerFilter = None,
                  route: str = "auto", curvature_dtype: Optional[torch.dtype] = None, seed: int = 0,
                  skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, batch_shortcut: bool = True,
-                 stats_every: Optional[int] = None,
+                 relative_damping: bool = False, stats_every: Optional[int] = None,
                  comm: Optional[Communicator] = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
@@ -214,7 +222,9 @@ class SENG:
                                  curvature_samples=curvature_samples, svd_rank=svd_rank, implicit_threshold=implicit_threshold,
                                  loss_reduction=loss_reduction, include=include, exclude=exclude, route=route,
                                  curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite,
-                                 batch_axis=batch_axis, batch_shortcut=batch_shortcut)
+                                 batch_axis=batch_axis, batch_shortcut=batch_shortcut,
+                                 relative_damping=relative_damping)
+        self.relative_damping = checked["relative_damping"]
         self.damping_schedule = make_damping(checked["damping"])
         self.settings = RouteSettings(route=checked["route"], sketch_size=checked["sketch_size"],
                                       svd_rank=checked["svd_rank"], implicit_threshold=checked["implicit_threshold"],
@@ -587,8 +597,10 @@ class SENG:
         factors = self.comm.gather_factors(factors)
         prepared = {name: (f, *self.layers[name].prepare(f, self.loss_reduction, self.settings, self.generator))
                     for name, f in factors.items() if f is not None}
+        grams = [gram for _, _, gram in prepared.values()]
+        scales = self._damping_scales(grams)
         # layers that share N are factorised in one batched Cholesky, its status read once
-        chols = sketch.damped_cholesky_batch([gram for _, _, gram in prepared.values()], damping)
+        chols = sketch.damped_cholesky_batch(grams, [damping * scale for scale in scales])
         # under a damping schedule every step has another λ: an eigendecomposition now serves them all
         # between refreshes without a factorisation or a host read per layer and step
         scheduled = not isinstance(self.damping_schedule, ConstantDamping) and prepared
@@ -597,11 +609,12 @@ class SENG:
         eigens = iter(eigens)
         built: Dict[str, Curvature] = {}
         bad = []
-        for (name, (f, route, gram)), chol in zip(prepared.items(), chols):
+        for (name, (f, route, gram)), chol, scale in zip(prepared.items(), chols, scales):
             if chol is None:
                 bad.append(name)
             else:
-                built[name] = Curvature(route, gram, chol, damping, f.mask, next(eigens) if scheduled else None)
+                built[name] = Curvature(route, gram, chol, damping * scale, f.mask,
+                                        next(eigens) if scheduled else None, scale=scale)
         if self.comm.agree(not bad and grads_finite):
             for name, cur in built.items():
                 self.layers[name].curvature = cur
@@ -622,6 +635,14 @@ class SENG:
         self._stats["kept_bytes"] = sum(self.kept_bytes().values())
         self._stats["skipped_refreshes"] = self.skipped_refreshes
         self._stats["refresh_time"] = time.perf_counter() - start
+
+    def _damping_scales(self, grams: List[Tensor]) -> List[float]:
+        """Per Gram matrix, the factor on the damping: 1, or under ``relative_damping`` its mean eigenvalue
+        ``tr(K)/N`` (one read for all; 1 where that is not a positive finite number)."""
+        if not self.relative_damping or not grams:
+            return [1.0] * len(grams)
+        means = torch.stack([g.diagonal().mean().to(torch.float64) for g in grams]).tolist()
+        return [m if math.isfinite(m) and m > 0 else 1.0 for m in means]
 
     def _route_key(self, name: str, layer: LayerCurvature) -> str:
         if not self.comm.owns(name):

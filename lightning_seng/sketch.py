@@ -11,7 +11,7 @@ Nothing here knows about modules or hooks; every function is tested alone in flo
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -290,14 +290,16 @@ def _same_kind(tensors: List[Tensor]) -> Dict[tuple, List[int]]:
     return groups
 
 
-def damped_cholesky_batch(grams: List[Tensor], damping: float) -> List[Optional[Tensor]]:
-    """:func:`damped_cholesky` of every matrix of ``grams``, those of one shape, dtype and device in one batched
-    factorisation whose status is read once; a matrix that fails it is retried alone with growing jitter.
-    ``None`` where a matrix is not finite or cannot be factorised."""
+def damped_cholesky_batch(grams: List[Tensor], damping: Union[float, Sequence[float]]) -> List[Optional[Tensor]]:
+    """:func:`damped_cholesky` of every matrix of ``grams`` (with one ``damping`` for all, or one each), those of
+    one shape, dtype and device in one batched factorisation whose status is read once; a matrix that fails it is
+    retried alone with growing jitter. ``None`` where a matrix is not finite or cannot be factorised."""
     out: List[Optional[Tensor]] = [None] * len(grams)
+    dampings = [float(damping)] * len(grams) if isinstance(damping, (int, float)) else [float(d) for d in damping]
     for (shape, dtype, device), members in _same_kind(grams).items():
         K = torch.stack([grams[i] for i in members])
-        K.diagonal(dim1=1, dim2=2).add_(damping)
+        K.diagonal(dim1=1, dim2=2).add_(torch.tensor([dampings[i] for i in members], dtype=dtype,
+                                                     device=device)[:, None])
         L, info = torch.linalg.cholesky_ex(K)
         # A NaN or Inf in K reaches the diagonal of L in its row (the factorisation reads the lower triangle,
         # and K is symmetric), or makes the factorisation fail: the diagonal tells, N entries instead of N².
@@ -307,7 +309,7 @@ def damped_cholesky_batch(grams: List[Tensor], damping: float) -> List[Optional[
             if code == 0:
                 out[i] = chol.clone()  # its own storage: a view would keep (and save) the whole batch
             elif code > 0:  # finite but not positive definite in floating point: jitter, alone
-                out[i] = damped_cholesky(grams[i], damping)
+                out[i] = damped_cholesky(grams[i], dampings[i])
     return out
 
 

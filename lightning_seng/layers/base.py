@@ -90,6 +90,7 @@ class Curvature:
     mask: Mask
     eigen: Optional[Tuple[Tensor, Tensor]] = None
 
+    scale: float = 1.0  # the layer's λ is the preconditioner's times this (relative damping: tr(K)/N)
     inverse: Optional[Tensor] = None  # (K + λI)^{-1}, formed from ``chol`` on the first step after the refresh
     fresh: bool = True  # built on this step (not saved: a restored curvature is never fresh)
 
@@ -122,7 +123,7 @@ class Curvature:
 
     def state_dict(self) -> dict:
         state = {"route": self.route.state_dict(), "gram": self.gram, "chol": self.chol,
-                 "damping": self.damping, "mask": list(self.mask)}
+                 "damping": self.damping, "mask": list(self.mask), "scale": self.scale}
         if self.eigen is not None:
             state["eigen"] = {"vectors": self.eigen[0], "values": self.eigen[1]}
         return state
@@ -132,7 +133,8 @@ class Curvature:
         eigen = state.get("eigen")
         return cls(route_from_state(state["route"]), state["gram"], state["chol"], float(state["damping"]),
                    tuple(bool(m) for m in state["mask"]),
-                   None if eigen is None else (eigen["vectors"], eigen["values"]), fresh=False)
+                   None if eigen is None else (eigen["vectors"], eigen["values"]),
+                   scale=float(state.get("scale", 1.0)), fresh=False)
 
 
 def sample_scale(n: int, loss_reduction: str) -> float:
@@ -315,7 +317,7 @@ class LayerCurvature:
         solved = self._solve(damping)
         if solved is None:
             return None
-        cur, parts, w = solved
+        cur, parts, w, damping = solved
         return self.to_params(cur.route.apply(parts, w, damping), cur.mask)
 
     def direction_(self, damping: float) -> bool:
@@ -325,7 +327,7 @@ class LayerCurvature:
         solved = self._solve(damping)
         if solved is None:
             return False
-        cur, parts, w = solved
+        cur, parts, w, damping = solved
         grads = [p.grad for p in self.trainable_params(cur.mask)]
         if all(part.dtype == g.dtype and g.is_contiguous() and part.data_ptr() == g.data_ptr()
                for part, g in zip(parts, grads)):
@@ -335,18 +337,20 @@ class LayerCurvature:
                 g.copy_(d)
         return True
 
-    def _solve(self, damping: float) -> Optional[Tuple[Curvature, List[Tensor], Tensor]]:
-        """``(curvature, gradient parts, w = (K + λI)^{-1} U g)``, or ``None`` without usable curvature."""
+    def _solve(self, damping: float) -> Optional[Tuple[Curvature, List[Tensor], Tensor, float]]:
+        """``(curvature, gradient parts, w = (K + λI)^{-1} U g, λ)``, or ``None`` without usable curvature; ``λ`` is
+        the layer's own: ``damping`` times the curvature's ``scale`` (1 unless damping is relative)."""
         cur = self.curvature
         if cur is None or self.trainable() != cur.mask:
             return None
         parts = self.grad_parts(cur.mask, cur.gram.dtype)
         if parts is None:
             return None
+        damping = damping * cur.scale
         w = cur.solve(self._u_dot(cur, parts), damping)
         if w is None:
             return None
-        return cur, parts, w
+        return cur, parts, w, damping
 
     def _u_dot(self, cur: Curvature, parts: List[Tensor]) -> Tensor:
         """``U g`` ``(N,)``; by default from the gradient through the route."""
