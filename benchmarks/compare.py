@@ -53,7 +53,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import lr_schedule  # noqa: E402
-from benchmarks.peers import OPTIMIZERS, make_stepper, missing_reason  # noqa: E402
+from benchmarks.peers import OPTIMIZERS, available, make_stepper  # noqa: E402
 from benchmarks.problems import Problem, Split, build_problem, evaluate  # noqa: E402
 from benchmarks.report import plot_problem, seeds_markdown, summary_markdown  # noqa: E402
 from benchmarks.tuning import describe, grid_edge, parse, trial_points, with_knobs  # noqa: E402
@@ -319,18 +319,12 @@ def run(cfg: DictConfig) -> dict[str, list[dict]]:
     torch.set_num_threads(int(cfg.threads))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    available = []
-    for name in cfg.optimizers:
-        reason = missing_reason(name)
-        if reason is None:
-            available.append(name)
-        else:
-            print(reason, flush=True)
+    available_names = available(cfg.optimizers)
     curves, searches, seed_rows, summaries = [], [], [], []
     for problem_name in cfg.problems:
         problem = build_problem(problem_name, cfg.problem[problem_name])
         runs_by_opt: dict[str, list[RunResult]] = {}
-        for optimizer in available:
+        for optimizer in available_names:
             t0 = time.perf_counter()
             point, rows = search(problem, optimizer, cfg)
             searches.extend(rows)

@@ -46,7 +46,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import lr_schedule  # noqa: E402
-from benchmarks.peers import OPTIMIZERS, make_stepper, missing_reason  # noqa: E402
+from benchmarks.peers import OPTIMIZERS, available, make_stepper  # noqa: E402
 from benchmarks.problems import Split  # noqa: E402
 from benchmarks.report import COLORS, LABELS  # noqa: E402
 from benchmarks.teacher import make_splits, make_student  # noqa: E402
@@ -454,13 +454,7 @@ def run(cfg: DictConfig) -> dict:
     _validate(cfg, len(train))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    optimizers = []
-    for name in cfg.optimizers:
-        reason = missing_reason(name)
-        if reason is None:
-            optimizers.append(name)
-        else:
-            print(reason, flush=True)
+    optimizers = available(cfg.optimizers)
     target = float(cfg.target)
     batch_sizes = [int(b) for b in cfg.batch_sizes]
     trial_rows, run_rows, curve_rows = [], [], []

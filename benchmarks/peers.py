@@ -48,6 +48,19 @@ def missing_reason(name: str) -> str | None:
     return None
 
 
+def available(names) -> list[str]:
+    """The optimizers of ``names`` that can run here, in order; for each other one, a line saying what to
+    install."""
+    out = []
+    for name in names:
+        reason = missing_reason(name)
+        if reason is None:
+            out.append(name)
+        else:
+            print(reason, flush=True)
+    return out
+
+
 class Stepper:
     """One optimizer bound to one model and loss: ``train_step(x, y)`` returns the batch loss.
     Subclasses keep the torch optimizer that owns the learning rate in ``self.opt``, so one
