@@ -84,7 +84,8 @@ def patch_u_dot(G: Tensor, X: Tensor, Ww: Optional[Tensor], Wb: Optional[Tensor]
 
 def batch_u_dot(G: Tensor, X: Tensor, gb: Tensor, xb: Tensor, bias: bool) -> Tensor:
     """``U g'`` for a gradient that is a batch's sum of rank-one terms, ``g' = [gbᵀ xb | gbᵀ 1]``, without
-    forming ``g'``: ``(U g')[n] = Σ_b (G[n]·gb[b]) · (X[n]·xb[b] + bias)``, i.e. ``rowsum((G gbᵀ) ∘ (X xbᵀ + bias))``.
+    forming ``g'``: ``(U g')[n] = Σ_b (G[n]·gb[b]) · (X[n]·xb[b] + bias)``, i.e.
+    ``rowsum((G gbᵀ) ∘ (X xbᵀ + bias))``.
 
     ``G (N, d_out)``, ``X (N, d_in)`` are ``U``'s rank-one factors, ``gb (B, d_out)``, ``xb (B, d_in)`` the
     batch's output gradients and inputs. Cost ``N·B·(d_in + d_out)`` instead of ``N·d_out·d_in``. Shape ``(N,)``.

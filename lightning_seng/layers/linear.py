@@ -70,7 +70,8 @@ MIN_SAVING = 1 << 24
 ACCELERATOR_FACTOR = 1 << 10
 
 
-def sole_edges(root: Any, params: Sequence[Tensor], skip: Any = None, depth: int = 3) -> Optional[List[Tuple[Any, int]]]:
+def sole_edges(root: Any, params: Sequence[Tensor], skip: Any = None,
+               depth: int = 3) -> Optional[List[Tuple[Any, int]]]:
     """For each of ``params``, the one edge ``(node, index)`` of the autograd graph below ``root`` (searched
     ``depth`` nodes deep, not through ``skip``: the call's input, whose history is the rest of the network) that
     feeds its gradient accumulator (through a transpose, a dtype cast under autocast, ...); ``None`` if a

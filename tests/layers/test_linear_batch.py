@@ -1,7 +1,7 @@
 """A plain Linear computes ``U g'`` from the current batch's input and output gradient
-(``rowsum((G gbᵀ) ∘ (X̃ x̃bᵀ))``) when the autograd graph shows that ``g'`` is exactly that batch's sum; otherwise
-from ``g'`` itself. Float64, against the dense reference built from the refresh batch's per-sample gradients and
-the current gradient."""
+(``rowsum((G gbᵀ) ∘ (X̃ x̃bᵀ))``) when the autograd graph shows that ``g'`` is exactly that batch's sum;
+otherwise from ``g'`` itself. Float64, against the dense reference built from the refresh batch's per-sample
+gradients and the current gradient."""
 
 import logging
 
