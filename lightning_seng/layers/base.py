@@ -364,7 +364,7 @@ class LayerCurvature:
         """Forward hook body on every step (references only, never copies); nothing by default."""
 
     def release(self) -> None:
-        """End of a step: drop what :meth:`observe` and :meth:`watch`'s hooks kept; the curvature is no
+        """End of a step: drop what :meth:`observe` and its hooks kept; the curvature is no
         longer fresh."""
         if self.curvature is not None:
             self.curvature.fresh = False
