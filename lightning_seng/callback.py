@@ -61,13 +61,14 @@ class SENGCallback(Callback):
             ``steps_per_epoch="auto"`` is given the trainer's optimizer steps per epoch at fit start), or a
             callable ``(step, epoch) -> float``.
         update_freq: curvature refresh every ``update_freq`` optimizer steps.
-        sketch_size: sampling size of the sketched routes; ``None`` = exact.
+        sketch_size: sampling size of the sketched routes; ``None`` = exact (see :class:`SENG`).
+        column_sample_size: the SENG authors' column sample size ``s`` instead of ``sketch_size`` (see :class:`SENG`).
         curvature_samples: samples of the refresh batch that form ``U`` (uniform subset); ``None`` = all.
         svd_rank: rank of the implicit (low-rank) route.
         implicit_threshold: layers with at least this many parameters use the implicit route (``route="auto"``).
         loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step``'s loss reduces over the batch.
         include, exclude: module names (fnmatch patterns) or module types to precondition / skip.
-        route: ``"auto"``, ``"explicit"``, ``"gram"`` or ``"implicit"``.
+        route: ``"auto"``, ``"threshold"`` (the authors' rule), ``"explicit"``, ``"gram"`` or ``"implicit"``.
         curvature_dtype: dtype of the curvature solves; ``None`` follows the parameters.
         seed: seed of the sketch RNG.
         skip_nonfinite: zero all gradients of a step whose gradient holds NaN/Inf (see :class:`SENG`).
@@ -103,6 +104,7 @@ class SENGCallback(Callback):
         batch_axis: int | Callable[[tuple, dict], int] = 0,
         batch_shortcut: bool = True,
         relative_damping: bool = False,
+        column_sample_size: int | None = None,
         optimizers: Sequence[int] = (0,),
         log_every_n_steps: int | None = None,
         log_prog_bar: bool = False,
@@ -115,7 +117,8 @@ class SENGCallback(Callback):
             curvature_samples=curvature_samples, svd_rank=svd_rank,
             implicit_threshold=implicit_threshold, loss_reduction=loss_reduction, include=include, exclude=exclude,
             route=route, curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite,
-            batch_axis=batch_axis, batch_shortcut=batch_shortcut, relative_damping=relative_damping)
+            batch_axis=batch_axis, batch_shortcut=batch_shortcut, relative_damping=relative_damping,
+            column_sample_size=column_sample_size)
         if isinstance(optimizers, int) and not isinstance(optimizers, bool):
             optimizers = (optimizers,)
         optimizers = tuple(optimizers)

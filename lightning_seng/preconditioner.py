@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import sketch
 from .coverage import Coverage, CoverageRow
 from .distributed import Communicator
-from .layers import ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
+from .layers import ROUTE_RULES, ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
 from .layers.base import Curvature, sample_scale
 from .schedules import ConstantDamping, DampingLike, make_damping
 
@@ -113,7 +113,7 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
                    include: LayerFilter = None, exclude: LayerFilter = None, route: str = "auto",
                    curvature_dtype: Union[torch.dtype, str, None] = None, seed: int = 0,
                    skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, batch_shortcut: bool = True,
-                   relative_damping: bool = False) -> dict:
+                   relative_damping: bool = False, column_sample_size: Optional[int] = None) -> dict:
     """Validate SENG's settings (all but the model and ``comm``) and return them normalised.
 
     Raises ``ValueError`` naming the key, the value and what is allowed. ``curvature_dtype`` may also
@@ -135,6 +135,9 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
         raise ValueError(f"batch_shortcut must be True or False (got {batch_shortcut!r})")
     if not isinstance(relative_damping, bool):
         raise ValueError(f"relative_damping must be True or False (got {relative_damping!r})")
+    if sketch_size is not None and column_sample_size is not None:
+        raise ValueError(f"sketch_size and column_sample_size are two ways of sizing the same sketch: set one, the "
+                         f"other None (got sketch_size={sketch_size!r}, column_sample_size={column_sample_size!r})")
     return dict(
         damping=damping,
         update_freq=check_int("update_freq", update_freq, 1),
@@ -145,13 +148,14 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
         loss_reduction=check_choice("loss_reduction", loss_reduction, LOSS_REDUCTIONS),
         include=_check_filter("include", include),
         exclude=_check_filter("exclude", exclude),
-        route=check_choice("route", route, ("auto",) + ROUTES),
+        route=check_choice("route", route, ROUTE_RULES + ROUTES),
         curvature_dtype=curvature_dtype,
         seed=check_int("seed", seed, 0),
         skip_nonfinite=skip_nonfinite,
         batch_axis=batch_axis,
         batch_shortcut=batch_shortcut,
         relative_damping=relative_damping,
+        column_sample_size=check_int("column_sample_size", column_sample_size, 1, allow_none=True),
     )
 
 
@@ -168,8 +172,13 @@ class SENG:
         damping: ``λ > 0``: a number, a :class:`~lightning_seng.schedules.DampingSchedule`, or a
             callable ``(step, epoch) -> float``.
         update_freq: refresh the curvature every ``update_freq`` optimizer steps (step 0 refreshes).
-        sketch_size: coordinates (explicit route) or rows (implicit route) sampled for the Gram matrix;
-            ``None`` computes it exactly.
+        sketch_size: what the sketched routes sample, a new draw at every refresh: on the explicit route that
+            many of ``U``'s coordinates for ``UUᵀ`` and ``U g`` (``Uᵀv`` uses all), on the implicit route that
+            many rows of ``Ĝ`` and of ``X̂`` for ``UUᵀ`` (``U g`` exact); the Gram route is exact. ``None``: exact.
+        column_sample_size: the SENG authors' ``--fim-col-sample-size`` ``s``, instead of ``sketch_size``: ``s²``
+            coordinates on the explicit route, ``s`` rows of ``Ĝ`` and of ``X̂`` on the implicit route, drawn once a
+            refresh and used for ``UUᵀ`` and for ``U g`` until the next. With ``route="threshold"`` it reproduces
+            their sketch.
         curvature_samples: build ``U`` from this many samples of the refresh batch, drawn uniformly without
             replacement (an unbiased estimate of the empirical Fisher); cuts refresh and per-step cost in
             proportion. ``None`` uses the whole batch.
@@ -180,7 +189,9 @@ class SENG:
         include / exclude: module names (fnmatch patterns, or class names) or module types to
             precondition / leave to the ``g / (1 + λ)`` fallback.
         route: ``"auto"`` or one of ``"explicit"``, ``"gram"``, ``"implicit"`` for Linear and Conv layers
-            (for the Linear uses of a tied embedding: ``"implicit"`` compresses them, others keep them exact).
+            (for the Linear uses of a tied embedding: ``"implicit"`` compresses them, others keep them exact), or
+            ``"threshold"``, the authors' rule: implicit for layers with more than ``implicit_threshold`` parameters
+            whatever their positions, explicit ``U`` for all others (with no memory cap).
         curvature_dtype: dtype of factors and solves; default float64 for float64 models, else float32
             (also under bf16/fp16 autocast).
         seed: seed of the sketches' random generator.
@@ -212,7 +223,8 @@ class SENG:
                  loss_reduction: str = "mean", include: LayerFilter = None, exclude: LayerFilter = None,
                  route: str = "auto", curvature_dtype: Optional[torch.dtype] = None, seed: int = 0,
                  skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, batch_shortcut: bool = True,
-                 relative_damping: bool = False, stats_every: Optional[int] = None,
+                 relative_damping: bool = False, column_sample_size: Optional[int] = None,
+                 stats_every: Optional[int] = None,
                  comm: Optional[Communicator] = None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
@@ -223,10 +235,11 @@ class SENG:
                                  loss_reduction=loss_reduction, include=include, exclude=exclude, route=route,
                                  curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite,
                                  batch_axis=batch_axis, batch_shortcut=batch_shortcut,
-                                 relative_damping=relative_damping)
+                                 relative_damping=relative_damping, column_sample_size=column_sample_size)
         self.relative_damping = checked["relative_damping"]
         self.damping_schedule = make_damping(checked["damping"])
         self.settings = RouteSettings(route=checked["route"], sketch_size=checked["sketch_size"],
+                                      column_sample_size=checked["column_sample_size"],
                                       svd_rank=checked["svd_rank"], implicit_threshold=checked["implicit_threshold"],
                                       update_freq=checked["update_freq"])
         self.loss_reduction = checked["loss_reduction"]
@@ -779,5 +792,5 @@ class SENG:
     def __repr__(self) -> str:
         s = self.settings
         return (f"SENG(layers={len(self.layers)}, damping={self.damping_schedule!r}, update_freq={s.update_freq}, "
-                f"sketch_size={s.sketch_size}, curvature_samples={self.curvature_samples}, svd_rank={s.svd_rank}, route={s.route!r}, "
+                f"sketch_size={s.sketch_size}, column_sample_size={s.column_sample_size}, curvature_samples={self.curvature_samples}, svd_rank={s.svd_rank}, route={s.route!r}, "
                 f"loss_reduction={self.loss_reduction!r})")

@@ -291,7 +291,7 @@ def test_optimizer_index_out_of_range_names_the_key():
 @pytest.mark.parametrize("key, value, pattern", [
     ("update_freq", 0, r"update_freq must be an int >= 1 \(got 0\)"),
     ("damping", -1.0, r"damping must be a finite number > 0 \(got -1.0\)"),
-    ("route", "fast", r"route must be one of \['auto', 'explicit', 'gram', 'implicit'\] \(got 'fast'\)"),
+    ("route", "fast", r"route must be one of \['auto', 'threshold', 'explicit', 'gram', 'implicit'\] \(got 'fast'\)"),
     ("loss_reduction", "avg", r"loss_reduction must be one of \['mean', 'sum'\] \(got 'avg'\)"),
     ("curvature_dtype", "float16", r"curvature_dtype must be torch.float32, torch.float64 or None.* \(got 'float16'\)"),
     ("optimizers", [], r"optimizers must list at least one"),

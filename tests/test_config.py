@@ -105,7 +105,7 @@ def test_seng_none_trains_without_the_callback():
 @pytest.mark.parametrize("override, pattern", [
     ("seng.update_freq=0", r"update_freq must be an int >= 1 \(got 0\)"),
     ("seng.damping=-1", r"damping must be a finite number > 0 \(got -1\)"),
-    ("seng.route=fastest", r"route must be one of \['auto', 'explicit', 'gram', 'implicit'\] \(got 'fastest'\)"),
+    ("seng.route=fastest", r"route must be one of \['auto', 'threshold', 'explicit', 'gram', 'implicit'\] \(got 'fastest'\)"),
     ("seng.loss_reduction=avg", r"loss_reduction must be one of \['mean', 'sum'\]"),
     ("data.batch_size=0", r"data.batch_size must be a positive integer \(got 0\)"),
     ("model.hidden=[0]", r"model.hidden must be a positive integer \(got 0\)"),

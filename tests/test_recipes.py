@@ -8,11 +8,13 @@ import pickle
 import numpy as np
 import pytest
 import torch
+
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
+from lightning_seng.layers.routes import RouteSettings, choose_route
 from lightning_seng.mixin import build_optimizer, build_scheduler, build_seng_callback
 from lightning_seng.schedules import ExponentialDamping
 from lightning_seng.train import _instantiate, build, config_dir, plan_runs
@@ -56,7 +58,16 @@ def test_cifar_recipe_is_the_authors_setting():
     assert scheduler["interval"] == "step"
     knobs = callback.seng_kwargs
     assert (knobs["damping"], knobs["update_freq"], knobs["svd_rank"], knobs["implicit_threshold"]) == (2.0, 200, 16, 700000)
-    assert knobs["sketch_size"] == 256 ** 2 and knobs["exclude"] == []
+    assert knobs["sketch_size"] is None and knobs["column_sample_size"] == 256 and knobs["route"] == "threshold"
+    assert knobs["exclude"] == []
+    # their rule: implicit exactly for the layers over 700 000 parameters (layer4's 3x3 convolutions, 4x4 positions),
+    # explicit for all others
+    settings = RouteSettings(route="threshold", implicit_threshold=700000, column_sample_size=256)
+    routes = {name: choose_route(256, 1, m.out_channels, m.weight[0].numel(), 16, settings)
+              for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {name for name, r in routes.items() if r == "implicit"} == {
+        "layer4.0.conv1", "layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"}
+    assert (settings.coordinates, settings.rows) == (65536, 256)
 
 
 @pytest.mark.parametrize("k", [0, 1, 195, 196, 30 * 196 + 17, 65 * 196 - 1])
@@ -77,7 +88,8 @@ def test_imagenet_recipe_is_the_authors_setting():
     assert (group["momentum"], group["weight_decay"]) == (0.9, 1e-4)
     knobs = callback.seng_kwargs
     assert (knobs["update_freq"], knobs["svd_rank"], knobs["implicit_threshold"]) == (1000, 256, 700000)
-    assert knobs["sketch_size"] == 128 ** 2 and knobs["exclude"] == ["BatchNorm2d"]
+    assert knobs["sketch_size"] is None and knobs["column_sample_size"] == 128 and knobs["route"] == "threshold"
+    assert knobs["exclude"] == ["BatchNorm2d"]
     assert isinstance(knobs["damping"], ExponentialDamping) and knobs["damping"].steps_per_epoch == "auto"
 
 

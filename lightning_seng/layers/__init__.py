@@ -21,7 +21,7 @@ from .embedding import EmbeddingLayer, TiedLinearLayer, group_refusal, unsupport
 from .generic import GenericLayer
 from .linear import LinearLayer
 from .norm import NormLayer
-from .routes import ROUTES, RouteSettings
+from .routes import ROUTE_RULES, ROUTES, RouteSettings
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm) + (
@@ -193,5 +193,5 @@ def build_layers(model: nn.Module, accept: Callable[[str, nn.Module], bool]
 
 
 __all__ = ["AttentionLayer", "Call", "Curvature", "EmbeddingLayer", "Factors", "GenericLayer", "LayerCurvature",
-           "MatrixLayer", "NotExact", "LinearLayer", "ConvLayer", "NormLayer", "OutProjection", "ROUTES",
+           "MatrixLayer", "NotExact", "LinearLayer", "ConvLayer", "NormLayer", "OutProjection", "ROUTE_RULES", "ROUTES",
            "RouteSettings", "SUPPORTED_TYPES", "build_layers", "find_sample_axis", "layer_for", "runs_code_of"]

@@ -102,7 +102,7 @@ class ConvLayer(MatrixLayer):
             if mask[1]:
                 U = torch.cat([U, G.sum(3).reshape(n, -1)], dim=1)
                 blocks.append(groups * d_out)
-            return ExplicitRoute.build(U, blocks, settings.sketch_size, generator)
+            return ExplicitRoute.build(U, blocks, settings.coordinates, generator)
         X = unfold_patches(x, m.kernel_size, m.stride, m.dilation, (pad[2], pad[0])).reshape(n, groups, -1, P)
         return build_route(G, X if mask[0] else X[:, :, :0], mask[1], settings, generator)
 

@@ -368,11 +368,11 @@ class GenericLayer(LayerCurvature):
     # ----------------------------------------------------------------- curvature and apply
     def _route(self, factors: Factors, scale: float, settings: RouteSettings, generator) -> Route:
         blocks = [p.numel() for p in self.trainable_params(factors.mask)]
-        return ExplicitRoute.build(factors.grad_side * scale, blocks, settings.sketch_size, generator)
+        return ExplicitRoute.build(factors.grad_side * scale, blocks, settings.coordinates, generator)
 
     def estimated_cost(self, n: int, settings: RouteSettings) -> float:
         d = sum(0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel() for p in self.parameters())
-        s = min(settings.sketch_size or d, d)
+        s = min(settings.coordinates or d, d)
         return (3 * n * d + n * n * s) / settings.update_freq + 2 * n * d
 
     def grad_parts(self, mask: Mask, dtype: torch.dtype) -> Optional[List[Tensor]]:

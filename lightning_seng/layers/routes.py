@@ -19,6 +19,8 @@ from torch import Tensor
 from .. import sketch
 
 ROUTES = ("explicit", "gram", "implicit")
+# Route rules besides a forced route: "auto" (ours, by cost) and "threshold" (the SENG authors' rule).
+ROUTE_RULES = ("auto", "threshold")
 
 # Above this many elements an explicit U is never chosen automatically (≈ 256 MiB in float32).
 EXPLICIT_MAX_ELEMENTS = 1 << 26
@@ -162,28 +164,71 @@ class GramRoute(Route):
 
 class ImplicitRoute(GramRoute):
     """The paper's sketch for large layers: each ``G_n`` truncated to rank ``p`` by SVD; the Gram
-    optionally from ``sketch_size`` sampled rows of ``Ĝ`` and ``X̂`` (unbiased)."""
+    optionally from ``sketch_size`` sampled rows of ``Ĝ`` and ``X̂`` (unbiased; a new draw every refresh).
+
+    With ``sampled_u_dot`` (the SENG authors' column sampling) the rows drawn for the Gram are kept until the
+    next refresh and ``U g`` uses them too, rescaled by ``(d_out/s_g)·(d_in/s_x)`` (unbiased); otherwise ``U g``
+    is exact for the truncated factors. ``Uᵀv`` always uses all rows."""
 
     name = "implicit"
 
     @classmethod
-    def build(cls, G: Tensor, X: Tensor, bias: bool, rank: int, sketch_size: Optional[int] = None) -> "ImplicitRoute":
+    def build(cls, G: Tensor, X: Tensor, bias: bool, rank: int, sketch_size: Optional[int] = None,
+              sampled_u_dot: bool = False) -> "ImplicitRoute":
         g_hat, x_hat, xb = sketch.low_rank(G, X, rank, bias)
         tensors = {"G": g_hat, "X": x_hat}
         if xb is not None:
             tensors["xb"] = xb
-        return cls(tensors, {"bias": bias, "sketch_size": sketch_size})
+        return cls(tensors, {"bias": bias, "sketch_size": sketch_size, "sampled_u_dot": bool(sampled_u_dot)})
+
+    def _inputs(self) -> Tensor:
+        """``X̂`` with the bias row below it (ones, or its projection ``x̂b``): ``(N, groups, d_in', p)``."""
+        X = self.tensors["X"]
+        if not self.options["bias"]:
+            return X
+        xb = self.tensors.get("xb")
+        row = X.new_ones(X.shape[0], X.shape[1], 1, X.shape[3]) if xb is None else xb[:, :, None, :]
+        return torch.cat([X, row], dim=2)
 
     def gram(self, generator) -> Tensor:
+        s = self.options.get("sketch_size")
+        if s is not None and self.options.get("sampled_u_dot"):
+            return sketch.patch_gram(*self._sampled(generator))
         G, X = self.tensors["G"], self.tensors["X"]
         xb = self.tensors.get("xb")
         if xb is not None:  # the projected bias row is an ordinary input row for the Gram
             X = torch.cat([X, xb[:, :, None, :]], dim=2)
-        s = self.options.get("sketch_size")
         if s is not None:
             G = sketch.sample_rows(G, s, 2, generator)
             X = sketch.sample_rows(X, s, 2, generator)
         return sketch.patch_gram(G, X)
+
+    def _sampled(self, generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
+        """The rows of ``Ĝ`` and of ``X̂`` (its bias row one of them) drawn at this refresh, each scaled by
+        ``sqrt(rows / drawn)``. The indices are drawn once and kept in ``tensors`` (so they are saved); the rows
+        are cached beside them until the next refresh."""
+        if getattr(self, "_rows_g", None) is None:
+            G, X = self.tensors["G"], self._inputs()
+            s = self.options["sketch_size"]
+            if "index_g" not in self.tensors:
+                self.tensors["index_g"] = sketch.sample_indices(G.shape[2], min(s, G.shape[2]), generator, G.device)
+                self.tensors["index_x"] = sketch.sample_indices(X.shape[2], min(s, X.shape[2]), generator, X.device)
+            ig, ix = self.tensors["index_g"], self.tensors["index_x"]
+            self._rows_g = G.index_select(2, ig) * (G.shape[2] / ig.numel()) ** 0.5
+            self._rows_x = X.index_select(2, ix) * (X.shape[2] / ix.numel()) ** 0.5
+        return self._rows_g, self._rows_x
+
+    def u_dot(self, parts: Sequence[Tensor]) -> Tensor:
+        if self.options.get("sketch_size") is None or not self.options.get("sampled_u_dot"):
+            return super().u_dot(parts)
+        G, X = self._sampled(None)
+        Ww, Wb = self._split(parts)
+        W = Ww if Wb is None else (Wb[..., None] if Ww is None else torch.cat([Ww, Wb[..., None]], dim=2))
+        # the cached rows carry sqrt(rows/drawn) each; U g has one factor of each, so it needs the other root
+        ig, ix = self.tensors["index_g"], self.tensors["index_x"]
+        rows_x = self.tensors["X"].shape[2] + int(self.options["bias"])
+        scale = (self.tensors["G"].shape[2] / ig.numel() * rows_x / ix.numel()) ** 0.5
+        return sketch.patch_u_dot(G, X, W.index_select(1, ig).index_select(2, ix)) * scale
 
 
 ROUTE_CLASSES = {cls.name: cls for cls in (ExplicitRoute, GramRoute, ImplicitRoute)}
@@ -200,9 +245,22 @@ class RouteSettings:
 
     route: str = "auto"
     sketch_size: Optional[int] = None
+    column_sample_size: Optional[int] = None
     svd_rank: int = 16
     implicit_threshold: int = 700_000
     update_freq: int = 10
+
+
+    @property
+    def coordinates(self) -> Optional[int]:
+        """Coordinates of ``U`` sampled on an explicit route: ``sketch_size``, or the authors' ``s²``."""
+        s = self.column_sample_size
+        return self.sketch_size if s is None else s * s
+
+    @property
+    def rows(self) -> Optional[int]:
+        """Rows of ``Ĝ`` and of ``X̂`` sampled on an implicit route: ``sketch_size``, or the authors' ``s``."""
+        return self.sketch_size if self.column_sample_size is None else self.column_sample_size
 
 
 def route_costs(n: int, groups: int, d_out: int, d_in: int, positions: int, settings: RouteSettings) -> Dict[str, float]:
@@ -210,22 +268,25 @@ def route_costs(n: int, groups: int, d_out: int, d_in: int, positions: int, sett
     d = groups * d_out * d_in
     P = positions
     K = settings.update_freq
-    s = min(settings.sketch_size or d, d)
+    s = min(settings.coordinates or d, d)
     explicit = (n * d * P + n * n * s) / K + 2 * n * d
     gram = (n * n * P * P * groups * (d_out + d_in)) / K + 2 * n * P * d
     p = min(settings.svd_rank, d_out, P)
-    rows = min(settings.sketch_size or (d_out + d_in), d_out + d_in)
+    rows = min(settings.rows or (d_out + d_in), d_out + d_in)
     implicit = (n * groups * d_out * P * min(d_out, P) + n * n * p * p * groups * rows) / K + 2 * n * p * d
     return {"explicit": explicit, "gram": gram, "implicit": implicit}
 
 
 def choose_route(n: int, groups: int, d_out: int, d_in: int, positions: int, settings: RouteSettings) -> str:
-    """The forced route, or in ``auto`` mode: implicit for layers with at least ``implicit_threshold``
-    parameters whose positions exceed ``svd_rank``; otherwise the cheaper exact route (explicit only
-    while ``N·d`` stays under a memory cap)."""
+    """The forced route; in ``threshold`` mode the SENG authors' rule: implicit for layers with more than
+    ``implicit_threshold`` parameters whatever their positions, explicit for all others (no memory cap); in
+    ``auto`` mode: implicit for layers with at least ``implicit_threshold`` parameters whose positions exceed
+    ``svd_rank``, otherwise the cheaper exact route (explicit only while ``N·d`` stays under a memory cap)."""
+    d = groups * d_out * d_in
+    if settings.route == "threshold":
+        return "implicit" if d > settings.implicit_threshold else "explicit"
     if settings.route != "auto":
         return settings.route
-    d = groups * d_out * d_in
     if d >= settings.implicit_threshold and positions > settings.svd_rank:
         return "implicit"
     costs = route_costs(n, groups, d_out, d_in, positions, settings)
@@ -242,7 +303,8 @@ def build_route(G: Tensor, X: Tensor, bias: bool, settings: RouteSettings, gener
     name = choose_route(n, groups, d_out, d_in, P, settings)
     if name == "explicit":
         blocks = ([groups * d_out * X.shape[2]] if X.shape[2] else []) + ([groups * d_out] if bias else [])
-        return ExplicitRoute.build(sketch.per_sample_grads(G, X, bias), blocks, settings.sketch_size, generator)
+        return ExplicitRoute.build(sketch.per_sample_grads(G, X, bias), blocks, settings.coordinates, generator)
     if name == "implicit":
-        return ImplicitRoute.build(G, X, bias, settings.svd_rank, settings.sketch_size)
+        return ImplicitRoute.build(G, X, bias, settings.svd_rank, settings.rows,
+                                   sampled_u_dot=settings.column_sample_size is not None)
     return GramRoute.build(G, X, bias)
