@@ -114,6 +114,10 @@ class SengStepper(Stepper):
         loss.backward()
         self.seng.step()
         self.opt.step()
+        if self.seng.damping_feedback_due:  # Levenberg–Marquardt damping: the loss again, after the step
+            with torch.no_grad():
+                after = self.loss_fn(self.model(x), y)
+            self.seng.adapt_damping(float(loss.detach()), float(after))
         return float(loss.detach())
 
 
@@ -164,7 +168,15 @@ def make_stepper(name: str, model: nn.Module, loss_fn: Callable, lr: float, cfg,
                                 weight_decay=cfg.weight_decay)
         return FirstOrder(model, loss_fn, opt)
     if name == "seng":
-        seng_kwargs = dict(damping=cfg.damping, update_freq=cfg.update_freq,
+        damping = cfg.damping
+        adaptation = cfg.get("damping_adaptation", "constant")
+        if adaptation == "lm":
+            from lightning_seng import LevenbergMarquardt
+
+            damping = LevenbergMarquardt(float(cfg.damping), every=int(cfg.get("lm_every", 5)))
+        elif adaptation != "constant":
+            raise ValueError(f"optim.seng.damping_adaptation must be one of ['constant', 'lm'] (got {adaptation!r})")
+        seng_kwargs = dict(damping=damping, update_freq=cfg.update_freq,
                            sketch_size=cfg.sketch_size,
                            curvature_samples=cfg.get("curvature_samples"),
                            relative_damping=bool(cfg.get("relative_damping", False)))

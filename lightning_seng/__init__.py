@@ -23,7 +23,8 @@ from typing import Any
 
 from ._registration import register_strategies_with_lightning
 from .preconditioner import SENG
-from .schedules import ConstantDamping, DampingSchedule, ExponentialDamping, LambdaDamping, make_damping
+from .schedules import (ConstantDamping, DampingSchedule, ExponentialDamping, LambdaDamping, LevenbergMarquardt,
+                        make_damping)
 
 __version__ = "0.1.0"
 
@@ -35,7 +36,7 @@ _LIGHTNING_API = {
 }
 
 __all__ = ["SENG", "SENGCallback", "SENGStrategy", "SENGOptimizerMixin", "ConstantDamping", "DampingSchedule",
-           "ExponentialDamping", "LambdaDamping", "make_damping", "__version__"]
+           "ExponentialDamping", "LambdaDamping", "LevenbergMarquardt", "make_damping", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

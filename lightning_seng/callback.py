@@ -9,7 +9,10 @@ The callback only translates Lightning events into calls on :class:`lightning_se
 - ``on_train_epoch_start``: ``seng.set_epoch(trainer.current_epoch)`` (epoch-based damping).
 - ``on_train_batch_start``: ``seng.observe_batch(batch)``: the batch size ``N`` of this step.
 - ``on_before_optimizer_step``: ``seng.step(loss_scale)`` for the optimizers named in ``optimizers``.
-- ``on_train_batch_end``: log ``seng.stats`` as ``seng/<key>``.
+- ``on_train_batch_end``: under a :class:`~lightning_seng.schedules.LevenbergMarquardt` damping, on its measured
+  steps, ``training_step`` once more on the same batch (no grad, logging muted, the model's buffers such as
+  BatchNorm's running statistics restored afterwards) and ``seng.adapt_damping(loss_before, loss_after)``; then
+  log ``seng.stats`` as ``seng/<key>``.
 - ``state_dict`` / ``load_state_dict``: ``seng.state_dict()`` / ``seng.load_state_dict()`` in checkpoints.
 - ``teardown``: ``seng.remove()`` (hooks detached).
 
@@ -40,11 +43,11 @@ from typing import Any, Callable, Mapping, Sequence
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities.rank_zero import rank_zero_info
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_seng import strategy as _strategy  # noqa: F401  registers strategy="seng_ddp" / "seng_ddp_global"
 from lightning_seng.preconditioner import check_int, check_settings
-from lightning_seng.schedules import DampingSchedule
+from lightning_seng.schedules import DampingSchedule, LevenbergMarquardt
 from lightning_seng.steps import steps_per_epoch
 
 
@@ -137,6 +140,7 @@ class SENGCallback(Callback):
         self.seng = None
         self._pending_state: dict[str, Any] | None = None
         self._stepped = False
+        self._warned_feedback = False
 
     # ------------------------------------------------------------------ lifecycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -150,6 +154,14 @@ class SENGCallback(Callback):
         from lightning_seng import SENG
 
         damping = self.seng_kwargs["damping"]
+        if isinstance(damping, LevenbergMarquardt):
+            if trainer.world_size > 1:
+                raise ValueError("damping=LevenbergMarquardt(...) needs the whole model's curvature in one process; "
+                                 f"this trainer runs {trainer.world_size} (use a constant damping or a schedule)")
+            if pl_module.automatic_optimization and trainer.accumulate_grad_batches != 1:
+                raise ValueError("damping=LevenbergMarquardt(...) compares the loss of one batch before and after the "
+                                 "step, which gradient accumulation does not take on one batch (got "
+                                 f"accumulate_grad_batches={trainer.accumulate_grad_batches}; allowed: 1)")
         if isinstance(damping, DampingSchedule) and damping.steps_per_epoch == "auto":
             damping.set_steps_per_epoch(steps_per_epoch(trainer))
         if self.seng is not None:
@@ -221,6 +233,8 @@ class SENGCallback(Callback):
         if not self._stepped:
             return
         self._stepped = False
+        if self.seng.damping_feedback_due:
+            self._adapt_damping(trainer, pl_module, outputs, batch, batch_idx)
         every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
         if every == 0 or (self.seng.step_count - 1) % every != 0:
             return
@@ -229,6 +243,32 @@ class SENGCallback(Callback):
                 f"seng/{key}", float(value), on_step=True, on_epoch=False,
                 prog_bar=self.log_prog_bar and key == "damping", batch_size=1,
             )
+
+    def _adapt_damping(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                       batch_idx: int) -> None:
+        """Levenberg–Marquardt feedback: the batch's loss after the optimizer step, from ``training_step`` run
+        again without gradients, with ``log`` muted and the buffers (BatchNorm statistics) put back."""
+        before = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not pl_module.automatic_optimization or not isinstance(before, torch.Tensor):
+            if not self._warned_feedback:
+                rank_zero_warn("SENGCallback: damping=LevenbergMarquardt(...) needs the batch's loss before and "
+                               "after the step; under manual optimization call callback.seng.adapt_damping(before, "
+                               "after) in training_step after the optimizer step. The damping is not adapted.")
+                self._warned_feedback = True
+            self.seng.discard_feedback()
+            return
+        buffers = [(b, b.detach().clone()) for b in pl_module.buffers()]
+        pl_module.log = pl_module.log_dict = _muted
+        try:
+            with torch.no_grad(), trainer.precision_plugin.train_step_context():
+                again = pl_module.training_step(batch, batch_idx)
+        finally:
+            del pl_module.log, pl_module.log_dict
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+        after = again.get("loss") if isinstance(again, Mapping) else again
+        self.seng.adapt_damping(float(before), float(after) if isinstance(after, torch.Tensor) else float("nan"))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -245,6 +285,10 @@ class SENGCallback(Callback):
         else:
             # The SENG object is built at fit start, after Lightning restores callback states.
             self._pending_state = dict(state)
+
+
+def _muted(*args: Any, **kwargs: Any) -> None:
+    """``LightningModule.log`` while ``training_step`` runs again for the damping's feedback."""
 
 
 def _to_device(state: Any, device: torch.device) -> Any:

@@ -30,7 +30,7 @@ from .coverage import Coverage, CoverageRow
 from .distributed import Communicator
 from .layers import ROUTE_RULES, ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
 from .layers.base import Curvature, sample_scale
-from .schedules import ConstantDamping, DampingLike, make_damping
+from .schedules import ConstantDamping, DampingLike, LevenbergMarquardt, make_damping
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,7 @@ class SENG:
         self._finite_flags: List[Tensor] = []  # between refreshes: whether each step's gradient was finite
         self._stats: Dict[str, Any] = {"skipped_refreshes": 0, "nonfinite_steps": 0}
         self._coverage_cached: tuple = (None, 0.0)  # (what the percentage depends on, the percentage)
+        self._feedback: Optional[tuple] = None  # Levenberg–Marquardt: (params, their values, gradients, λ)
         self._announce_coverage()
 
     # ------------------------------------------------------------------ hooks
@@ -369,6 +370,9 @@ class SENG:
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, numbers.Real) or not 0 < loss_scale < math.inf:
             raise ValueError(f"loss_scale must be a finite number > 0 (got {loss_scale!r})")
         self._in_step = True
+        schedule = self.damping_schedule
+        if isinstance(schedule, LevenbergMarquardt) and schedule.due(self.step_count):
+            self._keep_for_feedback()
         try:
             if loss_scale != 1.0:  # .grad may have been unscaled in place, which its version counter does not show
                 for layer in self.layers.values():
@@ -378,6 +382,69 @@ class SENG:
             self._in_step = False
             for layer in self.layers.values():
                 layer.release()
+
+    @property
+    def damping_feedback_due(self) -> bool:
+        """Whether :meth:`adapt_damping` waits for this step's loss after the optimizer step (a
+        :class:`~lightning_seng.schedules.LevenbergMarquardt` damping, on one of its measured steps)."""
+        return self._feedback is not None
+
+    def _keep_for_feedback(self) -> None:
+        """Copies of the parameters and of their gradients before this step rewrites them (dense)."""
+        if type(self.comm) is not Communicator:
+            raise ValueError("damping=LevenbergMarquardt(...) needs the whole model's curvature in one process; "
+                             "it is not available under a distributed Communicator")
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        self._feedback = (params, [p.detach().clone() for p in params],
+                          [(p.grad.to_dense() if p.grad.is_sparse else p.grad).detach().clone() for p in params],
+                          self.damping)
+
+    def discard_feedback(self) -> None:
+        """Drop the copies kept for :meth:`adapt_damping` (the damping stays where it is)."""
+        self._feedback = None
+
+    def adapt_damping(self, loss_before: float, loss_after: float) -> float:
+        """Levenberg–Marquardt: the ratio ``ρ`` of the loss change the optimizer step made on this step's batch,
+        ``loss_after − loss_before``, to the change the quadratic model predicts,
+        ``M(δ) = gᵀδ + ½ δᵀ(F + λI)δ`` (``δ`` the parameters' move since :meth:`step`, ``g`` their gradient then,
+        ``δᵀFδ = ‖Uδ‖²`` per layer with curvature and ``‖δ‖²`` for parameters that got ``g / (1 + λ)``), and λ moved
+        by the schedule's rule. Call after ``optimizer.step()`` when :attr:`damping_feedback_due`, with the batch's
+        loss before and after (the same batch, the same mode). Returns ``ρ`` (``nan`` when ``M(δ) ≥ 0``)."""
+        if self._feedback is None:
+            raise ValueError("adapt_damping() has no step to judge: call it after a step for which "
+                             "damping_feedback_due was True (damping=LevenbergMarquardt(...))")
+        params, before, grads, damping = self._feedback
+        self._feedback = None
+        with torch.no_grad():
+            deltas = {id(p): p.detach() - b for p, b in zip(params, before)}
+            slopes = [torch.vdot(g.reshape(-1), deltas[id(p)].reshape(-1)) for p, g in zip(params, grads)]
+            squares = {k: d.reshape(-1).dot(d.reshape(-1)) for k, d in deltas.items()}
+            terms, seen = [], set()  # δᵀ(F + λ_l I)δ of each layer with curvature
+            for layer in self.layers.values():
+                cur = layer.curvature
+                mine = layer.trainable_params(layer.trainable())
+                if cur is None or not mine or any(id(p) not in deltas for p in mine):
+                    continue
+                norm = layer.curvature_norm([deltas[id(p)] for p in mine])
+                if norm is None:
+                    continue
+                terms.append(norm.to(torch.float64) + damping * cur.scale * sum(squares[id(p)] for p in mine))
+                seen.update(id(p) for p in mine)
+            rest = [squares[k] for k in deltas if k not in seen]  # parameters that got g / (1 + λ): F = I
+            model = torch.stack(slopes).sum(dtype=torch.float64) + 0.5 * (
+                sum(terms, torch.zeros((), dtype=torch.float64))
+                + (1.0 + damping) * (torch.stack(rest).sum(dtype=torch.float64) if rest else 0.0))
+            predicted = float(model)
+        change = float(loss_after) - float(loss_before)
+        if not math.isfinite(change):
+            rho = -math.inf
+        elif predicted < 0:
+            rho = change / predicted
+        else:
+            rho = math.nan
+        self._stats["lm_rho"] = rho
+        self._stats["damping"] = self.damping_schedule.update(rho)
+        return rho
 
     def _step(self, loss_scale: float) -> None:
         damping = self.damping
@@ -769,6 +836,8 @@ class SENG:
             "skipped_refreshes": self.skipped_refreshes,
             "nonfinite_steps": self.nonfinite_steps,
             "generator": self.generator.get_state(),
+            **({"damping_schedule": self.damping_schedule.state_dict()}
+               if isinstance(self.damping_schedule, LevenbergMarquardt) else {}),
             "layers": {name: layer.curvature.state_dict() for name, layer in self.layers.items()
                        if layer.curvature is not None},
         }
@@ -784,6 +853,9 @@ class SENG:
         self._finite_flags = []
         self._stats.update(skipped_refreshes=self.skipped_refreshes, nonfinite_steps=self._nonfinite_steps)
         self.generator.set_state(state["generator"])
+        if isinstance(self.damping_schedule, LevenbergMarquardt) and "damping_schedule" in state:
+            self.damping_schedule.load_state_dict(state["damping_schedule"])
+        self._feedback = None
         for name, layer in self.layers.items():
             layer.clear()
             cur = state["layers"].get(name)

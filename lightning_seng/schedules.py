@@ -132,6 +132,67 @@ class LambdaDamping(DampingSchedule):
         return f"LambdaDamping({self.fn!r})"
 
 
+class LevenbergMarquardt(DampingSchedule):
+    """λ adapted by the Levenberg–Marquardt rule from SENG's own quadratic model (Moré 1978; as in K-FAC).
+
+    Every ``every`` steps SENG keeps the step's gradient ``g`` and parameters; after the optimizer moved them by
+    ``δ`` and the loss was taken again on the same batch, :meth:`lightning_seng.SENG.adapt_damping` compares the
+    loss change with the model's prediction
+
+        ρ = (L(θ + δ) − L(θ)) / M(δ),   M(δ) = gᵀδ + ½ δᵀ(F + λI)δ,
+
+    with ``F`` the committed curvature (``δᵀFδ = ‖Uδ‖²`` per layer; the identity for parameters that get
+    ``g / (1 + λ)``). Then ``λ ← λ / ω`` if ``ρ < lower`` (or the new loss is not finite), ``λ ← λ · ω`` if
+    ``ρ > upper``, with ``ω = decay^every``, kept within ``[min_damping, max_damping]``. A step the model
+    predicts no decrease for (``M(δ) ≥ 0``) leaves λ alone. With a fixed learning rate this is a trust region
+    on the step: SENG's step outside the span of ``U`` is about ``lr·g/λ``.
+    """
+
+    def __init__(self, damping: float = 1.0, every: int = 5, decay: float = 0.95, lower: float = 0.25,
+                 upper: float = 0.75, min_damping: float = 1e-4, max_damping: float = 1e4):
+        self.damping = _check_positive("damping", damping)
+        self.every = _check_count("every", every, 1, "an int >= 1")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+            raise ValueError(f"decay must be a number in (0, 1) (got {decay!r})")
+        self.decay = float(decay)
+        if not (isinstance(lower, (int, float)) and isinstance(upper, (int, float)) and 0 <= lower < upper):
+            raise ValueError(f"lower and upper must be numbers with 0 <= lower < upper (got lower={lower!r}, "
+                             f"upper={upper!r})")
+        self.lower, self.upper = float(lower), float(upper)
+        self.min_damping = _check_positive("min_damping", min_damping)
+        self.max_damping = _check_positive("max_damping", max_damping)
+        if not self.min_damping <= self.damping <= self.max_damping:
+            raise ValueError(f"damping must lie within [min_damping, max_damping] (got damping={damping!r}, "
+                             f"min_damping={min_damping!r}, max_damping={max_damping!r})")
+        self.current = self.damping
+
+    def value(self, step: int, epoch: int) -> float:
+        return self.current
+
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` is measured (every ``every``-th)."""
+        return step % self.every == 0
+
+    def update(self, rho: float) -> float:
+        """Move λ by the ratio ``rho`` of actual to predicted loss change (``nan``: no information); returns λ."""
+        omega = self.decay ** self.every
+        if rho < self.lower:  # -inf (a non-finite new loss) included; nan compares False both ways
+            self.current = min(self.current / omega, self.max_damping)
+        elif rho > self.upper:
+            self.current = max(self.current * omega, self.min_damping)
+        return self.current
+
+    def state_dict(self) -> dict:
+        return {"current": self.current}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.current = float(state["current"])
+
+    def __repr__(self) -> str:
+        return (f"LevenbergMarquardt({self.damping}, every={self.every}, decay={self.decay}, lower={self.lower}, "
+                f"upper={self.upper}, min_damping={self.min_damping}, max_damping={self.max_damping})")
+
+
 DampingLike = Union[float, DampingSchedule, Callable[[int, int], float]]
 
 

@@ -314,13 +314,23 @@ def damped_cholesky_batch(grams: List[Tensor], damping: Union[float, Sequence[fl
     return out
 
 
-def eigen_batch(grams: List[Tensor]) -> List[Tuple[Tensor, Tensor]]:
+def eigen_batch(grams: List[Tensor]) -> List[Optional[Tuple[Tensor, Tensor]]]:
     """``K = Q diag(e) Qᵀ`` of every symmetric ``K`` in ``grams`` (those of one shape, dtype and device in one
     batched ``eigh``), as ``(Q, e)`` with ``e`` clamped at 0 (``K = UUᵀ`` is positive semi-definite; rounding
-    can make its smallest eigenvalues slightly negative)."""
+    can make its smallest eigenvalues slightly negative). ``None`` for a matrix whose ``eigh`` does not converge
+    (ill-conditioned beyond the solver: the batch is then retried one by one)."""
     out: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(grams)
     for members in _same_kind(grams).values():
-        e, Q = torch.linalg.eigh(torch.stack([grams[i] for i in members]))
+        try:
+            e, Q = torch.linalg.eigh(torch.stack([grams[i] for i in members]))
+        except torch.linalg.LinAlgError:
+            for i in members:
+                try:
+                    ev, q = torch.linalg.eigh(grams[i])
+                except torch.linalg.LinAlgError:
+                    continue
+                out[i] = (q, ev.clamp_min(0))
+            continue
         for i, q, ev in zip(members, Q.unbind(0), e.clamp_min(0).unbind(0)):
             out[i] = (q.clone(), ev.clone())
     return out

@@ -24,6 +24,7 @@ PUBLIC_API = {
     "DampingSchedule": "lightning_seng.schedules",
     "ExponentialDamping": "lightning_seng.schedules",
     "LambdaDamping": "lightning_seng.schedules",
+    "LevenbergMarquardt": "lightning_seng.schedules",
     "make_damping": "lightning_seng.schedules",
 }
 

@@ -223,3 +223,24 @@ def test_curvature_samples_at_least_the_batch_use_every_sample():
     seng.step()
     ref = layerwise_dense_directions(model, F.cross_entropy, x, y, 0.4, _names(model), grads=g)
     _assert_grads_match(model, ref)
+
+
+def test_a_gram_eigh_cannot_decompose_is_solved_by_cholesky_at_each_damping(monkeypatch):
+    """Under a damping schedule a refresh decomposes every Gram; where ``eigh`` fails to converge the layer keeps
+    its Cholesky factor and refactorises at each new λ: the same directions as the dense reference."""
+    model = _mlp()
+    schedule = ExponentialDamping(0.5, rate=0.5, steps_per_epoch=1)
+    seng = SENG(model, damping=schedule, update_freq=10)
+    monkeypatch.setattr(torch.linalg, "eigh", lambda K: (_ for _ in ()).throw(torch.linalg.LinAlgError("no")))
+    x, y = _batch(6)
+    _backward(model, x, y)
+    ref_model = copy.deepcopy(model)
+    seng.step()
+    assert all(layer.curvature.eigen is None for layer in seng.layers.values())
+    model.zero_grad()
+    x2, y2 = _batch(6)
+    _backward(model, x2, y2)
+    g = _grads(model)
+    seng.step()  # step 1: λ = 0.25, solved by a new Cholesky factorisation
+    ref = layerwise_dense_directions(ref_model, F.cross_entropy, x, y, 0.25, _names(model), grads=g)
+    _assert_grads_match(model, ref)

@@ -222,3 +222,22 @@ def test_batched_damped_cholesky_jitters_a_singular_member_alone():
     out = sketch.damped_cholesky_batch([K, K.clone()], 0.0)
     assert all(L is not None and torch.isfinite(L).all() for L in out)
     torch.testing.assert_close(out[0], sketch.damped_cholesky(K, 0.0))
+
+
+def test_eigen_batch_retries_one_by_one_and_marks_the_matrix_eigh_cannot_do(monkeypatch):
+    torch.manual_seed(0)
+    A = [torch.randn(4, 6, dtype=D) for _ in range(3)]
+    grams = [a @ a.T for a in A]
+    bad = grams[1]
+    real_eigh = torch.linalg.eigh
+
+    def eigh(K):
+        if K.dim() == 3 or torch.equal(K, bad):
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real_eigh(K)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    out = sketch.eigen_batch(grams)
+    assert out[1] is None
+    for K, (Q, e) in zip([grams[0], grams[2]], [out[0], out[2]]):
+        torch.testing.assert_close(Q @ torch.diag(e) @ Q.T, K, rtol=1e-10, atol=1e-10)

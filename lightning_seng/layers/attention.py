@@ -151,17 +151,15 @@ class AttentionLayer(MatrixLayer):
     def _matrix_dims(self) -> Tuple[int, int]:
         return 3 * self.module.embed_dim // self.groups, self._columns
 
-    def grad_parts(self, mask: Mask, dtype: torch.dtype) -> Optional[List[Tensor]]:
-        """The gradient as ``M`` shaped like the committed route's factors (``(1, 3E, D)`` packed or
+    def parts_of(self, tensors: List[Tensor], mask: Mask, dtype: torch.dtype) -> List[Tensor]:
+        """The tensors as ``M`` shaped like the committed route's factors (``(1, 3E, D)`` packed or
         ``(3, E, D)``); frozen and padded entries are zero."""
-        if any(p.grad is None for p in self.trainable_params(mask)):
-            return None
         E = self.module.embed_dim
-        p0 = self.trainable_params(mask)[0]
-        M = torch.zeros(3, E, self._columns, dtype=dtype, device=p0.device)
-        for view, p, on in zip(self._slot_views(M), self.param_slots(), mask):
+        M = torch.zeros(3, E, self._columns, dtype=dtype, device=tensors[0].device)
+        given = iter(tensors)
+        for view, on in zip(self._slot_views(M), mask):
             if on:
-                view.copy_(p.grad.reshape(view.shape))
+                view.copy_(next(given).reshape(view.shape))
         G = self.curvature.route.tensors.get("G") if self.curvature is not None else None
         groups = 1 if G is None else G.shape[1]  # an explicit U is the same for either grouping
         return [M.reshape(groups, 3 * E // groups, self._columns)]

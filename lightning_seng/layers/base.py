@@ -305,7 +305,20 @@ class LayerCurvature:
     def grad_parts(self, mask: Mask, dtype: torch.dtype) -> Optional[List[Tensor]]:
         """The trainable parameters' gradients in the route's shapes (views where possible), in ``dtype``;
         ``None`` if one is missing."""
+        grads = [p.grad for p in self.trainable_params(mask)]
+        return None if any(g is None for g in grads) else self.parts_of(grads, mask, dtype)
+
+    def parts_of(self, tensors: List[Tensor], mask: Mask, dtype: torch.dtype) -> List[Tensor]:
+        """Tensors shaped like the trainable parameters (a gradient, a step) in the route's shapes, in ``dtype``."""
         raise NotImplementedError
+
+    def curvature_norm(self, tensors: List[Tensor]) -> Optional[Tensor]:
+        """``‖U t‖²`` = ``tᵀ F t`` for ``t`` shaped like the trainable parameters (the committed curvature's
+        ``F = UᵀU``; sketched where its route is), a 0-dim tensor; ``None`` without usable curvature."""
+        cur = self.curvature
+        if cur is None or self.trainable() != cur.mask:
+            return None
+        return cur.route.u_dot(self.parts_of(tensors, cur.mask, cur.gram.dtype)).square().sum()
 
     def to_params(self, parts: List[Tensor], mask: Mask) -> List[Tensor]:
         """Route-shaped parts back to the trainable parameters' shapes."""
@@ -392,16 +405,13 @@ class MatrixLayer(LayerCurvature):
         w = self.module.weight
         return w.shape[0] // self.groups, w[0].numel()
 
-    def grad_parts(self, mask: Mask, dtype: torch.dtype) -> Optional[List[Tensor]]:
-        params = self.trainable_params(mask)
-        if any(p.grad is None for p in params):
-            return None
+    def parts_of(self, tensors: List[Tensor], mask: Mask, dtype: torch.dtype) -> List[Tensor]:
         d_out, d_in = self._matrix_dims()
         parts = []
         if mask[0]:
-            parts.append(params[0].grad.reshape(self.groups, d_out, d_in))
+            parts.append(tensors[0].reshape(self.groups, d_out, d_in))
         if mask[1]:
-            parts.append(params[-1].grad.reshape(self.groups, d_out))
+            parts.append(tensors[-1].reshape(self.groups, d_out))
         return [part if part.dtype == dtype else part.to(dtype) for part in parts]
 
     def _assemble(self, G: Tensor, X: Tensor, mask: Mask) -> Factors:

@@ -309,7 +309,10 @@ class EmbeddingLayer(LayerCurvature):
         params = self.trainable_params(mask)
         if any(p.grad is None or p.grad.is_sparse for p in params):
             return None
-        columns = [p.grad if p.dim() == 2 else p.grad[:, None] for p in params]
+        return self.parts_of([p.grad for p in params], mask, dtype)
+
+    def parts_of(self, tensors: List[Tensor], mask: Mask, dtype: torch.dtype) -> List[Tensor]:
+        columns = [t if t.dim() == 2 else t[:, None] for t in tensors]
         return [(columns[0] if len(columns) == 1 else torch.cat(columns, 1)).to(dtype)]
 
     def to_params(self, parts: List[Tensor], mask: Mask) -> List[Tensor]:

@@ -375,8 +375,5 @@ class GenericLayer(LayerCurvature):
         s = min(settings.coordinates or d, d)
         return (3 * n * d + n * n * s) / settings.update_freq + 2 * n * d
 
-    def grad_parts(self, mask: Mask, dtype: torch.dtype) -> Optional[List[Tensor]]:
-        params = self.trainable_params(mask)
-        if any(p.grad is None for p in params):
-            return None
-        return [p.grad.reshape(-1).to(dtype) for p in params]
+    def parts_of(self, tensors: List[Tensor], mask: Mask, dtype: torch.dtype) -> List[Tensor]:
+        return [t.reshape(-1).to(dtype) for t in tensors]

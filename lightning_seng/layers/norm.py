@@ -76,8 +76,5 @@ class NormLayer(LayerCurvature):
         d = sum(p.numel() for p in self.parameters())
         return n * n * d / settings.update_freq + 2 * n * d
 
-    def grad_parts(self, mask: Mask, dtype: torch.dtype) -> Optional[List[Tensor]]:
-        params = self.trainable_params(mask)
-        if any(p.grad is None for p in params):
-            return None
-        return [p.grad.reshape(-1).to(dtype) for p in params]
+    def parts_of(self, tensors: List[Tensor], mask: Mask, dtype: torch.dtype) -> List[Tensor]:
+        return [t.reshape(-1).to(dtype) for t in tensors]
