@@ -174,8 +174,13 @@ def make_stepper(name: str, model: nn.Module, loss_fn: Callable, lr: float, cfg,
             from lightning_seng import LevenbergMarquardt
 
             damping = LevenbergMarquardt(float(cfg.damping), every=int(cfg.get("lm_every", 5)))
+        elif adaptation == "paper_decay":  # the SENG authors' ImageNet decay, λ·0.9^(epoch/10)
+            from lightning_seng import ExponentialDamping
+
+            damping = ExponentialDamping(float(cfg.damping), rate=0.9, period=10)
         elif adaptation != "constant":
-            raise ValueError(f"optim.seng.damping_adaptation must be one of ['constant', 'lm'] (got {adaptation!r})")
+            raise ValueError("optim.seng.damping_adaptation must be one of ['constant', 'lm', 'paper_decay'] "
+                             f"(got {adaptation!r})")
         seng_kwargs = dict(damping=damping, update_freq=cfg.update_freq,
                            sketch_size=cfg.sketch_size,
                            curvature_samples=cfg.get("curvature_samples"),

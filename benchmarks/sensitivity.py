@@ -72,7 +72,7 @@ def sweep(problem, cfg: DictConfig) -> list[dict]:
     return rows
 
 
-def plot_heatmap(rows: list[dict], path: Path) -> None:
+def plot_heatmap(rows: list[dict], path: Path, damping_label: str = "damping λ") -> None:
     """Heatmap of the final validation metric: damping on x, lr on y, values written in cells."""
     import matplotlib
 
@@ -102,7 +102,7 @@ def plot_heatmap(rows: list[dict], path: Path) -> None:
                     color="white" if light else "black")
     ax.set_xticks(range(len(dampings)), [f"{d:g}" for d in dampings])
     ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
-    ax.set_xlabel("damping λ")
+    ax.set_xlabel(damping_label)
     ax.set_ylabel("learning rate")
     label = METRIC_LABELS.get(first["metric_name"], first["metric_name"]).replace("test", "validation")
     fig.colorbar(image, ax=ax, label=f"final {label}")
@@ -125,7 +125,9 @@ def run(cfg: DictConfig) -> list[dict]:
         problem_rows = sweep(problem, cfg)
         rows += problem_rows
         if cfg.plots:
-            plot_heatmap(problem_rows, out_dir / f"sensitivity_{name}.png")
+            adaptive = cfg.optim.seng.get("damping_adaptation", "constant") == "lm"
+            plot_heatmap(problem_rows, out_dir / f"sensitivity_{name}.png",
+                         "initial damping λ₀ (Levenberg–Marquardt)" if adaptive else "damping λ")
     with open(out_dir / "sensitivity.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()

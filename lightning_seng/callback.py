@@ -61,8 +61,9 @@ class SENGCallback(Callback):
 
     Args:
         damping: :math:`\lambda`; a float, a ``lightning_seng.schedules`` schedule (one built with
-            ``steps_per_epoch="auto"`` is given the trainer's optimizer steps per epoch at fit start), or a
-            callable ``(step, epoch) -> float``.
+            ``steps_per_epoch="auto"`` is given the trainer's optimizer steps per epoch at fit start), a
+            :class:`~lightning_seng.schedules.LevenbergMarquardt` (adapted from the loss before and after the step:
+            the callback runs ``training_step`` again on its measured steps), or a callable ``(step, epoch) -> float``.
         update_freq: curvature refresh every ``update_freq`` optimizer steps.
         sketch_size: sampling size of the sketched routes; ``None`` = exact (see :class:`SENG`).
         column_sample_size: the SENG authors' column sample size ``s`` instead of ``sketch_size`` (see :class:`SENG`).

@@ -78,3 +78,25 @@ def test_missing_peer_is_skipped_with_install_hint(monkeypatch):
     reason = peers.missing_reason("kfac")
     assert reason is not None and "skipping kfac" in reason and ".[bench]" in reason
     assert peers.missing_reason("sgd") is None
+
+
+def test_seng_stepper_adapts_the_damping_with_lm():
+    """``optim.seng.damping_adaptation=lm``: the stepper runs the feedback pass on due steps and λ moves."""
+    import torch
+    from torch import nn
+
+    from benchmarks.peers import make_stepper
+    from lightning_seng import LevenbergMarquardt
+
+    cfg = compose_bench("compare", ["optim.seng.damping_adaptation=lm", "optim.seng.lm_every=1"]).optim.seng
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    stepper = make_stepper("seng", model, nn.functional.cross_entropy, 1e-3, cfg, 0, "cross_entropy", 16)
+    assert isinstance(stepper.seng.damping_schedule, LevenbergMarquardt)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        stepper.train_step(x, y)
+    assert "lm_rho" in stepper.seng.stats and stepper.seng.damping < cfg.damping  # tiny steps: ρ ≈ 1, λ lowered
+    with pytest.raises(ValueError, match="damping_adaptation.*'constant', 'lm', 'paper_decay'.*'fast'"):
+        make_stepper("seng", model, nn.functional.cross_entropy, 1e-3,
+                     compose_bench("compare", ["optim.seng.damping_adaptation=fast"]).optim.seng, 0, "cross_entropy", 16)
