@@ -269,7 +269,10 @@ class SENGCallback(Callback):
                 for b, saved in buffers:
                     b.copy_(saved)
         after = again.get("loss") if isinstance(again, Mapping) else again
-        self.seng.adapt_damping(float(before), float(after) if isinstance(after, torch.Tensor) else float("nan"))
+        if not isinstance(after, torch.Tensor):  # training_step skipped the batch this time: no information
+            self.seng.discard_feedback()
+            return
+        self.seng.adapt_damping(float(before), float(after))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -94,3 +94,26 @@ def test_the_feedback_pass_logs_nothing():
     trainer = _fit(module, SENGCallback(damping=LevenbergMarquardt(1.0, every=1)), max_steps=1)
     assert module.calls == 2
     assert float(trainer.callback_metrics["train_loss"]) == pytest.approx(float(before), rel=1e-6)
+
+
+class Manual(Logged):
+    def __init__(self, net):
+        super().__init__(net)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_manual_optimization_is_told_to_call_adapt_damping_and_keeps_its_damping():
+    module = Manual(_net())
+    callback = SENGCallback(damping=LevenbergMarquardt(1.0, every=1))
+    with pytest.warns(UserWarning, match="manual optimization.*adapt_damping"):
+        _fit(module, callback)
+    assert callback.seng.damping == 1.0 and not callback.seng.damping_feedback_due
