@@ -155,14 +155,12 @@ class SENGCallback(Callback):
         from lightning_seng import SENG
 
         damping = self.seng_kwargs["damping"]
-        if isinstance(damping, LevenbergMarquardt):
-            if trainer.world_size > 1:
-                raise ValueError("damping=LevenbergMarquardt(...) needs the whole model's curvature in one process; "
-                                 f"this trainer runs {trainer.world_size} (use a constant damping or a schedule)")
-            if pl_module.automatic_optimization and trainer.accumulate_grad_batches != 1:
-                raise ValueError("damping=LevenbergMarquardt(...) compares the loss of one batch before and after the "
-                                 "step, which gradient accumulation does not take on one batch (got "
-                                 f"accumulate_grad_batches={trainer.accumulate_grad_batches}; allowed: 1)")
+        # several processes: SENG itself refuses LevenbergMarquardt with the communicator they need
+        if (isinstance(damping, LevenbergMarquardt) and pl_module.automatic_optimization
+                and trainer.accumulate_grad_batches != 1):
+            raise ValueError("damping=LevenbergMarquardt(...) compares the loss of one batch before and after the "
+                             "step, which gradient accumulation does not take on one batch (got "
+                             f"accumulate_grad_batches={trainer.accumulate_grad_batches}; allowed: 1)")
         if isinstance(damping, DampingSchedule) and damping.steps_per_epoch == "auto":
             damping.set_steps_per_epoch(steps_per_epoch(trainer))
         if self.seng is not None:

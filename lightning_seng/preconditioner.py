@@ -251,6 +251,10 @@ class SENG:
         self.stats_every = check_int("stats_every", stats_every, 1, allow_none=True)
         self.model = model
         self.comm = comm if comm is not None else Communicator()
+        if isinstance(self.damping_schedule, LevenbergMarquardt) and type(self.comm) is not Communicator:
+            raise ValueError("damping=LevenbergMarquardt(...) needs the whole model's curvature in one process; "
+                             f"it is not available with comm={type(self.comm).__name__} (use a constant damping or "
+                             "a schedule)")
 
         params = [p for p in model.parameters()]
         if curvature_dtype is None:
@@ -370,10 +374,10 @@ class SENG:
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, numbers.Real) or not 0 < loss_scale < math.inf:
             raise ValueError(f"loss_scale must be a finite number > 0 (got {loss_scale!r})")
         self._in_step = True
-        schedule = self.damping_schedule
-        if isinstance(schedule, LevenbergMarquardt) and schedule.due(self.step_count):
-            self._keep_for_feedback()
         try:
+            schedule = self.damping_schedule
+            if isinstance(schedule, LevenbergMarquardt) and schedule.due(self.step_count):
+                self._keep_for_feedback()
             if loss_scale != 1.0:  # .grad may have been unscaled in place, which its version counter does not show
                 for layer in self.layers.values():
                     layer.release()
@@ -391,9 +395,6 @@ class SENG:
 
     def _keep_for_feedback(self) -> None:
         """Copies of the parameters and of their gradients before this step rewrites them (dense)."""
-        if type(self.comm) is not Communicator:
-            raise ValueError("damping=LevenbergMarquardt(...) needs the whole model's curvature in one process; "
-                             "it is not available under a distributed Communicator")
         params = [p for p in self.model.parameters() if p.grad is not None]
         self._feedback = (params, [p.detach().clone() for p in params],
                           [(p.grad.to_dense() if p.grad.is_sparse else p.grad).detach().clone() for p in params],

@@ -107,21 +107,27 @@ def test_update_stays_within_the_bounds():
     assert [schedule.update(0.0) for _ in range(4)] == [0.6, 1.2, 2.4, 3.0]
 
 
+def _train_step(model, seng, opt, x, y, after=None):
+    """backward, SENG, optimizer; then, when feedback is due, ``adapt_damping`` with the batch's loss again (or
+    ``after``). Returns ``ρ``, or ``None`` when no feedback was due."""
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    seng.step()
+    opt.step()
+    if not seng.damping_feedback_due:
+        return None
+    if after is None:
+        with torch.no_grad():
+            after = float(F.cross_entropy(model(x), y))
+    return seng.adapt_damping(loss.item(), after)
+
+
 def test_feedback_is_due_every_k_steps_and_only_then():
     model, seng = _setup(every=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    due = []
-    for _ in range(7):
-        x, y = torch.randn(4, 5, dtype=D), torch.randint(0, 3, (4,))
-        model.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        seng.step()
-        opt.step()
-        due.append(seng.damping_feedback_due)
-        if seng.damping_feedback_due:
-            with torch.no_grad():
-                seng.adapt_damping(loss.item(), float(F.cross_entropy(model(x), y)))
+    due = [_train_step(model, seng, opt, torch.randn(4, 5, dtype=D), torch.randint(0, 3, (4,))) is not None
+           for _ in range(7)]
     assert due == [True, False, False, True, False, False, True]
     with pytest.raises(ValueError, match="adapt_damping.*damping_feedback_due"):
         seng.adapt_damping(1.0, 0.5)
@@ -132,39 +138,31 @@ def test_tiny_steps_lower_the_damping_and_a_blow_up_raises_it():
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     x, y = torch.randn(8, 5, dtype=D), torch.randint(0, 3, (8,))
     for _ in range(3):
-        model.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        seng.step()
-        opt.step()
-        with torch.no_grad():
-            rho = seng.adapt_damping(loss.item(), float(F.cross_entropy(model(x), y)))
+        rho = _train_step(model, seng, opt, x, y)
         assert 0.9 < rho < 1.1  # the quadratic model is exact to first order
     assert seng.damping == pytest.approx(0.95 ** 3)
-    model.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    seng.step()
-    opt.step()
-    seng.adapt_damping(loss.item(), math.nan)
+    _train_step(model, seng, opt, x, y, after=math.nan)
     assert seng.damping == pytest.approx(0.95 ** 2) and seng.stats["lm_rho"] == -math.inf
 
 
 def test_the_adapted_damping_resumes():
     model, seng = _setup(damping=1.0, every=1)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    x, y = torch.randn(8, 5, dtype=D), torch.randint(0, 3, (8,))
-    model.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    seng.step()
-    opt.step()
-    with torch.no_grad():
-        seng.adapt_damping(loss.item(), float(F.cross_entropy(model(x), y)))
+    _train_step(model, seng, opt, torch.randn(8, 5, dtype=D), torch.randint(0, 3, (8,)))
     state = seng.state_dict()
     _, fresh = _setup(damping=1.0, every=1)
     fresh.load_state_dict(state)
     assert fresh.damping == seng.damping == pytest.approx(0.95)
+
+
+def test_a_distributed_communicator_is_refused_at_construction():
+    from lightning_seng.distributed import Communicator
+
+    class Ranks(Communicator):
+        """Stands for any communicator of several processes."""
+
+    with pytest.raises(ValueError, match="LevenbergMarquardt.*one process.*comm=Ranks"):
+        SENG(Scaled().double(), damping=LevenbergMarquardt(1.0), comm=Ranks())
 
 
 @pytest.mark.parametrize("kwargs,key", [(dict(every=0), "every"), (dict(decay=1.0), "decay"),

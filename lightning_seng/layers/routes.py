@@ -182,22 +182,16 @@ class ImplicitRoute(GramRoute):
         return cls(tensors, {"bias": bias, "sketch_size": sketch_size, "sampled_u_dot": bool(sampled_u_dot)})
 
     def _inputs(self) -> Tensor:
-        """``X̂`` with the bias row below it (ones, or its projection ``x̂b``): ``(N, groups, d_in', p)``."""
-        X = self.tensors["X"]
-        if not self.options["bias"]:
-            return X
-        xb = self.tensors.get("xb")
-        row = X.new_ones(X.shape[0], X.shape[1], 1, X.shape[3]) if xb is None else xb[:, :, None, :]
-        return torch.cat([X, row], dim=2)
+        """``X̂`` with the projected bias row ``x̂b`` below it, where there is one: ``(N, groups, d_in', p)`` (the bias
+        row is an ordinary input row for the Gram and for sampling)."""
+        X, xb = self.tensors["X"], self.tensors.get("xb")
+        return X if xb is None else torch.cat([X, xb[:, :, None, :]], dim=2)
 
     def gram(self, generator) -> Tensor:
         s = self.options.get("sketch_size")
         if s is not None and self.options.get("sampled_u_dot"):
             return sketch.patch_gram(*self._sampled(generator))
-        G, X = self.tensors["G"], self.tensors["X"]
-        xb = self.tensors.get("xb")
-        if xb is not None:  # the projected bias row is an ordinary input row for the Gram
-            X = torch.cat([X, xb[:, :, None, :]], dim=2)
+        G, X = self.tensors["G"], self._inputs()
         if s is not None:
             G = sketch.sample_rows(G, s, 2, generator)
             X = sketch.sample_rows(X, s, 2, generator)
@@ -222,13 +216,14 @@ class ImplicitRoute(GramRoute):
         if self.options.get("sketch_size") is None or not self.options.get("sampled_u_dot"):
             return super().u_dot(parts)
         G, X = self._sampled(None)
-        Ww, Wb = self._split(parts)
+        ig, ix = self.tensors["index_g"], self.tensors["index_x"]
+        # the drawn output rows first (a copy of s_g rows, not of the whole gradient), then the bias column
+        Ww, Wb = (None if W is None else W.index_select(1, ig) for W in self._split(parts))
         W = Ww if Wb is None else (Wb[..., None] if Ww is None else torch.cat([Ww, Wb[..., None]], dim=2))
         # the cached rows carry sqrt(rows/drawn) each; U g has one factor of each, so it needs the other root
-        ig, ix = self.tensors["index_g"], self.tensors["index_x"]
-        rows_x = self.tensors["X"].shape[2] + int(self.options["bias"])
+        rows_x = self.tensors["X"].shape[2] + ("xb" in self.tensors)
         scale = (self.tensors["G"].shape[2] / ig.numel() * rows_x / ix.numel()) ** 0.5
-        return sketch.patch_u_dot(G, X, W.index_select(1, ig).index_select(2, ix)) * scale
+        return sketch.patch_u_dot(G, X, W.index_select(2, ix)) * scale
 
 
 ROUTE_CLASSES = {cls.name: cls for cls in (ExplicitRoute, GramRoute, ImplicitRoute)}
@@ -249,7 +244,6 @@ class RouteSettings:
     svd_rank: int = 16
     implicit_threshold: int = 700_000
     update_freq: int = 10
-
 
     @property
     def coordinates(self) -> Optional[int]:
