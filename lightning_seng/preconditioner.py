@@ -29,12 +29,16 @@ from . import sketch
 from .coverage import Coverage, CoverageRow
 from .distributed import Communicator
 from .layers import ROUTE_RULES, ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
+from .layers import identity
 from .layers.base import Curvature, sample_scale
 from .schedules import ConstantDamping, DampingLike, LevenbergMarquardt, make_damping
 
 log = logging.getLogger(__name__)
 
 LOSS_REDUCTIONS = ("mean", "sum")
+# Relative error a damped solve may reach (unit roundoff times the bound (tr UUᵀ + λ)/λ on its condition number)
+# before a float32 layer is kept in float64, or a float64 one falls back.
+RESOLVABLE = 1e-2
 LayerFilter = Optional[Sequence[Union[str, type]]]
 BatchAxis = Union[int, Callable[[tuple, dict], int]]
 
@@ -101,6 +105,13 @@ def _one_process() -> bool:
     """Whether no multi-process ``torch.distributed`` group is up (under one, ``.grad`` may be averaged)."""
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) is running: a forward inside one
+    is no call of the training batch (a ``vmap(jacrev(model))`` term); the runtime identity sees what such a term
+    adds to a parameter's gradient."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _entries(grad: Tensor) -> Tensor:
@@ -301,14 +312,15 @@ class SENG:
         Eval mode still trains when grad is enabled (frozen BatchNorm statistics, no dropout); evaluation
         loops run under no_grad and are skipped by the grad check.
         """
-        return self.will_refresh and torch.is_grad_enabled() and not self._in_step
+        return self.will_refresh and torch.is_grad_enabled() and not self._in_step and not _transformed()
 
     def _hook(self, layer: LayerCurvature) -> Callable:
         def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if self._in_step or not torch.is_grad_enabled():
+            if self._in_step or not torch.is_grad_enabled() or _transformed():
                 return
             if self.will_refresh:
                 layer.capture(args, kwargs, output)
+                layer.watch_gradients()
             if self._observe and _one_process():
                 layer.observe(args, kwargs, output)
         return forward_hook
@@ -347,6 +359,7 @@ class SENG:
         for layer in self.layers.values():
             layer.clear()
             layer.release()
+            layer.watch.stop()
             layer.remove_hooks()
 
     # ------------------------------------------------------------------ schedule
@@ -386,6 +399,7 @@ class SENG:
             self._in_step = False
             for layer in self.layers.values():
                 layer.release()
+                layer.watch.stop()
 
     @property
     def damping_feedback_due(self) -> bool:
@@ -675,11 +689,14 @@ class SENG:
                 self._fall_back(name, str(reason))
         if not grads_finite:  # this batch is bad as a whole: keep the last good curvature, build nothing
             factors = dict.fromkeys(factors)
+        self._check_identities(factors, loss_scale)
         factors = self.comm.gather_factors(factors)
         prepared = {name: (f, *self.layers[name].prepare(f, self.loss_reduction, self.settings, self.generator))
                     for name, f in factors.items() if f is not None}
+        scales = dict(zip(prepared, self._damping_scales([gram for _, _, gram in prepared.values()])))
+        self._resolve(prepared, {name: damping * scale for name, scale in scales.items()})
         grams = [gram for _, _, gram in prepared.values()]
-        scales = self._damping_scales(grams)
+        scales = [scales[name] for name in prepared]
         # layers that share N are factorised in one batched Cholesky, its status read once
         chols = sketch.damped_cholesky_batch(grams, [damping * scale for scale in scales])
         # under a damping schedule every step has another λ: an eigendecomposition now serves them all
@@ -716,6 +733,73 @@ class SENG:
         self._stats["kept_bytes"] = sum(self.kept_bytes().values())
         self._stats["skipped_refreshes"] = self.skipped_refreshes
         self._stats["refresh_time"] = time.perf_counter() - start
+
+    def _check_identities(self, factors: Dict[str, Optional[Any]], loss_scale: float) -> None:
+        """The runtime identities of :mod:`~lightning_seng.layers.identity` over the layers with factors, read
+        back at once: the per-sample gradients sum to what the backward produced (1) and, in one process where
+        ``.grad`` held nothing before the backward, ``.grad`` is that gradient up to one common scale (2). A layer
+        that fails builds nothing from this refresh and falls back, announced."""
+        sums = {name: f for name, f in factors.items() if f is not None and f.identity is not None}
+        scales = {}
+        if _one_process():  # under DDP .grad is the average over the processes, not this one's gradient
+            for name, f in factors.items():
+                if f is None:
+                    continue
+                watch = self.layers[name].watch
+                params = self.layers[name].trainable_params(f.mask)
+                if params and all(watch.into_empty.get(id(p), False) and p.grad is not None and not p.grad.is_sparse
+                                  for p in params):
+                    scales[name] = identity.scale_terms([(p.grad, watch.produced[id(p)]) for p in params],
+                                                        loss_scale)
+        if not sums and not scales:
+            return
+        terms = [f.identity for f in sums.values()] + list(scales.values())
+        device = terms[0].device
+        values = torch.cat([t.to(device) for t in terms]).tolist()  # one read
+        values = [values[3 * i:3 * i + 3] for i in range(len(sums))] + [
+            values[3 * len(sums) + 4 * i:3 * len(sums) + 4 * i + 4] for i in range(len(scales))]
+        failed: Dict[str, str] = {}
+        for (name, f), row in zip(sums.items(), values):
+            mismatch = identity.sum_mismatch(row, f.eps)
+            if mismatch is not None:
+                failed[name] = (f"its per-sample gradients do not sum to the gradient its backward produced "
+                                f"(relative difference {mismatch:.2g}); likely {identity.SUM_CAUSES}")
+        eps = max([f.eps for f in sums.values()] + [torch.finfo(self.curvature_dtype).eps])
+        _, changed = identity.judge_scales(dict(zip(scales, values[len(sums):])), eps)
+        for name, why in changed.items():
+            failed.setdefault(name, why)
+        for name, why in failed.items():
+            factors[name] = None
+            self._fall_back(name, why)
+
+    def _resolve(self, prepared: Dict[str, tuple], dampings: Dict[str, float]) -> None:
+        """Numerics: ``cond(K + λI) ≤ (tr K + λ)/λ``; where that bound times the unit roundoff exceeds
+        :data:`RESOLVABLE`, ``(F + λI)^{-1} g`` is not resolved in the Gram's dtype (the solve, and the cancellation
+        in ``g − Uᵀw``, lose that much). Such a float32 layer is prepared again in float64 (its curvature is kept
+        and applied in float64); one that float64 cannot resolve either falls back. Said once per layer. One
+        host read for all layers."""
+        if not prepared:
+            return
+        names = list(prepared)
+        grams = [prepared[name][2] for name in names]
+        traces = torch.stack([g.diagonal().sum().to(torch.float64).to(grams[0].device) for g in grams]).tolist()
+        for name, trace in zip(names, traces):
+            lam = dampings[name]
+            f, _, gram = prepared[name]
+            if not math.isfinite(trace) or torch.finfo(gram.dtype).eps * (trace + lam) / lam <= RESOLVABLE:
+                continue  # (a non-finite Gram fails its factorisation, which says so)
+            cond = (trace + lam) / lam
+            if gram.dtype != torch.float64 and torch.finfo(torch.float64).eps * cond <= RESOLVABLE:
+                wide = f.to(torch.float64)
+                prepared[name] = (wide, *self.layers[name].prepare(wide, self.loss_reduction, self.settings,
+                                                                  self.generator))
+                self._warn_once(f"float64:{name}", f"SENG: layer '{name}': the damping {lam:.3g} is small against its "
+                                f"curvature (tr UUᵀ = {trace:.3g}, condition up to {cond:.3g}), beyond what "
+                                f"{gram.dtype} resolves; its curvature is kept and applied in float64")
+                continue
+            del prepared[name]
+            self._fall_back(name, f"the damping {lam:.3g} is small against its curvature (tr UUᵀ = {trace:.3g}, "
+                                  f"condition up to {cond:.3g}), beyond what float64 resolves; raise the damping")
 
     def _damping_scales(self, grams: List[Tensor]) -> List[float]:
         """Per Gram matrix, the factor on the damping: 1, or under ``relative_damping`` its mean eigenvalue

@@ -145,6 +145,22 @@ def patch_apply(G: Tensor, X: Tensor, v: Tensor, Ww: Optional[Tensor], Wb: Optio
     return Dw, Db
 
 
+def patch_sums(G: Tensor, X: Tensor, bias: bool) -> Tuple[List[Tensor], Tensor]:
+    """``Σ_n J_n`` of patch factors ``G (N, groups, d_out, P)``, ``X (N, groups, d_in, P)`` as parts (the weight's
+    ``Σ_{n,p} G[n,:,:,p] X[n,:,:,p]ᵀ`` ``(groups, d_out, d_in)`` while ``d_in > 0``, the bias's ``Σ_{n,p} G[n,:,:,p]``
+    ``(groups, d_out)`` with ``bias``), and ``M = Σ_{n,g,p} ‖G[n,g,:,p]‖·‖[X[n,g,:,p]; 1]‖``, the norms of the
+    rank-one terms summed (a bound on the magnitudes the sum adds up)."""
+    parts = []
+    if X.shape[2] > 0:
+        parts.append(torch.einsum("ngop,ngip->goi", G, X))
+    if bias:
+        parts.append(G.sum(dim=(0, 3)))
+    x_norm = X.square().sum(2)
+    if bias:
+        x_norm = x_norm + 1
+    return parts, (G.norm(dim=2) * x_norm.sqrt()).sum()
+
+
 def sample_indices(n: int, size: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
     """``size`` distinct indices of ``range(n)``, uniformly at random (without replacement)."""
     perm = torch.randperm(n, generator=generator, device="cpu")[:size]

@@ -331,9 +331,8 @@ class AttentionLayer(MatrixLayer):
         self.groups = X.shape[1]
         return Factors(G, X)
 
-    def _route(self, factors: Factors, scale: float, settings: RouteSettings, generator) -> Route:
-        self.positions = factors.grad_side.shape[3]
-        return build_route(factors.grad_side * scale, factors.input_side, False, settings, generator)
+    def bias_row(self, mask: Mask) -> bool:
+        return False  # the biases' ones are rows of X (the projections' columns)
 
 
 class _FedCall(Call):

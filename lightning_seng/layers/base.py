@@ -18,8 +18,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from .. import sketch
+from .identity import GradientWatch, sum_terms
 from .routes import Route, RouteSettings, build_route, route_costs, route_from_state
 
 Mask = Tuple[bool, ...]
@@ -44,6 +46,24 @@ def find_sample_axis(shape: Sequence[int], n: int, candidates: Sequence[int], wh
     raise NotExact(f"its {what} of shape {tuple(shape)} has several axes of the batch size {n} (axes {axes}), "
                    "so the sample axis is ambiguous; a batch size that differs from the other dimensions "
                    "removes the ambiguity")
+
+
+def roundoff(tensors: List[Tensor]) -> float:
+    """ε of the coarsest precision a forward on ``tensors`` (its inputs and outputs) may have computed in:
+    their floating dtypes, autocast's, and on CUDA TF32 (10 mantissa bits) or bf16 products of float32
+    operands as torch's matmul precision and cuDNN's TF32 switch allow."""
+    floating = [t for t in tensors if t.is_floating_point()]
+    eps = max((torch.finfo(t.dtype).eps for t in floating), default=torch.finfo(torch.float64).eps)
+    device = floating[0].device.type if floating else "cpu"
+    if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device):  # torch >= 2.4
+        eps = max(eps, torch.finfo(torch.get_autocast_dtype(device)).eps)
+    if device == "cuda" and any(t.dtype == torch.float32 for t in floating):
+        precision = torch.get_float32_matmul_precision()
+        if precision == "medium":
+            eps = max(eps, torch.finfo(torch.bfloat16).eps)
+        elif precision == "high" or torch.backends.cudnn.allow_tf32:
+            eps = max(eps, 2.0 ** -10)
+    return eps
 
 
 @dataclass
@@ -71,6 +91,23 @@ class Factors:
     grad_side: Tensor
     input_side: Optional[Tensor]
     mask: Mask = field(default=())
+    # the runtime identity Σ_n J_n = g_prod (layers/identity.py): sum_terms on the device, and the unit roundoff
+    # of the coarsest precision that took part; None where the layer checks its own uses (Embedding)
+    identity: Optional[Tensor] = None
+    eps: float = 0.0
+
+    def to(self, dtype: torch.dtype) -> "Factors":
+        """The factors in ``dtype`` (floating tensors only)."""
+        input_side = self.input_side
+        if input_side is not None and input_side.is_floating_point():
+            input_side = input_side.to(dtype)
+        return Factors(self.grad_side.to(dtype), input_side, self.mask, self.identity, self.eps)
+
+    def rows(self, rows: Tensor, factor: float) -> "Factors":
+        """Samples ``rows`` only, the output-gradient side times ``factor`` (the per-sample gradient is linear in it)."""
+        rows = rows.to(self.grad_side.device)
+        input_side = None if self.input_side is None else self.input_side.index_select(0, rows)
+        return Factors(self.grad_side.index_select(0, rows) * factor, input_side, self.mask, self.identity, self.eps)
 
     @property
     def n(self) -> int:
@@ -158,6 +195,7 @@ class LayerCurvature:
         self.feeds: List["LayerCurvature"] = []
         self._calls: List[Call] = []
         self.captured = False  # whether a forward call was ever captured (its hooks fire)
+        self.watch = GradientWatch()  # what the backward of a refresh step produces for the parameters
 
     # ----------------------------------------------------------------- parameters
     def param_slots(self) -> Sequence[Optional[nn.Parameter]]:
@@ -204,6 +242,8 @@ class LayerCurvature:
         self.captured = True
         if self._calls and all(c.done for c in self._calls):
             self.clear()
+            for layer in [self] + self.feeds:
+                layer.watch.reset()
         call = Call(inputs, [None] * len(outputs))
         self._calls.append(call)
         for index, out in enumerate(outputs):
@@ -225,6 +265,13 @@ class LayerCurvature:
         calls = [c for c in self._calls if c.done]
         self.clear()
         return calls
+
+    def watch_gradients(self) -> None:
+        """Refresh step, from the first captured call: watch what the backward produces for the trainable
+        parameters (:class:`~lightning_seng.layers.identity.GradientWatch`), and for the layers it feeds."""
+        self.watch.start(self.trainable_params(self.trainable()))
+        for sub in self.feeds:
+            sub.watch_gradients()
 
     def take_trainable_calls(self, n: Optional[int]) -> Optional[Tuple[List[Call], Mask]]:
         """The captured calls that received a gradient and the trainable mask (clears the capture); ``None``
@@ -251,17 +298,47 @@ class LayerCurvature:
         if taken is None:
             return None
         calls, mask = taken
+        eps = roundoff([t for call in calls for t in pytree.tree_leaves((call.inputs, call.grads))
+                        if isinstance(t, Tensor)] + [torch.empty(0, dtype=dtype)])
         pairs = [self.sample_first(call, n, dtype) for call in calls]
+        factors = self._factors(pairs, mask)
+        factors.mask = mask
+        self.check_sums(factors, eps)  # on all samples: the identity holds for the whole batch
         chosen = pick(n) if pick is not None else None
         if chosen is not None:
-            rows, factor = chosen
-            rows = rows.to(pairs[0][0].device)
-            pairs = [(x.index_select(0, rows), g.index_select(0, rows) * factor) for x, g in pairs]
-        factors = self._factors(pairs, mask)
+            factors = factors.rows(*chosen)
         if loss_scale != 1.0:
             factors.grad_side = factors.grad_side / loss_scale
-        factors.mask = mask
         return factors
+
+    def check_sums(self, factors: Factors, eps: float) -> None:
+        """Put on ``factors`` the terms of identity 1 (``Σ_n J_n = g_prod``, :mod:`.identity`) for the preconditioner
+        to read with the other layers'; :class:`NotExact` if a trainable parameter received no gradient."""
+        sums = self.factor_sums(factors)
+        if sums is None:
+            return
+        parts, magnitude = sums
+        params = self.trainable_params(factors.mask)
+        produced = [self.watch.produced.get(id(p)) for p in params]
+        if any(g is None for g in produced):
+            missing = [p for p, g in zip(params, produced) if g is None]
+            raise NotExact(f"{len(missing)} of its trainable parameters received no gradient from the backward its "
+                           "calls took part in (is the module's output used without its parameters, or were they "
+                           "replaced after SENG was attached?)")
+        produced = [g.to_dense() if g.is_sparse else g for g in produced]
+        eps = max(eps, roundoff(produced))  # the backward computed in the parameters' precision
+        # (reshaped: a layer may lay out its parts by the committed route, e.g. attention's q, k, v groups)
+        produced = [g.reshape(s.shape) for g, s in zip(self.parts_of(produced, factors.mask, parts[0].dtype), parts)]
+        factors.identity = sum_terms(parts, produced, magnitude)
+        factors.eps = eps
+
+    def factor_sums(self, factors: Factors) -> Optional[Tuple[List[Tensor], Tensor]]:
+        """``(Σ_n J_n in the route's parts, M)`` of the factors (before any sample is dropped, unscaled), ``M`` a
+        bound on the magnitudes summed; ``None`` where the layer checks its own uses. Default: ``J`` explicit,
+        ``grad_side (N, d)`` with the trainable parameters' blocks in order, ``M = Σ_n ‖J_n‖``."""
+        J = factors.grad_side
+        sums = J.sum(0).split([p.numel() for p in self.trainable_params(factors.mask)])
+        return list(sums), J.norm(dim=1).sum()
 
     def sample_axes(self, x: Tensor) -> Sequence[int]:
         """The axes of the input that may hold the samples (the layer's layout decides)."""
@@ -421,7 +498,17 @@ class MatrixLayer(LayerCurvature):
 
     def _route(self, factors: Factors, scale: float, settings: RouteSettings, generator) -> Route:
         self.positions = factors.grad_side.shape[3]
-        return build_route(factors.grad_side * scale, factors.input_side, factors.mask[1], settings, generator)
+        return build_route(factors.grad_side * scale, factors.input_side, self.bias_row(factors.mask), settings,
+                           generator)
+
+    def bias_row(self, mask: Mask) -> bool:
+        """Whether the bias's row of ones is implicit in the factors (it is, while the bias is trainable)."""
+        return mask[1]
+
+    def factor_sums(self, factors: Factors) -> Optional[Tuple[List[Tensor], Tensor]]:
+        """``Σ_{n,p} G[n,g,:,p] X̃[n,g,:,p]ᵀ`` as parts, and ``M = Σ_{n,g,p} ‖G[n,g,:,p]‖ ‖X̃[n,g,:,p]‖`` (the norms
+        of the rank-one terms; ``X̃`` has the bias's 1)."""
+        return sketch.patch_sums(factors.grad_side, factors.input_side, self.bias_row(factors.mask))
 
     def estimated_cost(self, n: int, settings: RouteSettings) -> float:
         d_out, d_in = self._matrix_dims()

@@ -14,7 +14,7 @@ batched product (and slower on few positions with many channels, where the patch
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,32 @@ class ConvLayer(MatrixLayer):
             return ExplicitRoute.build(U, blocks, settings.coordinates, generator)
         X = unfold_patches(x, m.kernel_size, m.stride, m.dilation, (pad[2], pad[0])).reshape(n, groups, -1, P)
         return build_route(G, X if mask[0] else X[:, :, :0], mask[1], settings, generator)
+
+    def factor_sums(self, factors: Factors) -> Optional[Tuple[List[Tensor], Tensor]]:
+        """As :meth:`MatrixLayer.factor_sums`; an input kept as it is gives the weight's sum from the convolution's
+        weight-gradient kernel and each patch's norm from a convolution of the squared input with ones."""
+        if factors.input_side.dim() != 5:
+            return super().factor_sums(factors)
+        m, mask = self.module, factors.mask
+        x, G = factors.input_side[:, 0], factors.grad_side
+        n, groups, d_out, P = G.shape
+        pad = m._reversed_padding_repeated_twice
+        padding = (pad[2], pad[0])
+        parts = []
+        if mask[0]:
+            w = torch.nn.grad.conv2d_weight(x, m.weight.shape, G.reshape(n, groups * d_out, *self._output_size(x)),
+                                            stride=m.stride, padding=padding, dilation=m.dilation, groups=groups)
+            parts.append(w.reshape(groups, d_out, -1))
+            squares = x.square().reshape(n, groups, -1, *x.shape[2:]).sum(2)
+            ones = squares.new_ones(groups, 1, *m.kernel_size)
+            x_norm = F.conv2d(squares, ones, stride=m.stride, padding=padding, dilation=m.dilation,
+                              groups=groups).reshape(n, groups, P)
+        else:
+            x_norm = G.new_zeros(n, groups, P)
+        if mask[1]:
+            parts.append(G.sum(dim=(0, 3)))
+            x_norm = x_norm + 1
+        return parts, (G.norm(dim=2) * x_norm.clamp_min(0).sqrt()).sum()
 
     def _output_size(self, x: Tensor) -> Tuple[int, int]:
         m = self.module

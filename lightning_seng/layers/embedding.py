@@ -188,6 +188,11 @@ class EmbeddingLayer(LayerCurvature):
             if probe is not None:
                 probe["handle"].remove()
 
+    def factor_sums(self, factors: Factors) -> None:
+        """``None``: identity 1 is :meth:`_check_uses` here, on a projection (the table's dense sum would be
+        ``V × D``)."""
+        return None
+
     def _check_uses(self, c: Tensor, gc: Optional[Tensor]) -> None:
         """:class:`NotExact` unless ``Σ_calls J c`` equals the projection ``g c`` of the gradient that reached
         the table (``J``: a call's contribution to the table's gradient, summed over the batch)."""

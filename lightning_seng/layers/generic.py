@@ -32,7 +32,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
-from .base import Call, Factors, LayerCurvature, Mask, NotExact, Pick, find_sample_axis
+from .base import Call, Factors, LayerCurvature, Mask, NotExact, Pick, find_sample_axis, roundoff
 from .routes import EXPLICIT_MAX_ELEMENTS, ExplicitRoute, Route, RouteSettings
 
 # Entries of each captured output kept (copied) to compare with the per-sample recomputation.
@@ -48,7 +48,7 @@ class Kept:
     version counter of each input tensor (to see later in-place writes), the positions of the gradient
     outputs among the output's tensor leaves, per such output a sample of its entries (``coords``, one
     index tensor per axis, and their ``values``), and the unit roundoff of the coarsest precision the call
-    computed in (:func:`_roundoff`)."""
+    computed in (:func:`~.base.roundoff`)."""
 
     inputs: Any
     versions: List[int]
@@ -94,24 +94,6 @@ def _sampled_entries(t: Tensor) -> Tuple[Tuple[Tensor, ...], Tensor]:
     return coords, t.detach()[coords].clone()
 
 
-def _roundoff(tensors: List[Tensor]) -> float:
-    """ε of the coarsest precision a forward on ``tensors`` (its inputs and outputs) may have computed in:
-    their floating dtypes, autocast's, and on CUDA TF32 (10 mantissa bits) or bf16 products of float32
-    operands as torch's matmul precision and cuDNN's TF32 switch allow."""
-    floating = [t for t in tensors if t.is_floating_point()]
-    eps = max((torch.finfo(t.dtype).eps for t in floating), default=torch.finfo(torch.float64).eps)
-    device = floating[0].device.type if floating else "cpu"
-    if hasattr(torch, "get_autocast_dtype") and torch.is_autocast_enabled(device):  # torch >= 2.4
-        eps = max(eps, torch.finfo(torch.get_autocast_dtype(device)).eps)
-    if device == "cuda" and any(t.dtype == torch.float32 for t in floating):
-        precision = torch.get_float32_matmul_precision()
-        if precision == "medium":
-            eps = max(eps, torch.finfo(torch.bfloat16).eps)
-        elif precision == "high" or torch.backends.cudnn.allow_tf32:
-            eps = max(eps, 2.0 ** -10)
-    return eps
-
-
 def _short(err: BaseException, limit: int = 200) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= limit else text[:limit - 1] + "…"
@@ -153,7 +135,7 @@ class GenericLayer(LayerCurvature):
         tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
         positions, outputs = zip(*_grad_outputs(self._output))
         return Kept(inputs, [t._version for t in tensors], list(positions), [_sampled_entries(t) for t in outputs],
-                    _roundoff(list(outputs) + tensors))
+                    roundoff(list(outputs) + tensors))
 
     # ----------------------------------------------------------------- factors
     def take_factors(self, loss_scale: float, dtype: torch.dtype, pick: Pick = None,
@@ -167,19 +149,22 @@ class GenericLayer(LayerCurvature):
         calls, mask = taken
         names = [k for k, m in zip(self.param_names, mask) if m]
         d = sum(self._param(k).numel() for k in names)
-        chosen = pick(n) if pick is not None else None
-        rows, factor = chosen if chosen is not None else (torch.arange(n), 1.0)
-        if rows.numel() * d > EXPLICIT_MAX_ELEMENTS:
-            raise NotExact(f"its per-sample gradients would hold {rows.numel()} × {d} = {rows.numel() * d:,} "
-                           f"elements, above the explicit route's cap of {EXPLICIT_MAX_ELEMENTS:,} (fewer "
-                           "curvature_samples lower it)")
+        # every sample, also under curvature_samples: the runtime identity needs the whole batch's sum
+        if n * d > EXPLICIT_MAX_ELEMENTS:
+            raise NotExact(f"its per-sample gradients would hold {n} × {d} = {n * d:,} elements, above the "
+                           f"explicit route's cap of {EXPLICIT_MAX_ELEMENTS:,}")
         J = 0
         for call in calls:
-            J = J + self._per_sample(call, n, rows, factor, dtype, names)
+            J = J + self._per_sample(call, n, torch.arange(n), 1.0, dtype, names)
         self._check_all_used(J, names)
+        factors = Factors(J, None, mask)
+        self.check_sums(factors, max(call.inputs.roundoff for call in calls))
+        chosen = pick(n) if pick is not None else None
+        if chosen is not None:
+            factors = factors.rows(*chosen)
         if loss_scale != 1.0:
-            J = J / loss_scale
-        return Factors(J, None, mask)
+            factors.grad_side = factors.grad_side / loss_scale
+        return factors
 
     def _per_sample(self, call: Call, n: int, rows: Tensor, factor: float, dtype: torch.dtype,
                     names: List[str]) -> Tensor:

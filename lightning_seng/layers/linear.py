@@ -164,8 +164,9 @@ class LinearLayer(MatrixLayer):
             return
         x = args[0] if args and isinstance(args[0], Tensor) and args[0].dim() == 2 else None
         weight = self.module.weight
-        # a second call, should there be one, shows as a second term at the weight's accumulator
-        if (x is None or not weight.requires_grad or id(weight) in self.excluded
+        # a second call, should there be one, shows as a second term at the weight's accumulator; a hook of the
+        # user's on the weight may change its gradient where no version counter shows it
+        if (x is None or not weight.requires_grad or id(weight) in self.excluded or self._foreign_hooks(weight)
                 or not self._worth_watching(x.shape[0], x.device.type == "cpu")):
             if self._leaf_hooks:  # not worth it (any more): the weight's hooks would cost every backward
                 self.remove_hooks()
@@ -182,6 +183,13 @@ class LinearLayer(MatrixLayer):
         def keep(grad: Tensor) -> None:
             batch.grad, batch.backwards = grad.detach(), batch.backwards + 1
         output.register_hook(keep)
+
+    def _foreign_hooks(self, weight: nn.Parameter) -> bool:
+        """Whether the weight carries a gradient hook or a post-accumulate-grad hook that is not this layer's."""
+        own = {handle.id for handle in self._leaf_hooks[1:]} if self._leaf_hooks and self._leaf_hooks[0] is weight else set()
+        hooks = [*(getattr(weight, "_backward_hooks", None) or {}),
+                 *(getattr(weight, "_post_accumulate_grad_hooks", None) or {})]
+        return any(key not in own for key in hooks)
 
     def _worth_watching(self, batch: int, cpu: bool) -> bool:
         """Whether ``U g'`` from a batch of ``batch`` saves at least :data:`MIN_SAVING` multiply-adds (times

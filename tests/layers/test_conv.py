@@ -100,19 +100,20 @@ def test_implicit_route_error_against_exact_is_reported():
 ], ids=["stride-dilation", "groups-rect", "depthwise-same"])
 def test_explicit_route_from_the_weight_gradient_convolution_matches_dense(config, monkeypatch):
     """Many positions for few channels: the per-sample gradients come from ``conv2d_weight`` with the samples
-    as groups (counted), with the bias block beside them."""
+    as groups (counted; the runtime identity's batch sum calls it with the layer's own groups), with the bias
+    block beside them."""
     calls = []
     real = torch.nn.grad.conv2d_weight
-    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(k["groups"]) or real(*a, **k))
     x = torch.randn(5, config["in_channels"], 12, 11, dtype=torch.float64)
     _assert_exact(nn.Conv2d(**config), x, route="explicit")
-    assert len(calls) == 1
+    assert calls.count(5 * config.get("groups", 1)) == 1
 
 
 def test_few_positions_for_many_channels_keep_the_patches(monkeypatch):
     calls = []
     real = torch.nn.grad.conv2d_weight
-    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(k["groups"]) or real(*a, **k))
     x = torch.randn(5, 8, 4, 4, dtype=torch.float64)  # P = 16 < 2 * 12
     _assert_exact(nn.Conv2d(8, 12, 3, padding=1), x, route="explicit")
-    assert calls == []
+    assert 5 not in calls  # never with the samples as groups (the runtime identity's sum uses groups=1)

@@ -1,0 +1,151 @@
+"""The runtime identities that make a layer's SENG direction exact (DESIGN.md §6).
+
+Pattern checks cannot foresee every usage: a hook on a weight, a second path to a parameter (the weight used
+outside the module, attention weights or an input-gradient penalty in the loss), a recurrent cell whose calls
+feed each other. So on every refresh step SENG checks, per layer, what exactness means:
+
+1. **The per-sample gradients sum to the gradient the backward produced.** ``Σ_n J_n = g_prod``, where
+   ``J_n`` is what the layer built from its captured calls and ``g_prod`` the gradient that reached each
+   parameter's accumulator in this step's last backward (after any hook on the parameter; summed over the
+   passes through one forward), within ``τ·M``: ``M`` bounds the magnitudes summed (the norms of the rank-one
+   terms, or of the per-sample gradients) and ``τ`` follows the coarsest precision that took part
+   (:func:`tolerance`).
+2. **``.grad`` is that gradient** when ``.grad`` held nothing before the backward: ``.grad = c·g_prod/s`` (``s``
+   the loss scale) with one ``c`` for all layers. A common ``c ≠ 1`` is a rescaling of the whole gradient
+   (clipping by norm), which the direction ``(F + λI)^{-1}·.grad`` serves exactly (``F`` comes from the
+   backward, whatever ``.grad`` is scaled by); a ``c`` of one layer alone, or a change that is no rescaling, is
+   a change to that layer's gradient after the backward (a post-accumulate-grad hook, clipping by value).
+
+A layer that fails gets ``g / (1 + λ)`` and one WARNING that names the identity and the likely cause.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+SUM_CAUSES = ("a hook on a parameter that changes its gradient, or a second path to a parameter that the "
+              "module's captured calls do not see (the weight used outside the module's forward, attention "
+              "weights or an input-gradient penalty in the loss, a recurrent cell unrolled so that its calls "
+              "feed each other)")
+
+
+def tolerance(eps: float) -> float:
+    """``τ`` for a sum of products computed with unit roundoff ``eps``, relative to the sum of the terms'
+    magnitudes: ``1024·ε`` in float32/float64 (sums of up to millions of terms, accumulated in blocks), ``16·ε``
+    in half precision, TF32 or bf16 products (where ``1024·ε`` would exceed 1)."""
+    return 1024 * eps if eps < 1e-6 else 16 * eps
+
+
+class GradientWatch:
+    """The gradient the backward passes of a refresh step produce for some parameters, as it reaches each
+    one's accumulator (a pre-hook on the ``AccumulateGrad`` node: after any hook registered on the parameter),
+    copied (a later in-place change of ``.grad`` must not reach it) and summed over the passes through one
+    forward (``retain_graph``); and whether ``.grad`` held nothing before the last of them.
+
+    The nodes are held while watching, so that every graph built until the refresh feeds the same hooked node.
+    """
+
+    def __init__(self) -> None:
+        self._handles: List[Tuple[nn.Parameter, object, object]] = []  # (parameter, node, hook handle)
+        self.produced: Dict[int, Tensor] = {}
+        self.into_empty: Dict[int, bool] = {}
+
+    def __deepcopy__(self, memo: dict) -> "GradientWatch":
+        return GradientWatch()  # a copy watches nothing: the hooks belong to this object's parameters
+
+    def __getstate__(self) -> dict:
+        return GradientWatch().__dict__
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def start(self, params: Sequence[nn.Parameter]) -> None:
+        """Watch ``params`` (those that require grad) until :meth:`stop`; nothing if already watching."""
+        if self._handles:
+            return
+        for p in params:
+            if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter):
+                node = torch.autograd.graph.get_gradient_edge(p).node
+                self._handles.append((p, node, node.register_prehook(self._keeper(p))))
+
+    def _keeper(self, p: nn.Parameter) -> Callable:
+        def keep(grads: Tuple[Optional[Tensor], ...]) -> None:
+            grad = grads[0]
+            if grad is None:
+                return
+            old = self.produced.get(id(p))
+            self.produced[id(p)] = grad.detach().clone() if old is None else old + grad.detach()
+            self.into_empty[id(p)] = p.grad is None
+        return keep
+
+    def reset(self) -> None:
+        """A new forward after a completed backward (the next micro-batch): forget what the last one produced."""
+        self.produced, self.into_empty = {}, {}
+
+    def stop(self) -> None:
+        for _, _, handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.reset()
+
+
+def sum_terms(sums: List[Tensor], produced: List[Tensor], magnitude: Tensor) -> Tensor:
+    """``[‖Σ_n J_n − g_prod‖, ‖g_prod‖, M]``, float64 on the device (read with the other layers' at once)."""
+    diff = torch.stack([(s - g.to(s.dtype)).to(torch.float64).square().sum() for s, g in zip(sums, produced)])
+    norm = torch.stack([g.to(torch.float64).square().sum() for g in produced])
+    return torch.stack([diff.sum().sqrt(), norm.sum().sqrt(), magnitude.to(torch.float64).reshape(())])
+
+
+def sum_mismatch(terms: Sequence[float], eps: float) -> Optional[float]:
+    """From :func:`sum_terms` read back: ``‖Σ_n J_n − g_prod‖ / ‖g_prod‖`` where it exceeds
+    ``τ·(M + ‖g_prod‖)`` (``τ`` = :func:`tolerance` of ``eps``), else ``None``."""
+    diff, norm, magnitude = terms
+    if math.isfinite(diff) and diff <= tolerance(eps) * (magnitude + norm):
+        return None
+    return diff / norm if norm > 0 else math.inf
+
+
+def scale_terms(pairs: List[Tuple[Tensor, Tensor]], loss_scale: float) -> Tensor:
+    """For one layer's ``(.grad, g_prod)`` pairs, with ``g = g_prod / loss_scale``: ``[<.grad, g>, <g, g>,
+    <.grad, .grad>, ‖.grad − g‖²]``, float64 on the device."""
+    rows = []
+    for a, b in pairs:
+        a, b = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64) / loss_scale
+        rows.append(torch.stack([torch.vdot(a, b), b.square().sum(), a.square().sum(), (a - b).square().sum()]))
+    return torch.stack(rows).sum(0)
+
+
+def judge_scales(terms: Dict[str, Sequence[float]], eps: float) -> Tuple[float, Dict[str, str]]:
+    """Identity 2 over the layers whose ``.grad`` held nothing before the backward: ``terms`` maps each to
+    :func:`scale_terms` read back. Returns the common scale ``c`` (1 when no layer tells) and, per failing
+    layer, why. ``.grad − c·g`` is measured directly for ``c = 1``; for another ``c`` through
+    ``‖.grad‖² − c<.grad, g>``, which resolves residuals down to about ``√ε``."""
+    tol = tolerance(eps)
+    scales: Dict[str, float] = {}
+    failed: Dict[str, str] = {}
+    for name, (dot, gg, aa, dd) in terms.items():
+        if dd <= tol * tol * aa:
+            scales[name] = 1.0
+            continue
+        c = dot / gg if gg > 0 else math.inf
+        rest = math.sqrt(max(aa - c * dot, 0.0) / aa) if aa > 0 and math.isfinite(c) else 1.0
+        if not math.isfinite(c) or c <= 0 or rest > max(tol, 8 * math.sqrt(eps)):
+            failed[name] = ("its .grad is not the gradient its backward produced, nor a rescaling of it "
+                            f"(residual {rest:.2g}): .grad was changed between backward and step (a "
+                            "post-accumulate-grad hook, gradient clipping by value, an edit of .grad)")
+        else:
+            scales[name] = c
+    if not scales:
+        return 1.0, failed
+    common = sorted(scales.values())[len(scales) // 2]
+    for name, c in scales.items():
+        if abs(c - common) > max(tol, 8 * math.sqrt(eps)) * abs(common):
+            failed[name] = (f"its .grad is {c:.4g} times the gradient its backward produced while the other "
+                            f"layers' are {common:.4g} times theirs: this parameter's gradient was rescaled alone "
+                            "after the backward (a post-accumulate-grad hook, an edit of .grad)")
+    return common, failed
