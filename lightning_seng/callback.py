@@ -8,6 +8,8 @@ The callback only translates Lightning events into calls on :class:`lightning_se
   (module, type, route, parameters; rank zero).
 - ``on_train_epoch_start``: ``seng.set_epoch(trainer.current_epoch)`` (epoch-based damping).
 - ``on_train_batch_start``: ``seng.observe_batch(batch)``: the batch size ``N`` of this step.
+- ``on_before_backward``: ``seng.observe_loss(loss)``: how the loss weighs each sample, checked against
+  ``loss_reduction`` at the refresh.
 - ``on_before_optimizer_step``: ``seng.step(loss_scale)`` for the optimizers named in ``optimizers``.
 - ``on_train_batch_end``: under a :class:`~lightning_seng.schedules.LevenbergMarquardt` damping, on its measured
   steps, ``training_step`` once more on the same batch (no grad, logging muted, the model's buffers such as
@@ -201,6 +203,10 @@ class SENGCallback(Callback):
         # training_step often calls a submodule rather than the LightningModule's own forward, so the batch
         # tells SENG its size (batch_axis of its first tensor)
         self.seng.observe_batch((batch,), {})
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # the loss's graph tells how it weighs each sample: checked against loss_reduction at the refresh
+        self.seng.observe_loss(loss)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

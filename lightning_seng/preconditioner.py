@@ -291,6 +291,7 @@ class SENG:
         # U g' from the layer's own batch (layers/linear.py) needs .grad to be that batch's: not under DDP
         self._observe = checked["batch_shortcut"] and type(self.comm) is Communicator
         self._batch_size: Optional[int] = None
+        self._loss_weights: Optional[List[float]] = None  # how the observed loss weighs each sample (observe_loss)
         self._in_step = False
         self.comm.setup(self.layers, self)
         self.generator = torch.Generator().manual_seed(seed)
@@ -350,6 +351,14 @@ class SENG:
             raise ValueError(f"batch_axis must be an axis of the model's first input, of shape {tuple(first.shape)} "
                              f"(got {self.batch_axis}); pass batch_axis=callable(args, kwargs) -> N otherwise")
         self._batch_size = int(first.shape[self.batch_axis])
+
+    def observe_loss(self, loss: Tensor) -> None:
+        """Before ``loss.backward()`` on a refresh step (the Lightning callback calls it): read from the loss's autograd
+        graph how it weighs each sample (:func:`~lightning_seng.layers.identity.batch_weights`) to check the
+        ``loss_reduction`` setting at the refresh; a graph that does not tell is not checked. Optional in a plain
+        loop, where it costs a walk of the loss's last few graph nodes."""
+        if self.capturing and self._batch_size is not None and isinstance(loss, Tensor):
+            self._loss_weights = identity.batch_weights(loss, self._batch_size)
 
     def remove(self) -> None:
         """Detach all hooks and drop captured tensors."""
@@ -680,6 +689,9 @@ class SENG:
         self._count_nonfinite()  # a refresh reads the device anyway
         pick = self._sample_picker()
         n, self._batch_size = self._batch_size, None
+        weights, self._loss_weights = self._loss_weights, None
+        mismatch = None if weights is None or n is None else identity.reduction_mismatch(
+            weights, loss_scale, n, self.loss_reduction)
         factors = {}
         for name, layer in self.layers.items():
             try:
@@ -687,6 +699,13 @@ class SENG:
             except NotExact as reason:
                 factors[name] = None
                 self._fall_back(name, str(reason))
+        if mismatch is not None:  # every layer's U would be scaled by N or 1/N: none gets curvature
+            self._warn_once("reduction", f"SENG: {mismatch}; no layer gets curvature from this refresh (they get "
+                                         "g / (1 + damping))")
+            for name in self.layers:
+                self.layers[name].curvature = None
+                self._reasons[name] = mismatch
+            factors = dict.fromkeys(factors)
         if not grads_finite:  # this batch is bad as a whole: keep the last good curvature, build nothing
             factors = dict.fromkeys(factors)
         self._check_identities(factors, loss_scale)

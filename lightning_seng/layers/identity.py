@@ -149,3 +149,74 @@ def judge_scales(terms: Dict[str, Sequence[float]], eps: float) -> Tuple[float, 
                             f"layers' are {common:.4g} times theirs: this parameter's gradient was rescaled alone "
                             "after the backward (a post-accumulate-grad hook, an edit of .grad)")
     return common, failed
+
+
+def batch_weights(loss: Tensor, n: int) -> Optional[List[float]]:
+    """The weight ``w`` of each sample's loss in each term ``w·Σ_n ℓ_n`` of ``loss``, read from its autograd graph:
+    a term's reduction over the batch (the leading axis of size ``n``: ``1`` for a sum, ``1/n`` for a mean; a mean
+    over the other axes too is a per-sample mean) times the constant factors on the way (a loss scale, ``1/k``
+    for accumulation, a weight). A reduction of a tensor without the batch axis (a penalty on the parameters) is
+    no such term. ``None`` where the graph does not tell (another node on the way)."""
+    found: List[float] = []
+
+    def walk(node, factor: float, depth: int) -> bool:
+        if node is None or depth > 12:
+            return False
+        kind = type(node).__name__
+        nxt = [f for f, _ in node.next_functions]
+        if kind in ("MulBackward0", "DivBackward0"):
+            const = [i for i, f in enumerate(nxt) if f is None]
+            if kind == "DivBackward0" and const == [1]:
+                other = node._saved_other
+                return other.numel() == 1 and walk(nxt[0], factor / float(other), depth + 1)
+            if kind == "MulBackward0" and len(const) == 1:
+                other = node._saved_other if const == [1] else node._saved_self
+                return other.numel() == 1 and walk(nxt[1 - const[0]], factor * float(other), depth + 1)
+            return False
+        if kind == "NegBackward0":
+            return walk(nxt[0], -factor, depth + 1)
+        if kind in ("AddBackward0", "SubBackward0"):
+            alpha = float(getattr(node, "_saved_alpha", 1))
+            second = alpha if kind == "AddBackward0" else -alpha
+            return all(f is None or walk(f, w, depth + 1) for f, w in zip(nxt, (factor, factor * second)))
+        reduction = getattr(node, "_saved_reduction", None)
+        if reduction is not None:  # a loss function's own reduction: 1 mean, 2 sum (over all its elements)
+            first = getattr(node, "_saved_self", None)
+            if reduction not in (1, 2) or first is None:
+                return False
+            if first.dim() > 0 and first.shape[0] == n:
+                found.append(factor / n if reduction == 1 else factor)
+            return True
+        if kind in ("MeanBackward0", "MeanBackward1", "SumBackward0", "SumBackward1"):
+            sizes = tuple(node._saved_self_sym_sizes)
+            dims = getattr(node, "_saved_dim", None)
+            if not sizes or sizes[0] != n:
+                return True  # no batch axis here: a term of another kind (a penalty on the parameters)
+            if dims is not None and 0 not in [d % len(sizes) for d in dims]:
+                return False  # a per-sample reduction first: the batch is reduced further up, unseen
+            found.append(factor / n if kind.startswith("Mean") else factor)
+            return True
+        return False
+
+    if loss.grad_fn is None or loss.numel() != 1 or not walk(loss.grad_fn, 1.0, 0):
+        return None
+    return found
+
+
+def reduction_mismatch(weights: Sequence[float], loss_scale: float, n: int, loss_reduction: str) -> Optional[str]:
+    """Why ``loss_reduction`` does not describe a loss whose batch terms weigh each sample by ``weights``
+    (:func:`batch_weights`), carried into backward with ``loss_scale``: no term weighs it as the setting says
+    (``1/n`` under ``"mean"``, 1 under ``"sum"``) while one weighs it exactly as the other reduction would; ``None``
+    otherwise (other weights are a per-sample loss's scale)."""
+    if n < 2 or not weights:
+        return None
+    ws = [w / loss_scale for w in weights]
+    mean = any(abs(w * n - 1) <= 1e-6 for w in ws)
+    total = any(abs(w - 1) <= 1e-6 for w in ws)
+    if loss_reduction == "mean" and total and not mean:
+        return (f"the loss sums the per-sample losses over the batch (each weighs 1, N = {n}) while "
+                "loss_reduction='mean': set loss_reduction='sum'")
+    if loss_reduction == "sum" and mean and not total:
+        return (f"the loss averages the per-sample losses over the batch (each weighs 1/N, N = {n}) while "
+                "loss_reduction='sum': set loss_reduction='mean'")
+    return None

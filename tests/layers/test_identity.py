@@ -318,3 +318,53 @@ def test_judge_scales_tells_a_common_rescaling_from_one_layers_change():
     assert set(failed) == {"c"}
     _, failed = identity.judge_scales({"a": [0.0, 1.0, 1.0, 2.0]}, eps)  # orthogonal: no rescaling explains it
     assert set(failed) == {"a"}
+
+
+@pytest.mark.parametrize("setting,reduction", [("mean", "sum"), ("sum", "mean")])
+def test_a_loss_reduction_that_does_not_match_the_loss_is_announced(setting, reduction, caplog):
+    """``loss_reduction`` against the loss's own reduction (read from its graph by ``observe_loss``): a mismatch
+    would scale every layer's ``U`` by ``√N``; no layer gets curvature, one warning names the setting to use."""
+    caplog.set_level(logging.WARNING, logger="lightning_seng")
+    model = _mlp()
+    x, y = _batch()
+    seng = SENG(model, damping=DAMPING, update_freq=1, loss_reduction=setting)
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y, reduction=reduction)
+    seng.observe_loss(loss)
+    loss.backward()
+    before = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    seng.step()
+    for k, p in model.named_parameters():
+        assert rel_err(p.grad, before[k] / (1 + DAMPING)) < 1e-12, k
+    messages = _warnings(caplog)
+    assert len(messages) == 1 and f"loss_reduction='{reduction}'" in messages[0].split("set ")[-1]
+
+
+@pytest.mark.parametrize("make_loss,weights", [
+    (lambda out, y: F.cross_entropy(out, y), [1 / N]),
+    (lambda out, y: F.cross_entropy(out, y, reduction="sum") / N, [1 / N]),
+    (lambda out, y: F.cross_entropy(out, y, reduction="none").sum() * 1024 / 2, [512.0]),
+    (lambda out, y: F.mse_loss(out, torch.zeros_like(out)), [1 / N]),
+    (lambda out, y: F.cross_entropy(out, y) + 1e-3 * sum(p.square().sum() for p in _mlp().parameters()), [1 / N]),
+    (lambda out, y: F.cross_entropy(out, y) + F.cross_entropy(out, y, reduction="sum"), [1 / N, 1.0]),
+    (lambda out, y: F.cross_entropy(out, y) * out.sum(), None),
+], ids=["mean", "sum-over-N", "scaled-sum", "mse", "with-penalty", "two-terms", "not-a-constant-factor"])
+def test_batch_weights_read_the_loss_graph(make_loss, weights):
+    x, y = _batch()
+    out = _mlp(1)(x)
+    got = identity.batch_weights(make_loss(out, y), N)
+    assert got == (None if weights is None else pytest.approx(weights))
+
+
+def test_a_matching_reduction_under_a_loss_scale_passes(caplog):
+    """Accumulation's ``1/k`` and an AMP-like scale are constant factors the loss scale accounts for."""
+    caplog.set_level(logging.WARNING, logger="lightning_seng")
+    model = _mlp()
+    x, y = _batch()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y) * 64.0
+    seng.observe_loss(loss)
+    loss.backward()
+    seng.step(loss_scale=64.0)
+    assert _warnings(caplog) == [] and seng._reasons == {}
