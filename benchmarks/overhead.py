@@ -209,8 +209,19 @@ def _make_runner(problem: Problem, label: str, batch: int) -> Runner:
             "exact": lambda: SENG(model, damping=0.5, update_freq=10, stats_every=50),
             "update_freq=1": lambda: SENG(model, damping=0.5, update_freq=1, stats_every=50),
             "samples=B/4": lambda: SENG(model, damping=0.5, update_freq=10, curvature_samples=batch // 4,
-                                        stats_every=50)}[label]
+                                        stats_every=50),
+            "unchecked": lambda: _unchecked(SENG(model, damping=0.5, update_freq=1, stats_every=50))}[label]
     return Runner(label, model, opt, seng() if seng else None)
+
+
+def _unchecked(seng: SENG) -> SENG:
+    """``seng`` with its runtime identities (layers/identity.py) taken out, to time what they cost: no gradient
+    watch, no per-sample sums, no comparison. Only for this measurement: SENG has no setting that skips them."""
+    seng._check_identities = lambda factors, loss_scale: None
+    for layer in seng.layers.values():
+        layer.watch_gradients = lambda: None
+        layer.check_sums = lambda factors, eps: None
+    return seng
 
 
 def _data(problem: Problem, batch: int):
@@ -234,7 +245,7 @@ def _step(r: Runner, problem: Problem, x, y) -> None:
 def measure(name: str, batch: int, rounds: int, warmup: int) -> dict:
     problem = PROBLEMS[name]
     xs, ys = _data(problem, batch)
-    labels = ["sgd", "exact", "update_freq=1", "samples=B/4"]
+    labels = ["sgd", "exact", "update_freq=1", "samples=B/4", "unchecked"]
     if _linear_only(problem.model()):
         labels += ["floor", "floor B/4"]
     runners = [_make_runner(problem, label, batch) for label in labels]
@@ -264,7 +275,8 @@ def measure(name: str, batch: int, rounds: int, warmup: int) -> dict:
                          target=TARGETS[r.label].get(name), kept_mib=sum(kept.values()) / 2 ** 20,
                          routes=" ".join(f"{k[7:]}:{v}" for k, v in r.seng.stats.items()
                                          if k.startswith("layers/") and v)))
-    return dict(sgd_ms=1000 * sgd, rows=rows)
+    checked, unchecked = (statistics.median(r.times) / sgd for r in runners if r.label in ("update_freq=1", "unchecked"))
+    return dict(sgd_ms=1000 * sgd, rows=rows, identities=(checked - unchecked, (checked - unchecked) / checked))
 
 
 def refresh_peak(name: str, batch: int) -> float:
@@ -339,6 +351,9 @@ def main() -> None:
             print(f"{name:12} {r['config']:14} {result['sgd_ms']:>7.2f} {r['between']:>8.2f} {floor:>6} {measured:>8} "
                   f"{r['refresh']:>8.2f} {r['amortised']:>9.2f} {target:>7} {verdict:4} {r['kept_mib']:>8.2f} "
                   f"{f'{peak:.1f}' if r['config'] == 'exact' else '':>8}  {r['routes']}", flush=True)
+        cost, share = result["identities"]
+        print(f"{name:12} {'identities':14} the runtime identities' cost per refresh (update_freq=1 against the same "
+              f"with them taken out): {cost:+.3f}x SGD, {100 * share:+.1f} % of the refresh step", flush=True)
     if args.resnet:
         r = resnet_refresh(256, 3)
         print(f"resnet18/4 batch 256: SGD step {r['sgd_ms']:.0f} ms, SENG refresh step {r['refresh_ms']:.0f} ms, "

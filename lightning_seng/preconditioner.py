@@ -873,6 +873,8 @@ class SENG:
                 others = [names.get(id(m), "?") for m in layer.modules() if m is not module]
                 ok = lname not in self._reasons
                 note = self._reasons.get(lname, "")
+                if not note and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+                    note = "batch statistics as constants"  # the SENG authors' reading (README, BatchNorm)
                 if not note and lname != name:
                     note = f"tied to '{lname}'" if any(m is module for m in layer.modules()) else f"with '{lname}'"
                 elif not note and others:

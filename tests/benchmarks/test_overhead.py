@@ -33,7 +33,30 @@ def test_overhead_table_has_a_row_per_configuration_and_the_measured_floor():
     out = subprocess.run([sys.executable, "benchmarks/overhead.py", "--rounds", "2", "--warmup", "1",
                           "--models", "autoencoder", "--batch-size", "32"], cwd=ROOT, capture_output=True,
                          text=True, check=True, timeout=300).stdout
-    rows = [line.split() for line in out.splitlines() if line.startswith("autoencoder")]
+    lines = [line for line in out.splitlines() if line.startswith("autoencoder")]
+    rows = [line.split() for line in lines if line.split()[1] != "identities"]
     assert [r[1] for r in rows] == ["exact", "update_freq=1", "samples=B/4"]
+    assert sum(line.split()[1] == "identities" and "% of the refresh step" in line for line in lines) == 1
     assert all(float(r[3]) > 0 for r in rows)
     assert rows[0][5] != "-" and rows[2][5] != "-" and rows[1][5] == "-"  # measured floor; none for update_freq=1
+
+
+def test_the_unchecked_runner_takes_the_runtime_identities_out_and_nothing_else():
+    """The runner that times the identities' cost computes the same directions, without watching a gradient."""
+    from benchmarks.overhead import _unchecked
+    from lightning_seng import SENG
+
+    grads = []
+    for unchecked in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+        seng = SENG(model, damping=0.5, update_freq=1)
+        if unchecked:
+            _unchecked(seng)
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        loss = nn.functional.cross_entropy(model(x), y)
+        assert all(layer.watch.active != unchecked for layer in seng.layers.values())
+        loss.backward()
+        seng.step()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

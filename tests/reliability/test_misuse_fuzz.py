@@ -16,7 +16,7 @@ from torch import nn
 from lightning_seng import SENG
 from tests.reference import dense_direction, per_sample_gradients, rel_err
 
-N_CASES = 40
+N_CASES = 48
 DAMPING = 0.3
 
 
@@ -55,7 +55,7 @@ def _usage(rng):
     return dict(
         hook=rng.choice([None, "tensor", "tensor-late", "post-accumulate", "post-accumulate-layer"]),
         micro_batches=rng.choice([1, 1, 2]),
-        extra=rng.choice([None, None, "l2-in-loss", "weight-outside", "input-gradient"]),
+        extra=rng.choice([None, None, "l2-in-loss", "weight-outside", "input-gradient", "jacobian"]),
         clip=rng.random() < 0.25,
         reduction=rng.choice(["mean", "sum"]),
         setting_matches=rng.random() < 0.75,
@@ -117,6 +117,8 @@ def test_every_layer_is_exact_or_announced(seed, caplog):
             loss = loss + 1e-2 * model.head.weight.square().sum()
         elif usage["extra"] == "weight-outside":
             loss = loss + 1e-2 * F.linear(x[:, :model.body[0].in_features], model.body[0].weight).square().mean()
+        elif usage["extra"] == "jacobian":  # a vmap(jacrev(model)) term: forwards inside torch.func transforms
+            loss = loss + 1e-2 * torch.func.vmap(torch.func.jacrev(model))(x).square().sum()
         elif usage["extra"] == "input-gradient":
             (gx,) = torch.autograd.grad(loss, xr, create_graph=True)
             loss = loss + gx.square().sum()
