@@ -263,6 +263,58 @@ def test_a_forward_whose_graph_is_still_alive_keeps_its_call_until_dropped():
 
 
 
+class _Gain(nn.Module):
+    """A module with its own parameter and no dedicated route: the generic route."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return torch.tanh(x * self.gain)
+
+
+class _TokenModel(nn.Module):
+    """Embedding tied to the head, self-attention and a generic module: the layers that override capture."""
+
+    def __init__(self, vocab=7, d=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mha = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.gain = _Gain(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        h = self.gain(self.mha(h, h, h, need_weights=False)[0] + h)
+        return self.head(h.mean(1))
+
+
+def _token_data(seed, n=5, t=4, vocab=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, t), generator=g), torch.randint(0, vocab, (n,), generator=g)
+
+
+def test_attention_embedding_and_generic_layers_hold_no_calls_of_dropped_forwards():
+    torch.manual_seed(0)
+    model = _TokenModel().double()
+    twin = copy.deepcopy(model)
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    twin_seng = SENG(twin, damping=DAMPING, update_freq=1)
+    assert {type(layer).__name__ for layer in seng.layers.values()} >= {"EmbeddingLayer", "AttentionLayer",
+                                                                         "GenericLayer"}
+    for seed in range(50):
+        model(_token_data(seed)[0]).sum().item()
+    assert _live_calls(seng) == 0
+    x, y = _token_data(100)
+    for m, s in ((model, seng), (twin, twin_seng)):
+        F.cross_entropy(m(x), y).backward()
+        s.step()
+    for (k, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad), k
+
+
 # ------------------------------------------------------------------------------ replaced parameters
 def test_replaced_weight_gets_g_over_one_plus_damping_and_the_bias_stays_exact(caplog):
     caplog.set_level(logging.WARNING, logger="lightning_seng")
