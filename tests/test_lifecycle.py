@@ -263,6 +263,21 @@ def test_a_forward_whose_graph_is_still_alive_keeps_its_call_until_dropped():
 
 
 
+def test_a_dropped_forward_before_micro_batches_does_not_stop_the_last_one_winning():
+    """A metric forward with grad enabled, then two micro-batches: the curvature is the last micro-batch's
+    (a call still held from the metric forward used to keep the first micro-batch's calls alongside)."""
+    model = _mlp()
+    seng = SENG(model, damping=DAMPING, update_freq=1)
+    model(_data(seed=4)[0]).sum().item()
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(_data(seed=5)[0]), _data(seed=5)[1]).backward()
+    x, y = _data(seed=6)
+    F.cross_entropy(model(x), y).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    seng.step()
+    assert _exact(model, x, y, grads=grads)
+
+
 class _Gain(nn.Module):
     """A module with its own parameter and no dedicated route: the generic route."""
 
