@@ -16,10 +16,12 @@ the wrapped first-order optimizer::
 from __future__ import annotations
 
 import fnmatch
+import gc
 import logging
 import math
 import numbers
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from . import sketch
 from .coverage import Coverage, CoverageRow
 from .distributed import Communicator
+from .hooks import ForwardHook, ForwardPreHook, InputHook, remove_handles, untraced_hooks
 from .layers import ROUTE_RULES, ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
 from .layers import identity
 from .layers.base import Curvature, sample_scale
@@ -58,6 +61,30 @@ def check_choice(key: str, value, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ValueError(f"{key} must be one of {list(allowed)} (got {value!r})")
     return value
+
+
+# Every module some SENG is attached to (the model and all its submodules) -> that SENG, both held weakly: a second
+# SENG on the same modules would capture every call twice and rewrite .grad twice.
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _attached_seng(model: nn.Module) -> Optional[tuple]:
+    """``(name, module, seng)`` for the first module of ``model`` (itself included) that a live SENG covers. A SENG
+    that nothing references any more is not: it is collected (a cycle through its communicator may keep it
+    until the garbage collector runs, so it runs once before a refusal)."""
+    for attempt in range(2):
+        for name, module in model.named_modules(remove_duplicate=True):
+            ref = _ATTACHED.get(module)
+            seng = ref() if ref is not None else None
+            if seng is not None and not seng.removed:
+                if attempt == 0:
+                    del seng
+                    gc.collect()
+                    break
+                return name, module, seng
+        else:
+            return None
+    return None
 
 
 def _check_filter(key: str, value: LayerFilter) -> List[Union[str, type]]:
@@ -99,6 +126,13 @@ def _tensors(tree: Any):
 def _numel(params: List[nn.Parameter]) -> int:
     """Elements of ``params``; a lazy module's parameters count 0 until materialised."""
     return sum(0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel() for p in params)
+
+
+def _slot_shapes(layer: LayerCurvature) -> list:
+    """Shape of each of a layer's parameter slots, as a tuple; ``None`` for an absent one, ``"lazy"`` for one not
+    yet materialised."""
+    return [None if p is None else "lazy" if isinstance(p, nn.parameter.UninitializedParameter) else tuple(p.shape)
+            for p in layer.param_slots()]
 
 
 def _one_process() -> bool:
@@ -267,6 +301,14 @@ class SENG:
                              f"it is not available with comm={type(self.comm).__name__} (use a constant damping or "
                              "a schedule)")
 
+        taken = _attached_seng(model)
+        if taken is not None:
+            name, module, other = taken
+            where = "it" if module is model else f"its submodule '{name}' ({type(module).__name__})"
+            raise ValueError(f"model {type(model).__name__}: {where} already has a SENG attached, {other!r} (attached "
+                             f"to a {type(other.model).__name__}); two would capture every call and rewrite .grad "
+                             "twice. Call .remove() on the first, or attach the new one to a copy.deepcopy of the model")
+
         params = [p for p in model.parameters()]
         if curvature_dtype is None:
             curvature_dtype = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
@@ -275,19 +317,29 @@ class SENG:
         self.layers, self._fallbacks, shared = build_layers(
             model, lambda name, module: (not include or _matches(name, module, include))
             and not (exclude and _matches(name, module, exclude)))
+        for layer in self.layers.values():
+            layer.note_attached()
         self._covered = {id(p) for layer in self.layers.values() for p in layer.parameters()}
-        self._attached = {id(p) for p in params}
+        # id -> weak reference: an id alone could be reused by a parameter created after this one is freed
+        self._attached = {id(p): weakref.ref(p) for p in params}
         self.other_params = [p for p in params if id(p) not in self._covered]
         self._shared = shared
         self._reasons: Dict[str, str] = {}  # layer -> why it has no curvature now (NotExact, never captured)
         self._warned: set = set()
 
-        self._handles = [module.register_forward_hook(self._hook(layer), with_kwargs=True, prepend=True)
+        self.removed = False
+        untraced_hooks()
+        self._handles = [module.register_forward_hook(ForwardHook(self, layer), with_kwargs=True, prepend=True)
                          for layer in self.layers.values() for module in layer.modules()]
-        self._handles += [module.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True)
+        self._handles += [module.register_forward_pre_hook(ForwardPreHook(self, layer), with_kwargs=True)
                           for layer in self.layers.values() if type(layer).before_call is not LayerCurvature.before_call
                           for module in layer.modules()]
-        self._handles.append(model.register_forward_pre_hook(self._observe_input, with_kwargs=True))
+        self._handles.append(model.register_forward_pre_hook(InputHook(self), with_kwargs=True))
+        self._claimed = list(model.modules())
+        for module in self._claimed:
+            _ATTACHED[module] = weakref.ref(self)
+        # the hooks hold this SENG weakly: once collected, its hooks go too
+        weakref.finalize(self, remove_handles, self._handles)
         # U g' from the layer's own batch (layers/linear.py) needs .grad to be that batch's: not under DDP
         self._observe = checked["batch_shortcut"] and type(self.comm) is Communicator
         self._batch_size: Optional[int] = None
@@ -302,6 +354,7 @@ class SENG:
         self._finite_flags: List[Tensor] = []  # between refreshes: whether each step's gradient was finite
         self._stats: Dict[str, Any] = {"skipped_refreshes": 0, "nonfinite_steps": 0}
         self._coverage_cached: tuple = (None, 0.0)  # (what the percentage depends on, the percentage)
+        self._written_cached: tuple = (None, set())  # (ids of the parameters with a gradient, _written of them)
         self._feedback: Optional[tuple] = None  # Levenberg–Marquardt: (params, their values, gradients, λ)
         self._announce_coverage()
 
@@ -315,31 +368,26 @@ class SENG:
         """
         return self.will_refresh and torch.is_grad_enabled() and not self._in_step and not _transformed()
 
-    def _hook(self, layer: LayerCurvature) -> Callable:
-        def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if self._in_step or not torch.is_grad_enabled() or _transformed():
-                return
-            if self.will_refresh:
-                layer.capture(args, kwargs, output)
-                layer.watch_gradients()
-            if self._observe and _one_process():
-                layer.observe(args, kwargs, output)
-        return forward_hook
+    def _forward(self, layer: LayerCurvature, args: tuple, kwargs: dict, output: Any) -> None:
+        """Body of every layer's forward hook (:class:`~lightning_seng.hooks.ForwardHook`)."""
+        if self._in_step or not torch.is_grad_enabled() or _transformed():
+            return
+        if self.will_refresh:
+            layer.capture(args, kwargs, output)
+            layer.watch_gradients()
+        if self._observe and _one_process():
+            layer.observe(args, kwargs, output)
 
-    def _pre_hook(self, layer: LayerCurvature) -> Callable:
-        def forward_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self.capturing:
-                layer.before_call(args, kwargs)
-        return forward_pre_hook
-
-    def _observe_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.capturing:
-            self.observe_batch(args, kwargs)
+    def _check_attached(self, what: str) -> None:
+        if self.removed:
+            raise RuntimeError(f"SENG.{what} after SENG.remove(): this SENG's hooks are detached and it captures "
+                               "nothing; attach a new SENG to the model (load_state_dict carries the state over)")
 
     def observe_batch(self, args: Any, kwargs: Optional[dict] = None) -> None:
         """Learn this step's batch size ``N`` from the inputs of a forward call (or a whole batch, as the
         Lightning callback passes it): ``batch_axis`` of the first tensor found, or ``batch_axis(args, kwargs)``.
         The model's own forward calls this on refresh steps."""
+        self._check_attached("observe_batch()")
         kwargs = kwargs or {}
         if callable(self.batch_axis):
             self._batch_size = check_int("batch_axis(args, kwargs)", self.batch_axis(args, kwargs), 1)
@@ -361,7 +409,8 @@ class SENG:
             self._loss_weights = identity.batch_weights(loss, self._batch_size)
 
     def remove(self) -> None:
-        """Detach all hooks and drop captured tensors."""
+        """Detach all hooks and drop captured tensors; the model is free for a new SENG. Calling it again does
+        nothing; :meth:`step`, :meth:`observe_batch` and :meth:`adapt_damping` raise after it."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -370,6 +419,26 @@ class SENG:
             layer.release()
             layer.watch.stop()
             layer.remove_hooks()
+        for module in self._claimed:
+            ref = _ATTACHED.get(module)
+            if ref is not None and ref() is self:
+                del _ATTACHED[module]
+        self._claimed = []
+        self._feedback = None
+        self.removed = True
+
+    def __deepcopy__(self, memo: dict):
+        raise TypeError("a SENG cannot be deep-copied: the copy would need hooks on a copy of the model. Deep-copy "
+                        "the model and attach a new SENG to the copy (seng.state_dict() / load_state_dict carry the "
+                        "curvature and counters over)")
+
+    def __copy__(self):
+        raise TypeError("a SENG cannot be copied: its hooks belong to one model. Attach a new SENG to the model "
+                        "after remove(), or to a copy.deepcopy of it (state_dict / load_state_dict carry the state)")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a SENG cannot be pickled: its hooks belong to a live model (a pickled model carries them "
+                        "as inert hooks). Save seng.state_dict() and attach a new SENG after loading the model")
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -393,6 +462,7 @@ class SENG:
         ``loss_scale`` is the factor the loss carried into backward relative to the batch loss
         (AMP scale / gradient-accumulation steps); captured output gradients are divided by it.
         """
+        self._check_attached("step()")
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, numbers.Real) or not 0 < loss_scale < math.inf:
             raise ValueError(f"loss_scale must be a finite number > 0 (got {loss_scale!r})")
         self._in_step = True
@@ -434,6 +504,7 @@ class SENG:
         ``δᵀFδ = ‖Uδ‖²`` per layer with curvature and ``‖δ‖²`` for parameters that got ``g / (1 + λ)``), and λ moved
         by the schedule's rule. Call after ``optimizer.step()`` when :attr:`damping_feedback_due`, with the batch's
         loss before and after (the same batch, the same mode). Returns ``ρ`` (``nan`` when ``M(δ) ≥ 0``)."""
+        self._check_attached("adapt_damping()")
         if self._feedback is None:
             raise ValueError("adapt_damping() has no step to judge: call it after a step for which "
                              "damping_feedback_due was True (damping=LevenbergMarquardt(...))")
@@ -600,21 +671,50 @@ class SENG:
         self._finite_flags.append(finite)
 
     def _other_grads(self, with_grad: List[tuple]) -> List[nn.Parameter]:
-        """Trainable parameters with a gradient outside every preconditioned layer: those of unsupported
-        modules and any added to the model after SENG was attached (they have no hooks)."""
+        """Trainable parameters with a gradient that no layer writes this step (they get ``g / (1 + λ)``): those of
+        unsupported modules, any added to the model after SENG was attached (they have no hooks), and any put in
+        place of a layer's parameter after attach (``module.weight = nn.Parameter(...)``: the layer leaves that slot
+        alone, see :meth:`~lightning_seng.layers.base.LayerCurvature.replaced_slots`)."""
         others, late = [], []
+        written = self._written(with_grad)
         for name, p in with_grad:
-            if not p.requires_grad or id(p) in self._covered:
+            if not p.requires_grad or id(p) in written:
                 continue
-            if id(p) not in self._attached:
-                self._attached.add(id(p))
+            ref = self._attached.get(id(p))
+            if ref is None or ref() is not p:
+                self._attached[id(p)] = weakref.ref(p)
                 self.other_params.append(p)
                 late.append(name)
             others.append(p)
         if late:
-            self._warn_once("late", "SENG: parameters added after SENG was attached get g / (1 + damping): "
-                                    f"{', '.join(repr(n) for n in late)}; create SENG again to precondition them")
+            self._announce_late(late)
         return others
+
+    def _written(self, with_grad: List[tuple]) -> set:
+        """``id`` of each parameter some layer holds in a slot it held at attach (whether trainable or not): with
+        ``requires_grad``, the layer writes its ``.grad``. Recomputed only when the parameters with a gradient
+        change (a parameter replaced or added shows up there), so a plain step pays one tuple of ids."""
+        key = tuple(id(p) for _, p in with_grad)
+        if self._written_cached[0] != key:
+            held = {id(q) for layer in self.layers.values() for q in layer.parameters()}
+            self._written_cached = key, held
+        return self._written_cached[1]
+
+    def _announce_late(self, late: List[str]) -> None:
+        """One WARNING for parameters added or put in place of another after attach, and one per layer that had
+        one of its parameters replaced, saying what that layer does now."""
+        self._warn_once("late:" + ",".join(late),
+                        "SENG: parameters added or replaced after SENG was attached get g / (1 + damping): "
+                        f"{', '.join(repr(n) for n in late)}; create SENG again to precondition them")
+        for name, layer in self.layers.items():
+            if not layer.replaced_slots():
+                continue
+            if layer.falls_back_whole():
+                self._fall_back(name, "a parameter it shares between modules was replaced after SENG was attached")
+            else:
+                self._warn_once(f"replaced:{name}", f"SENG: layer '{name}' ({type(layer.module).__name__}) had a "
+                                "parameter replaced after SENG was attached; its other parameters get g / (1 + damping) "
+                                "until its next curvature refresh, then exact curvature over them alone")
 
     def _grad_squares(self, params: List[nn.Parameter]) -> Tensor:
         """``‖grad‖²`` of every parameter with a gradient, ``(P,)`` float64, from one fused norm accumulated in
@@ -946,12 +1046,19 @@ class SENG:
                if isinstance(self.damping_schedule, LevenbergMarquardt) else {}),
             "layers": {name: layer.curvature.state_dict() for name, layer in self.layers.items()
                        if layer.curvature is not None},
+            "shapes": {name: [list(shape) if isinstance(shape, tuple) else shape for shape in _slot_shapes(layer)]
+                       for name, layer in self.layers.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`. Raises ``ValueError`` if the state has curvature for a layer this model lacks,
+        or if a layer's parameters differ from those the state was saved with (shapes, a bias present or absent),
+        naming the first such layer and both; nothing is changed then. A state saved before the shapes were
+        recorded is checked on what its curvature shows (which parameters it covered)."""
         unknown = set(state["layers"]) - set(self.layers)
         if unknown:
             raise ValueError(f"SENG state has curvature for layers this model lacks: {sorted(unknown)}")
+        self._check_layer_shapes(state)
         self.step_count = int(state["step_count"])
         self.epoch = int(state["epoch"])
         self.skipped_refreshes = int(state["skipped_refreshes"])
@@ -966,6 +1073,25 @@ class SENG:
             layer.clear()
             cur = state["layers"].get(name)
             layer.curvature = None if cur is None else Curvature.from_state(cur)
+
+    def _check_layer_shapes(self, state: dict) -> None:
+        saved = state.get("shapes")
+        for name, layer in self.layers.items():
+            now = _slot_shapes(layer)
+            if saved is not None and name in saved:
+                was = [shape if shape is None or isinstance(shape, str) else tuple(shape) for shape in saved[name]]
+                lazy = any(shape == "lazy" for shape in list(was) + now)
+                if not lazy and was != now:
+                    raise ValueError(f"SENG state does not fit layer '{name}' ({type(layer.module).__name__}): its "
+                                     f"parameter shapes (in slot order, None for an absent one) were {was} in the "
+                                     f"saved state and are {now} in this model")
+            cur = state["layers"].get(name)
+            if cur is not None:
+                mask = tuple(bool(m) for m in cur["mask"])
+                if len(mask) != len(now) or any(m and shape is None for m, shape in zip(mask, now)):
+                    raise ValueError(f"SENG state does not fit layer '{name}' ({type(layer.module).__name__}): its "
+                                     f"saved curvature covers the parameter slots {list(mask)}, this model's "
+                                     f"parameter shapes are {now} (None: absent)")
 
     def __repr__(self) -> str:
         s = self.settings

@@ -109,9 +109,10 @@ def test_the_scales_survive_a_state_dict_round_trip():
     model = Net().double()
     seng = SENG(model, damping=DAMPING, update_freq=10, relative_damping=True)
     _step(model, seng, *_data(0))
+    state = seng.state_dict()
+    seng.remove()  # one SENG per model: the second attaches after the first is removed
     other = SENG(model, damping=DAMPING, update_freq=10, relative_damping=True)
-    other.load_state_dict(seng.state_dict())
-    seng.remove()
+    other.load_state_dict(state)
     assert {n: l.curvature.scale for n, l in other.layers.items()} == \
         {n: l.curvature.scale for n, l in seng.layers.items()}
 

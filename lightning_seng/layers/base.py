@@ -13,6 +13,7 @@ with the ``N×N`` system solved by a Cholesky factor that is refreshed with the 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -77,6 +78,31 @@ class Call:
     @property
     def done(self) -> bool:
         return any(g is not None for g in self.grads)
+
+
+class GradKeeper:
+    """Hook on one output tensor of a captured call: keeps the gradient that reaches it in ``call.grads[index]``.
+
+    It is the only strong reference to a call that has no gradient yet: autograd holds it (through the output
+    tensor and its graph node) exactly as long as the graph that could still deliver that gradient. A call
+    whose graph is freed without a backward (a forward whose loss was dropped, a metric computed with grad
+    enabled) therefore disappears with it. The first gradient moves the call into the layer's strong list of
+    calls to take; a layer cleared since the capture (``generation`` moved on) ignores it.
+    """
+
+    __slots__ = ("layer", "call", "index", "generation")
+
+    def __init__(self, layer: "LayerCurvature", call: Call, index: int):
+        self.layer, self.call, self.index, self.generation = layer, call, index, layer._generation
+
+    def __call__(self, grad: Tensor) -> None:
+        call, layer = self.call, self.layer
+        fresh = not call.done
+        # Several backward passes through one forward (retain_graph) add up, as .grad does.
+        old = call.grads[self.index]
+        call.grads[self.index] = grad.detach() if old is None else old + grad.detach()
+        if fresh and layer._generation == self.generation:
+            layer._held.append(call)
 
 
 @dataclass
@@ -193,21 +219,68 @@ class LayerCurvature:
         # Layers of submodules whose forward never runs but whose calls this layer's capture computes
         # (MultiheadAttention's out_proj); build_layers gives them these layers and keeps only those admitted.
         self.feeds: List["LayerCurvature"] = []
-        self._calls: List[Call] = []
+        # Captured calls in capture order, held weakly: a call's strong references are its GradKeepers until a
+        # gradient reaches it, then ``_held`` (see GradKeeper). ``_generation`` counts clears.
+        self._refs: List["weakref.ref[Call]"] = []
+        self._held: List[Call] = []
+        self._generation = 0
         self.captured = False  # whether a forward call was ever captured (its hooks fire)
         self.watch = GradientWatch()  # what the backward of a refresh step produces for the parameters
+        # the parameter in each slot when SENG was attached (weakly); None until note_attached
+        self._attached_slots: Optional[List[Optional["weakref.ref[nn.Parameter]"]]] = None
+        self._attached_shared: List[tuple] = []
 
     # ----------------------------------------------------------------- parameters
     def param_slots(self) -> Sequence[Optional[nn.Parameter]]:
         """The layer's parameters in matrix order (e.g. ``(weight, bias)``); ``None`` where absent."""
         return (getattr(self.module, "weight", None), getattr(self.module, "bias", None))
 
+    # A slot whose parameter is not the one it held when SENG was attached (``module.weight = nn.Parameter(...)``,
+    # a bias added later) is no longer this layer's: SENG gives that parameter g / (1 + λ), as any parameter
+    # added after attach. With ``keeps_others_when_replaced`` the layer goes on with its other slots exactly as
+    # with a frozen parameter (a new mask, so curvature from its next refresh on); otherwise it falls back whole.
+    keeps_others_when_replaced = True
+
+    def note_attached(self) -> None:
+        """Remember the parameter in each slot now (SENG calls this when it attaches); for a layer over several
+        modules sharing a weight (and bias), each module's ``weight`` and ``bias`` too: the slots read one of them."""
+        self._attached_slots = [None if p is None else weakref.ref(p) for p in self.param_slots()]
+        modules = self.modules()
+        self._attached_shared = [] if len(modules) == 1 else [
+            (m, key, None if getattr(m, key, None) is None else weakref.ref(getattr(m, key)))
+            for m in modules for key in ("weight", "bias")]
+
+    def replaced_slots(self) -> List[int]:
+        """Indices of the slots holding a parameter other than the one noted at attach (none before that); for
+        shared modules, slot 0 (1) when any module's weight (bias) changed."""
+        refs = self._attached_slots
+        if refs is None:
+            return []
+        out = [i for i, (p, ref) in enumerate(zip(self.param_slots(), refs))
+               if p is not None and (ref is None or ref() is not p)]
+        for m, key, ref in self._attached_shared:
+            now = getattr(m, key, None)
+            index = 0 if key == "weight" else 1
+            if (now is not (None if ref is None else ref())) and index not in out:
+                out.append(index)
+        return sorted(out)
+
+    def falls_back_whole(self) -> bool:
+        """Whether a replaced parameter leaves this layer without exact curvature for its others."""
+        return not self.keeps_others_when_replaced and bool(self.replaced_slots())
+
+    def _is_attached(self, index: int, p: nn.Parameter) -> bool:
+        refs = self._attached_slots
+        return refs is None or (refs[index] is not None and refs[index]() is p)
+
     def trainable(self) -> Mask:
-        return tuple(p is not None and p.requires_grad and id(p) not in self.excluded for p in self.param_slots())
+        return tuple(p is not None and p.requires_grad and id(p) not in self.excluded and self._is_attached(i, p)
+                     for i, p in enumerate(self.param_slots()))
 
     def parameters(self) -> List[nn.Parameter]:
-        """The parameters this layer preconditions (those of its slots not excluded)."""
-        return [p for p in self.param_slots() if p is not None and id(p) not in self.excluded]
+        """The parameters this layer preconditions (those of its slots not excluded nor replaced since attach)."""
+        return [p for i, p in enumerate(self.param_slots())
+                if p is not None and id(p) not in self.excluded and self._is_attached(i, p)]
 
     def modules(self) -> List[nn.Module]:
         """The modules whose calls this layer captures (forward hooks go on them)."""
@@ -232,6 +305,7 @@ class LayerCurvature:
         Calls before any backward accumulate (a module used twice in one forward); a forward after a
         completed backward (the next micro-batch) starts afresh, so the last micro-batch wins. Output
         gradients of several backward passes through one forward (``retain_graph=True``) are summed.
+        A call is held only as long as its autograd graph can still send it a gradient (:class:`GradKeeper`).
         """
         outputs = [t for t in self.output_tensors(output) if t.requires_grad]
         if not outputs:
@@ -240,25 +314,26 @@ class LayerCurvature:
         if inputs is None:
             return
         self.captured = True
-        if self._calls and all(c.done for c in self._calls):
+        live = self._calls
+        if live and all(c.done for c in live):
             self.clear()
             for layer in [self] + self.feeds:
                 layer.watch.reset()
+        else:  # forget the calls whose graphs are gone
+            self._refs = [weakref.ref(c) for c in live]
         call = Call(inputs, [None] * len(outputs))
-        self._calls.append(call)
+        self._refs.append(weakref.ref(call))
         for index, out in enumerate(outputs):
-            out.register_hook(self._grad_keeper(call, index))
+            out.register_hook(GradKeeper(self, call, index))
 
-    @staticmethod
-    def _grad_keeper(call: Call, index: int) -> Callable[[Tensor], None]:
-        def keep_grad(grad: Tensor) -> None:
-            # Several backward passes through one forward (retain_graph) add up, as .grad does.
-            old = call.grads[index]
-            call.grads[index] = grad.detach() if old is None else old + grad.detach()
-        return keep_grad
+    @property
+    def _calls(self) -> List[Call]:
+        """The captured calls still alive (with a gradient, or whose graph can still send one), in capture order."""
+        return [c for c in (ref() for ref in self._refs) if c is not None]
 
     def clear(self) -> None:
-        self._calls = []
+        self._refs, self._held = [], []
+        self._generation += 1
 
     def take_calls(self) -> List[Call]:
         """The captured calls that received a gradient; clears the capture."""
@@ -278,6 +353,9 @@ class LayerCurvature:
         when there is nothing to refresh; :class:`NotExact` when the batch size ``n`` is unknown."""
         calls = self.take_calls()
         mask = self.trainable()
+        if calls and self.falls_back_whole():
+            raise NotExact("a parameter it shares between modules was replaced after SENG was attached "
+                           f"(slot(s) {self.replaced_slots()}), so its other parameters have no exact curvature")
         if not calls or not any(mask):
             return None
         if n is None:
@@ -393,7 +471,7 @@ class LayerCurvature:
         """``‖U t‖²`` = ``tᵀ F t`` for ``t`` shaped like the trainable parameters (the committed curvature's
         ``F = UᵀU``; sketched where its route is), a 0-dim tensor; ``None`` without usable curvature."""
         cur = self.curvature
-        if cur is None or self.trainable() != cur.mask:
+        if cur is None or self.trainable() != cur.mask or self.falls_back_whole():
             return None
         return cur.route.u_dot(self.parts_of(tensors, cur.mask, cur.gram.dtype)).square().sum()
 
@@ -431,7 +509,7 @@ class LayerCurvature:
         """``(curvature, gradient parts, w = (K + λI)^{-1} U g, λ)``, or ``None`` without usable curvature; ``λ`` is
         the layer's own: ``damping`` times the curvature's ``scale`` (1 unless damping is relative)."""
         cur = self.curvature
-        if cur is None or self.trainable() != cur.mask:
+        if cur is None or self.trainable() != cur.mask or self.falls_back_whole():
             return None
         parts = self.grad_parts(cur.mask, cur.gram.dtype)
         if parts is None:

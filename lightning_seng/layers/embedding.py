@@ -130,6 +130,8 @@ class EmbeddingLayer(LayerCurvature):
     ``emb.weight[:T]``) raises :class:`NotExact` instead of getting the curvature of some of its uses.
     """
 
+    keeps_others_when_replaced = False  # a weight shared over modules: one replaced breaks the tie
+
     def __init__(self, name: str, modules: Sequence[nn.Module]):
         super().__init__(name, modules[0])
         self._modules = list(modules)
@@ -332,6 +334,8 @@ class EmbeddingLayer(LayerCurvature):
 class TiedLinearLayer(LinearLayer):
     """Linear modules sharing one weight (and one bias or none): one Linear layer whose calls from every
     module are further positions of the same per-sample gradient."""
+
+    keeps_others_when_replaced = False  # a weight shared over modules: one replaced breaks the tie
 
     def __init__(self, name: str, modules: Sequence[nn.Module]):
         super().__init__(name, modules[0])
