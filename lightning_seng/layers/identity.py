@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 SUM_CAUSES = ("a hook on a parameter that changes its gradient, or a second path to a parameter that the "
-              "module's captured calls do not see (the weight used outside the module's forward, attention "
-              "weights or an input-gradient penalty in the loss, a recurrent cell unrolled so that its calls "
-              "feed each other)")
+              "module's captured calls do not see (the weight used outside the module's forward, a penalty on it "
+              "in the loss (weight decay belongs in the optimizer), attention weights or an input-gradient "
+              "penalty in the loss, a recurrent cell unrolled so that its calls feed each other)")
 
 
 def tolerance(eps: float) -> float:
