@@ -1,0 +1,32 @@
+"""lightning-seng for the unified ``lightning`` package (``import lightning as L``, ``lightning.pytorch``).
+
+``lightning.pytorch`` is a separate copy of PyTorch Lightning with its own classes (:mod:`lightning_seng._packages`).
+What differs for it is the strategy class only; the callback and the mixin serve both packages::
+
+    import lightning as L
+    from lightning_seng import SENGCallback                 # the same callback as with pytorch_lightning
+    from lightning_seng.lightning import SENGStrategy       # a lightning.pytorch DDPStrategy
+
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=SENGStrategy(seng_mode="global"),
+                        callbacks=[SENGCallback(damping=0.5)])
+
+The names ``L.Trainer(strategy="seng_ddp")`` and ``"seng_ddp_global"`` build this class once ``lightning_seng`` is
+imported (before or after ``lightning``); in a ``lightning.pytorch.cli.LightningCLI`` YAML,
+``trainer.strategy: {class_path: lightning_seng.lightning.SENGStrategy, init_args: {seng_mode: global}}``.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from ._strategy_base import SENGStrategyBase
+
+
+class SENGStrategy(SENGStrategyBase, DDPStrategy):
+    """``lightning.pytorch``'s ``DDPStrategy`` with SENG's ``seng_mode``; arguments in :class:`SENGStrategyBase`."""
+
+    _rank_zero_warn = staticmethod(rank_zero_warn)
+
+
+SENGStrategy.register_strategies(StrategyRegistry)
