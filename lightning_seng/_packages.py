@@ -1,4 +1,4 @@
-"""PyTorch Lightning's two packages, and which of them a Trainer comes from.
+"""PyTorch Lightning's two packages, and the callback bases they need.
 
 PyTorch Lightning is published twice: standalone as ``pytorch_lightning`` (``pip install pytorch-lightning``,
 this project's dependency) and inside the unified ``lightning`` package as ``lightning.pytorch``
@@ -11,9 +11,7 @@ this project's dependency) and inside the unified ``lightning`` package as ``lig
 from __future__ import annotations
 
 import importlib
-import sys
 from types import ModuleType
-from typing import Any
 
 # import name -> the name users install it by
 PACKAGES = {"pytorch_lightning": "pytorch-lightning", "lightning.pytorch": "lightning"}
@@ -47,19 +45,3 @@ def callback_bases() -> tuple[type, ...]:
                                   "install it with `pip install pytorch-lightning` or `pip install lightning`",
                                   name="pytorch_lightning")
     return bases
-
-
-def package_of(trainer: Any) -> ModuleType:
-    """The Lightning package whose ``Trainer`` class ``trainer`` is an instance of."""
-    for name in PACKAGES:
-        package = sys.modules.get(name)
-        if package is not None and isinstance(trainer, package.Trainer):
-            return package
-    raise TypeError(f"expected a Trainer of one of the Lightning packages {list(PACKAGES)} "
-                    f"(got {type(trainer).__module__}.{type(trainer).__qualname__})")
-
-
-def rank_zero_of(trainer: Any) -> ModuleType:
-    """``<package>.utilities.rank_zero`` of ``trainer``'s package: its ``rank_zero_info`` logs to that package's
-    logger, which is where its users look for Lightning's messages."""
-    return importlib.import_module(f"{package_of(trainer).__name__}.utilities.rank_zero")

@@ -4,16 +4,16 @@ A strategy, unlike a callback, is wired into its Trainer's internals (accelerato
 of the same package), so each package gets its own class: :class:`lightning_seng.strategy.SENGStrategy`
 extends ``pytorch_lightning``'s ``DDPStrategy`` and :class:`lightning_seng.lightning.SENGStrategy` extends
 ``lightning.pytorch``'s. Both are ``class SENGStrategy(SENGStrategyBase, DDPStrategy)``: this module holds
-their behaviour and imports no Lightning; the package is reached through ``super()`` and
-:attr:`SENGStrategyBase._rank_zero_warn`. See :mod:`lightning_seng.strategy` for the modes and checkpoints.
+their behaviour and imports no Lightning package; the package is reached through ``super()``. See :mod:`lightning_seng.strategy` for the modes and checkpoints.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch.distributed as dist
+from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from .distributed import SENG_MODES, Communicator, make_comm
 
@@ -39,8 +39,6 @@ class SENGStrategyBase:
     """
 
     strategy_name = "seng_ddp"
-    # the package's rank_zero_warn, set by each package's subclass
-    _rank_zero_warn: Callable[[str], None]
 
     def __init__(self, seng_mode: str = "local", seng_batch_size_hint: int = 128, **kwargs: Any) -> None:
         if seng_mode not in SENG_MODES:
@@ -103,9 +101,8 @@ class SENGStrategyBase:
             if len(per_rank) == self.world_size:
                 mine = per_rank[self.global_rank]
             else:
-                self._rank_zero_warn(f"SENG: checkpoint written by {len(per_rank)} ranks, resumed on "
-                                     f"{self.world_size}; every rank starts from rank 0's curvature until the next "
-                                     "refresh")
+                rank_zero_warn(f"SENG: checkpoint written by {len(per_rank)} ranks, resumed on {self.world_size}; "
+                               "every rank starts from rank 0's curvature until the next refresh")
                 mine = per_rank[0]
             checkpoint.setdefault("callbacks", {}).update(mine)
         return checkpoint

@@ -3,7 +3,8 @@
 One class serves both Lightning packages (:mod:`lightning_seng._packages`): it derives from the ``Callback`` of
 each one installed, ``pytorch_lightning.Callback`` and ``lightning.pytorch.Callback``, so the same object goes to a
 ``pytorch_lightning.Trainer`` or an ``L.Trainer`` and validates in either package's ``LightningCLI``. Those bases
-hold no state and only no-op hooks; the messages go to the logger of the trainer's own package.
+hold no state and only no-op hooks. Messages go through ``lightning_utilities``' rank-zero functions, which both
+packages re-export as their own.
 
 The callback only translates Lightning events into calls on :class:`lightning_seng.SENG`:
 
@@ -46,8 +47,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_seng._packages import callback_bases, rank_zero_of
+from lightning_seng._packages import callback_bases
 from lightning_seng.preconditioner import check_int, check_settings
 from lightning_seng.schedules import DampingSchedule, LevenbergMarquardt
 from lightning_seng.steps import steps_per_epoch
@@ -175,7 +177,7 @@ class SENGCallback(*callback_bases()):
         if self._pending_state is not None:
             self.seng.load_state_dict(_to_device(self._pending_state, pl_module.device))
             self._pending_state = None
-        rank_zero_of(trainer).rank_zero_info(
+        rank_zero_info(
             f"SENG preconditions {type(pl_module).__name__}:\n{self.seng.coverage()}")
 
     @staticmethod
@@ -189,7 +191,7 @@ class SENGCallback(*callback_bases()):
         if trainer.world_size > 1:
             from lightning_seng.distributed import make_comm
 
-            rank_zero_of(trainer).rank_zero_info(
+            rank_zero_info(
                 "SENGCallback: the strategy has no seng_comm; averaging the ranks' SENG directions "
                 "(seng_mode='local'). Use strategy='seng_ddp_global' for exact global-batch SENG.")
             return make_comm("local")
@@ -256,7 +258,7 @@ class SENGCallback(*callback_bases()):
         before = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not pl_module.automatic_optimization or not isinstance(before, torch.Tensor):
             if not self._warned_feedback:
-                rank_zero_of(trainer).rank_zero_warn(
+                rank_zero_warn(
                     "SENGCallback: damping=LevenbergMarquardt(...) needs the batch's loss before and after the step; "
                     "under manual optimization call callback.seng.adapt_damping(before, after) in training_step after "
                     "the optimizer step. The damping is not adapted.")

@@ -18,15 +18,12 @@ imported (before or after ``lightning``); in a ``lightning.pytorch.cli.Lightning
 from __future__ import annotations
 
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ._strategy_base import SENGStrategyBase
 
 
 class SENGStrategy(SENGStrategyBase, DDPStrategy):
     """``lightning.pytorch``'s ``DDPStrategy`` with SENG's ``seng_mode``; arguments in :class:`SENGStrategyBase`."""
-
-    _rank_zero_warn = staticmethod(rank_zero_warn)
 
 
 SENGStrategy.register_strategies(StrategyRegistry)

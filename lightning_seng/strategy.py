@@ -31,15 +31,12 @@ on resume. A checkpoint written by a different number of ranks resumes from rank
 from __future__ import annotations
 
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 from ._strategy_base import SENGStrategyBase
 
 
 class SENGStrategy(SENGStrategyBase, DDPStrategy):
     """``pytorch_lightning``'s ``DDPStrategy`` with SENG's ``seng_mode``; arguments in :class:`SENGStrategyBase`."""
-
-    _rank_zero_warn = staticmethod(rank_zero_warn)
 
 
 SENGStrategy.register_strategies(StrategyRegistry)

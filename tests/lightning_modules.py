@@ -47,14 +47,11 @@ class RandomData:
         return DataLoader(data, batch_size=self.batch_size, shuffle=False)
 
 
-_BASES = {ClassifierSteps: "LightningModule", RandomData: "LightningDataModule"}
-
-
-def for_package(body: type, package: ModuleType) -> type:
-    """``body`` on ``package``'s ``LightningModule`` (or ``LightningDataModule``), created once per package."""
+def for_package(body: type, package: ModuleType, base: str = "LightningModule") -> type:
+    """``body`` on ``package``'s ``base`` class (``LightningModule``, ``LightningDataModule``), created once."""
     name = f"{body.__name__}_{package.__name__.replace('.', '_')}"
     if name not in globals():
-        globals()[name] = type(name, (body, getattr(package, _BASES[body])), {"__module__": __name__})
+        globals()[name] = type(name, (body, getattr(package, base)), {"__module__": __name__})
     return globals()[name]
 
 
