@@ -1,11 +1,12 @@
 """lightning-seng for the unified ``lightning`` package (``import lightning as L``, ``lightning.pytorch``).
 
 ``lightning.pytorch`` is a separate copy of PyTorch Lightning with its own classes (:mod:`lightning_seng._packages`).
-What differs for it is the strategy class only; the callback and the mixin serve both packages::
+What differs for it is the strategy class only: ``SENGCallback`` and ``SENGOptimizerMixin`` serve both packages,
+and this module hands out the same objects as ``lightning_seng`` (loaded on first access, so that the strategy
+registration run on ``import lightning`` does not import ``pytorch_lightning`` too)::
 
     import lightning as L
-    from lightning_seng import SENGCallback                 # the same callback as with pytorch_lightning
-    from lightning_seng.lightning import SENGStrategy       # a lightning.pytorch DDPStrategy
+    from lightning_seng.lightning import SENGCallback, SENGStrategy   # SENGStrategy: a lightning.pytorch DDPStrategy
 
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=SENGStrategy(seng_mode="global"),
                         callbacks=[SENGCallback(damping=0.5)])
@@ -17,6 +18,8 @@ imported (before or after ``lightning``); in a ``lightning.pytorch.cli.Lightning
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
 from ._strategy_base import SENGStrategyBase
@@ -27,3 +30,14 @@ class SENGStrategy(SENGStrategyBase, DDPStrategy):
 
 
 SENGStrategy.register_strategies(StrategyRegistry)
+
+
+__all__ = ["SENGCallback", "SENGOptimizerMixin", "SENGStrategy"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("SENGCallback", "SENGOptimizerMixin"):
+        import lightning_seng
+
+        return getattr(lightning_seng, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

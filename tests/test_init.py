@@ -138,3 +138,14 @@ def test_callback_and_strategy_work_with_the_lightning_package_alone():
     """)
     assert proc.returncode == 0, proc.stderr
     assert "lightning_seng.lightning.SENGStrategy" in proc.stdout
+
+
+def test_lightning_namespace_hands_out_the_shared_callback_and_mixin_with_its_own_strategy():
+    pytest.importorskip("lightning.pytorch")
+    import lightning.pytorch as L
+    import lightning_seng.lightning as for_lightning
+
+    assert for_lightning.SENGCallback is lightning_seng.SENGCallback
+    assert for_lightning.SENGOptimizerMixin is lightning_seng.SENGOptimizerMixin
+    assert issubclass(for_lightning.SENGStrategy, L.strategies.DDPStrategy)
+    assert not issubclass(lightning_seng.SENGStrategy, L.strategies.DDPStrategy)
