@@ -50,4 +50,5 @@ def _command_line(argv: list[str]) -> tuple[str, list[str]]:
 
 if __name__ == "__main__":
     package, rest = _command_line(sys.argv[1:])
-    main(rest, package=package)
+    sys.argv[1:] = rest  # LightningCLI reads the command line itself (and warns when given both it and `args`)
+    main(package=package)
