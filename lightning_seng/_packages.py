@@ -3,9 +3,10 @@
 PyTorch Lightning is published twice: standalone as ``pytorch_lightning`` (``pip install pytorch-lightning``,
 this project's dependency) and inside the unified ``lightning`` package as ``lightning.pytorch``
 (``import lightning as L``). They are two copies of one code base with separate classes and registries: a
-``lightning.pytorch.Trainer`` accepts only ``lightning.pytorch.Callback`` instances as callbacks, only
-``lightning.pytorch.strategies.Strategy`` instances as strategies, and resolves strategy names in
-``lightning.pytorch.strategies.StrategyRegistry``. Nothing here imports Lightning at import time.
+``lightning.pytorch.Trainer`` takes only ``lightning.pytorch.strategies.Strategy`` instances as strategies and
+resolves strategy names in ``lightning.pytorch.strategies.StrategyRegistry``; its ``LightningCLI`` validates
+``trainer.callbacks`` against ``lightning.pytorch.Callback``, and the Trainer's own checks (a lone callback,
+stateful callbacks) test against that class too. Nothing here imports Lightning at import time.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-# import name -> the name users install it by
-PACKAGES = {"pytorch_lightning": "pytorch-lightning", "lightning.pytorch": "lightning"}
+# import names: the standalone package (pip install pytorch-lightning) and the unified one's (pip install lightning)
+PACKAGES = ("pytorch_lightning", "lightning.pytorch")
 
 
 def installed_packages() -> list[ModuleType]:

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from lightning_seng._packages import PACKAGES
+
 
 @pytest.fixture(autouse=True)
 def _seeded():
@@ -11,12 +13,9 @@ def _seeded():
     torch.set_default_dtype(dtype)
 
 
-# The two packages that ship PyTorch Lightning (lightning_seng._packages): the standalone one and the unified
-# `lightning` package's copy. The tests at the package boundary run against each one installed.
-LIGHTNING_PACKAGES = ["pytorch_lightning", "lightning.pytorch"]
-
-
-@pytest.fixture(params=LIGHTNING_PACKAGES)
+# The tests at the package boundary run against each package that ships PyTorch Lightning: the standalone
+# `pytorch_lightning` and the unified `lightning` package's `lightning.pytorch`.
+@pytest.fixture(params=PACKAGES)
 def pl_package(request):
     """The ``pytorch_lightning`` or the ``lightning.pytorch`` module; the test is skipped where it is not installed."""
     return pytest.importorskip(request.param)
