@@ -6,14 +6,18 @@ The public API, all importable from the top level (``from lightning_seng import 
 - ``ConstantDamping``, ``ExponentialDamping``, ``LambdaDamping``, ``DampingSchedule``, ``make_damping``
   (:mod:`lightning_seng.schedules`, torch only): schedules for ``damping=``.
 - ``SENGCallback`` (:mod:`lightning_seng.callback`, Lightning): ``Trainer(callbacks=[SENGCallback()])``.
-- ``SENGStrategy`` (:mod:`lightning_seng.strategy`, Lightning): DDP with SENG's distributed modes.
+- ``SENGStrategy`` (:mod:`lightning_seng.strategy`, Lightning): DDP with SENG's distributed modes, for a
+  ``pytorch_lightning`` Trainer; :mod:`lightning_seng.lightning` has the one for ``lightning.pytorch``.
 - ``SENGOptimizerMixin`` (:mod:`lightning_seng.mixin`, Lightning and Hydra): optimizer, scheduler and
   SENG callback from a LightningModule's hyper-parameters.
 
+Both Lightning packages are served: ``pytorch_lightning`` and the unified ``lightning`` (``lightning.pytorch``);
+``SENGCallback`` and ``SENGOptimizerMixin`` work with a Trainer of either (:mod:`lightning_seng._packages`).
+
 The core imports torch only. The Lightning names are loaded on first access (PEP 562), so
 ``import lightning_seng`` neither needs nor imports Lightning. Importing the package also makes the strategy
-names ``Trainer(strategy="seng_ddp")`` (local mode) and ``"seng_ddp_global"`` known to Lightning, whichever
-of the two packages is imported first.
+names ``Trainer(strategy="seng_ddp")`` (local mode) and ``"seng_ddp_global"`` known to each Lightning package,
+whether it is imported before or after ``lightning_seng``.
 """
 
 from __future__ import annotations
@@ -45,8 +49,11 @@ def __getattr__(name: str) -> Any:
     try:
         module = importlib.import_module(_LIGHTNING_API[name])
     except ImportError as err:
+        other = (" (with the `lightning` package alone: lightning_seng.lightning.SENGStrategy)"
+                 if name == "SENGStrategy" else "")
         raise ImportError(f"lightning_seng.{name} needs PyTorch Lightning ({err}); install it with "
-                          f"`pip install pytorch-lightning`, or use lightning_seng.SENG in a plain PyTorch loop") from err
+                          f"`pip install pytorch-lightning`{other}, or use lightning_seng.SENG in a plain PyTorch "
+                          "loop") from err
     value = getattr(module, name)
     globals()[name] = value
     return value

@@ -1,10 +1,11 @@
 """``Trainer(strategy="seng_ddp")`` after a plain ``import lightning_seng``, without importing Lightning there.
 
-Lightning resolves strategy names through ``pytorch_lightning.strategies.StrategyRegistry``; importing
-:mod:`lightning_seng.strategy` adds ``seng_ddp`` and ``seng_ddp_global`` to it. That module imports Lightning
+Each Lightning package resolves strategy names through its own ``StrategyRegistry``
+(``pytorch_lightning.strategies`` and ``lightning.pytorch.strategies``); importing that package's strategy module
+(:data:`STRATEGY_MODULES`) adds ``seng_ddp`` and ``seng_ddp_global`` to it. Those modules import Lightning
 (seconds), which a plain PyTorch user of the core should not pay for. So ``import lightning_seng`` calls
-:func:`register_strategies_with_lightning`: it imports the strategy module at once when Lightning is already
-loaded, and otherwise right after the first ``import pytorch_lightning`` finishes.
+:func:`register_strategies_with_lightning`: for each package it imports the strategy module at once when the
+package is already loaded, and otherwise right after the first import of that package finishes.
 """
 
 from __future__ import annotations
@@ -14,26 +15,32 @@ import importlib.abc
 import sys
 from typing import Any
 
-LIGHTNING = "pytorch_lightning"
-STRATEGY_MODULE = "lightning_seng.strategy"
+# Lightning package -> the lightning_seng module that defines its SENGStrategy and registers the names.
+STRATEGY_MODULES = {"pytorch_lightning": "lightning_seng.strategy", "lightning.pytorch": "lightning_seng.lightning"}
 
 
 def register_strategies_with_lightning() -> None:
-    if sys.modules.get(LIGHTNING) is not None:
-        importlib.import_module(STRATEGY_MODULE)
-    elif not any(isinstance(finder, _AfterLightningImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _AfterLightningImport())
+    waiting = [package for package in STRATEGY_MODULES if sys.modules.get(package) is None]
+    for package in STRATEGY_MODULES:
+        if package not in waiting:
+            importlib.import_module(STRATEGY_MODULES[package])
+    if waiting and not any(isinstance(finder, _AfterLightningImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterLightningImport(waiting))
 
 
 class _AfterLightningImport(importlib.abc.MetaPathFinder):
-    """Finds ``pytorch_lightning`` through the other finders and imports the strategy module after it runs.
+    """Finds the Lightning packages through the other finders and imports their strategy modules after they run.
 
     The wrapped ``exec_module`` runs only on a real import (``importlib.util.find_spec`` alone does not
-    register), and once Lightning's own ``__init__`` has finished, so the strategy module sees it whole.
+    register), and once the package's own ``__init__`` has finished, so the strategy module sees it whole.
+    The finder leaves ``sys.meta_path`` once every package it waits for has been imported.
     """
 
+    def __init__(self, packages: list[str]) -> None:
+        self.waiting = set(packages)
+
     def find_spec(self, fullname: str, path: Any = None, target: Any = None):
-        if fullname != LIGHTNING:
+        if fullname not in self.waiting:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -44,14 +51,15 @@ class _AfterLightningImport(importlib.abc.MetaPathFinder):
         else:
             return None
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader.exec_module = self._then_register(spec.loader.exec_module)
+            spec.loader.exec_module = self._then_register(fullname, spec.loader.exec_module)
         return spec
 
-    def _then_register(self, exec_module):
+    def _then_register(self, package: str, exec_module):
         def exec_module_then_register(module) -> None:
             exec_module(module)
-            if self in sys.meta_path:
+            self.waiting.discard(package)
+            if not self.waiting and self in sys.meta_path:
                 sys.meta_path.remove(self)
-            importlib.import_module(STRATEGY_MODULE)
+            importlib.import_module(STRATEGY_MODULES[package])
 
         return exec_module_then_register

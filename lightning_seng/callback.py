@@ -1,5 +1,11 @@
 """SENGCallback: SENG for any LightningModule, added with ``Trainer(callbacks=[SENGCallback(...)])``.
 
+One class serves both Lightning packages (:mod:`lightning_seng._packages`): it derives from the ``Callback`` of
+each one installed, ``pytorch_lightning.Callback`` and ``lightning.pytorch.Callback``, so the same object goes to a
+``pytorch_lightning.Trainer`` or an ``L.Trainer`` and validates in either package's ``LightningCLI``. Those bases
+hold no state and only no-op hooks. Messages go through ``lightning_utilities``' rank-zero functions, which both
+packages re-export as their own.
+
 The callback only translates Lightning events into calls on :class:`lightning_seng.SENG`:
 
 - ``on_fit_start``: ``SENG(pl_module, **knobs, comm=trainer.strategy.seng_comm)``; a damping schedule
@@ -40,21 +46,21 @@ several optimizers restrict it with ``include``/``exclude`` to the modules of th
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_seng import strategy as _strategy  # noqa: F401  registers strategy="seng_ddp" / "seng_ddp_global"
+from lightning_seng._packages import callback_bases
 from lightning_seng.preconditioner import check_int, check_settings
 from lightning_seng.schedules import DampingSchedule, LevenbergMarquardt
 from lightning_seng.steps import steps_per_epoch
 
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 
-class SENGCallback(Callback):
+class SENGCallback(*callback_bases()):
     r"""Precondition the gradients of a LightningModule with SENG before each optimizer step.
 
     For every supported layer SENG replaces the gradient :math:`g` by
@@ -173,7 +179,8 @@ class SENGCallback(Callback):
         if self._pending_state is not None:
             self.seng.load_state_dict(_to_device(self._pending_state, pl_module.device))
             self._pending_state = None
-        rank_zero_info(f"SENG preconditions {type(pl_module).__name__}:\n{self.seng.coverage()}")
+        rank_zero_info(
+            f"SENG preconditions {type(pl_module).__name__}:\n{self.seng.coverage()}")
 
     @staticmethod
     def _communicator(trainer: pl.Trainer):
@@ -186,8 +193,9 @@ class SENGCallback(Callback):
         if trainer.world_size > 1:
             from lightning_seng.distributed import make_comm
 
-            rank_zero_info("SENGCallback: the strategy has no seng_comm; averaging the ranks' SENG directions "
-                           "(seng_mode='local'). Use strategy='seng_ddp_global' for exact global-batch SENG.")
+            rank_zero_info(
+                "SENGCallback: the strategy has no seng_comm; averaging the ranks' SENG directions "
+                "(seng_mode='local'). Use strategy='seng_ddp_global' for exact global-batch SENG.")
             return make_comm("local")
         return None
 
@@ -256,9 +264,10 @@ class SENGCallback(Callback):
         before = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not pl_module.automatic_optimization or not isinstance(before, torch.Tensor):
             if not self._warned_feedback:
-                rank_zero_warn("SENGCallback: damping=LevenbergMarquardt(...) needs the batch's loss before and "
-                               "after the step; under manual optimization call callback.seng.adapt_damping(before, "
-                               "after) in training_step after the optimizer step. The damping is not adapted.")
+                rank_zero_warn(
+                    "SENGCallback: damping=LevenbergMarquardt(...) needs the batch's loss before and after the step; "
+                    "under manual optimization call callback.seng.adapt_damping(before, after) in training_step after "
+                    "the optimizer step. The damping is not adapted.")
                 self._warned_feedback = True
             self.seng.discard_feedback()
             return

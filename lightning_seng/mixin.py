@@ -25,6 +25,8 @@ hyper-parameters (``self.save_hyperparameters()``) needs no optimizer code::
   Missing or ``None``: no SENG, the module trains with the first-order optimizer alone.
 
 Learning rate, momentum and weight decay stay with the first-order optimizer; SENG only rewrites ``.grad``.
+The mixin imports no Lightning class: it serves a ``pytorch_lightning.LightningModule`` and a
+``lightning.pytorch.LightningModule`` (``L.LightningModule``) alike, and so does the callback it returns.
 """
 
 from __future__ import annotations

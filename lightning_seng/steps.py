@@ -4,14 +4,17 @@ Both the learning-rate schedule (``scheduler.steps_per_epoch: auto``, resolved i
 :mod:`lightning_seng.mixin`) and SENG's damping schedules (``steps_per_epoch="auto"``, resolved by
 :class:`~lightning_seng.callback.SENGCallback`) ask the trainer rather than a hard-coded number, so
 they follow the batch size, ``limit_train_batches``, ``accumulate_grad_batches`` and the number of
-processes (each process sees ``1/world_size`` of the data).
+processes (each process sees ``1/world_size`` of the data). A Trainer of either Lightning package
+(``pytorch_lightning`` or ``lightning.pytorch``) answers the same attributes.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import pytorch_lightning as pl
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 
 def steps_per_epoch(trainer: pl.Trainer) -> int:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_seng.distributed
 from lightning_seng import SENG, ExponentialDamping
+from lightning_seng._packages import callback_bases
 from lightning_seng.callback import SENGCallback
 from lightning_seng.data import EpochSeededSampler
+
+from .lightning_modules import ClassifierSteps, for_package, seng_strategy_class
 
 N_SAMPLES, BATCH = 48, 8
 
@@ -28,23 +33,18 @@ def make_data() -> TensorDataset:
     return TensorDataset(torch.randn(N_SAMPLES, 6, generator=g), torch.randint(3, (N_SAMPLES,), generator=g))
 
 
-class BoringClassifier(pl.LightningModule):
+class BoringClassifier(ClassifierSteps, pl.LightningModule):
     """A plain LightningModule that knows nothing about SENG."""
 
-    def __init__(self, net: nn.Module, lr: float = 0.1, momentum: float = 0.9) -> None:
-        super().__init__()
-        self.net, self.lr, self.momentum = net, lr, momentum
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+def boring_classifier(net: nn.Module, package=pl) -> nn.Module:
+    """:class:`BoringClassifier` on ``package``'s LightningModule."""
+    return BoringClassifier(net) if package is pl else for_package(ClassifierSteps, package)(net)
 
 
-class GradRecorder(Callback):
-    """Copies every gradient at on_before_optimizer_step (runs after SENGCallback: listed after it)."""
+class GradRecorder(*callback_bases()):
+    """Copies every gradient at on_before_optimizer_step (runs after SENGCallback: listed after it); a callback of
+    either Lightning package."""
 
     def __init__(self) -> None:
         self.grads: list[list[torch.Tensor]] = []
@@ -53,11 +53,11 @@ class GradRecorder(Callback):
         self.grads.append([p.grad.detach().clone() for p in pl_module.parameters()])
 
 
-def trainer(callbacks, **kwargs) -> pl.Trainer:
+def trainer(callbacks, package=pl, **kwargs) -> pl.Trainer:
     defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                     enable_model_summary=False, enable_checkpointing=False, max_epochs=1)
     defaults.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **defaults)
+    return package.Trainer(callbacks=callbacks, **defaults)
 
 
 def loader(dataset: TensorDataset) -> DataLoader:
@@ -85,12 +85,13 @@ def plain_loop(net, dataset, knobs, steps, accumulate=1, clip=None, lr=0.1, mome
 KNOBS = dict(damping=0.3, update_freq=2, seed=0)
 
 
-def test_grad_is_the_seng_direction_of_the_same_batch():
+def test_grad_is_the_seng_direction_of_the_same_batch(pl_package):
     net = make_net()
     reference_net = copy.deepcopy(net)
     raw_net = copy.deepcopy(net)
     recorder = GradRecorder()
-    trainer([SENGCallback(**KNOBS), recorder], max_steps=1).fit(BoringClassifier(net), loader(make_data()))
+    trainer([SENGCallback(**KNOBS), recorder], pl_package, max_steps=1).fit(
+        boring_classifier(net, pl_package), loader(make_data()))
 
     expected = plain_loop(reference_net, make_data(), KNOBS, steps=1)[0]
     x, y = next(iter(loader(make_data())))
@@ -138,7 +139,7 @@ def test_loss_scale_divides_by_accumulate_grad_batches(monkeypatch):
     assert scales == [pytest.approx(1 / 3)] * 2
 
 
-def _resumable_run(tmp_path, max_epochs, ckpt_path=None, save=False):
+def _resumable_run(tmp_path, max_epochs, ckpt_path=None, save=False, package=pl):
     net = make_net()
     dataset = make_data()
     train_loader = DataLoader(dataset, batch_size=BATCH, sampler=EpochSeededSampler(len(dataset), seed=3))
@@ -146,21 +147,22 @@ def _resumable_run(tmp_path, max_epochs, ckpt_path=None, save=False):
     callback = SENGCallback(damping=damping, update_freq=4, sketch_size=5, route="explicit", seed=7)
     callbacks = [callback]
     if save:
-        callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0))
-    t = trainer(callbacks, max_epochs=max_epochs, enable_checkpointing=save)
-    module = BoringClassifier(net)
+        callbacks.append(package.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0))
+    t = trainer(callbacks, package, max_epochs=max_epochs, enable_checkpointing=save)
+    module = boring_classifier(net, package)
     t.fit(module, train_loader, ckpt_path=ckpt_path)
     return module, callback
 
 
-def test_checkpoint_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
+def test_checkpoint_resume_matches_the_uninterrupted_run_bit_for_bit(tmp_path, pl_package):
     # 6 steps per epoch, refresh every 4: the resume point (step 12) falls between refreshes (8, 16).
-    uninterrupted, _ = _resumable_run(tmp_path / "a", max_epochs=4)
-    _resumable_run(tmp_path / "b", max_epochs=2, save=True)
+    uninterrupted, _ = _resumable_run(tmp_path / "a", max_epochs=4, package=pl_package)
+    _resumable_run(tmp_path / "b", max_epochs=2, save=True, package=pl_package)
     ckpt = torch.load(tmp_path / "b" / "last.ckpt", weights_only=False)
     state = ckpt["callbacks"]["SENGCallback"]["seng"]
     assert state["step_count"] == 12 and state["layers"], "the checkpoint lacks SENG's state"
-    resumed, callback = _resumable_run(tmp_path / "c", max_epochs=4, ckpt_path=tmp_path / "b" / "last.ckpt")
+    resumed, callback = _resumable_run(tmp_path / "c", max_epochs=4, ckpt_path=tmp_path / "b" / "last.ckpt",
+                                       package=pl_package)
     assert callback.seng.step_count == 24 and callback.seng.epoch == 3
     for (name, p), q in zip(uninterrupted.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q), f"{name} differs after resume"
@@ -212,11 +214,12 @@ class Scale(nn.Module):
         return x * self.gain
 
 
-def test_fit_start_prints_the_coverage_table_with_routes_and_fallbacks(caplog):
+def test_fit_start_prints_the_coverage_table_with_routes_and_fallbacks(caplog, pl_package):
     net = nn.Sequential(make_net(), Scale())
+    module = boring_classifier(net, pl_package)
     with caplog.at_level("INFO"):
-        trainer([SENGCallback(**KNOBS, exclude=[Scale])], max_steps=1).fit(BoringClassifier(net), loader(make_data()))
-    tables = [r.getMessage() for r in caplog.records if "SENG preconditions BoringClassifier" in r.getMessage()]
+        trainer([SENGCallback(**KNOBS, exclude=[Scale])], pl_package, max_steps=1).fit(module, loader(make_data()))
+    tables = [r.getMessage() for r in caplog.records if f"SENG preconditions {type(module).__name__}" in r.getMessage()]
     assert len(tables) == 1
     lines = tables[0].splitlines()
     assert "Route" in lines[1] and "Params" in lines[1]
@@ -335,3 +338,14 @@ def test_loss_scale_combines_amp_scale_and_accumulation(automatic, scaler, accum
     trainer_stub = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), accumulate_grad_batches=accumulate)
     module_stub = SimpleNamespace(automatic_optimization=automatic)
     assert callback._loss_scale(trainer_stub, module_stub) == pytest.approx(expected)
+
+
+def test_ddp_hint_names_a_strategy_that_the_trainers_package_builds(caplog, monkeypatch, pl_package):
+    monkeypatch.setattr(lightning_seng.distributed, "make_comm", lambda mode: f"{mode} communicator")
+    ddp = pl_package.Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False)
+    with caplog.at_level("INFO"):
+        assert SENGCallback._communicator(ddp) == "local communicator"
+    (hint,) = [r.getMessage() for r in caplog.records if "the strategy has no seng_comm" in r.getMessage()]
+    name = re.search(r"strategy='(\w+)'", hint).group(1)
+    suggested = pl_package.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False).strategy
+    assert isinstance(suggested, seng_strategy_class(pl_package)) and suggested.seng_mode == "global"

@@ -11,7 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import lightning_seng
+from lightning_seng._registration import STRATEGY_MODULES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +58,7 @@ def test_import_lightning_seng_does_not_import_lightning():
         import sys
         import lightning_seng
         assert "pytorch_lightning" not in sys.modules, "Lightning imported"
+        assert "lightning" not in sys.modules, "the lightning package imported"
         assert "hydra" not in sys.modules, "Hydra imported"
     """)
     assert proc.returncode == 0, proc.stderr
@@ -63,7 +67,7 @@ def test_import_lightning_seng_does_not_import_lightning():
 def test_core_runs_without_lightning_and_the_lightning_names_say_what_to_install():
     proc = python("""
         import sys
-        sys.modules["pytorch_lightning"] = None  # as if Lightning were not installed
+        sys.modules["pytorch_lightning"] = sys.modules["lightning"] = None  # as if no Lightning were installed
         import torch
         import lightning_seng
         model = torch.nn.Linear(3, 2)
@@ -79,22 +83,64 @@ def test_core_runs_without_lightning_and_the_lightning_names_say_what_to_install
     assert "pip install pytorch-lightning" in proc.stdout
 
 
+# {package}: the Lightning package (import name); {strategy_module}: the module of its SENGStrategy
 STRATEGY_NAMES_WORK = """
-    from pytorch_lightning import Trainer
-    trainers = {name: Trainer(strategy=name, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-                for name in ("seng_ddp", "seng_ddp_global")}
-    from lightning_seng import SENGStrategy  # only now: importing it would register the names itself
+    from {package} import Trainer
+    trainers = {{name: Trainer(strategy=name, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+                for name in ("seng_ddp", "seng_ddp_global")}}
+    from {strategy_module} import SENGStrategy  # only now: importing it would register the names itself
     for name, mode in [("seng_ddp", "local"), ("seng_ddp_global", "global")]:
         strategy = trainers[name].strategy
         assert isinstance(strategy, SENGStrategy) and strategy.seng_mode == mode, name
 """
 
 
-def test_strategy_names_work_when_lightning_is_imported_after_lightning_seng():
-    proc = python("import lightning_seng\nimport pytorch_lightning\n" + textwrap.dedent(STRATEGY_NAMES_WORK))
+def strategy_names_work(package: str) -> str:
+    return textwrap.dedent(STRATEGY_NAMES_WORK).format(package=package, strategy_module=STRATEGY_MODULES[package])
+
+
+def test_strategy_names_work_when_lightning_is_imported_after_lightning_seng_and_the_other_package_stays_out(
+        pl_package):
+    package = pl_package.__name__
+    (other,) = set(STRATEGY_MODULES) - {package}
+    proc = python(f"import sys\nimport lightning_seng\nimport {package}\n" + strategy_names_work(package)
+                  + f"assert {other.split('.')[0]!r} not in sys.modules, 'registering imported {other}'\n")
     assert proc.returncode == 0, proc.stderr
 
 
-def test_strategy_names_work_when_lightning_is_imported_before_lightning_seng():
-    proc = python("import pytorch_lightning\nimport lightning_seng\n" + textwrap.dedent(STRATEGY_NAMES_WORK))
+def test_strategy_names_work_when_lightning_is_imported_before_lightning_seng(pl_package):
+    package = pl_package.__name__
+    proc = python(f"import {package}\nimport lightning_seng\n" + strategy_names_work(package))
     assert proc.returncode == 0, proc.stderr
+
+
+def test_callback_and_strategy_work_with_the_lightning_package_alone():
+    pytest.importorskip("lightning.pytorch")
+    proc = python("""
+        import sys
+        sys.modules["pytorch_lightning"] = None  # as if only the unified `lightning` package were installed
+        import lightning as L
+        import torch
+        import lightning_seng
+        from lightning_seng.lightning import SENGStrategy
+        assert isinstance(lightning_seng.SENGCallback(), L.Callback)
+        strategy = L.Trainer(strategy="seng_ddp_global", accelerator="cpu", devices=1, logger=False).strategy
+        assert isinstance(strategy, SENGStrategy) and strategy.seng_mode == "global"
+        try:
+            lightning_seng.SENGStrategy
+        except ImportError as err:
+            print(err)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "lightning_seng.lightning.SENGStrategy" in proc.stdout
+
+
+def test_lightning_namespace_hands_out_the_shared_callback_and_mixin_with_its_own_strategy():
+    pytest.importorskip("lightning.pytorch")
+    import lightning.pytorch as L
+    import lightning_seng.lightning as for_lightning
+
+    assert for_lightning.SENGCallback is lightning_seng.SENGCallback
+    assert for_lightning.SENGOptimizerMixin is lightning_seng.SENGOptimizerMixin
+    assert issubclass(for_lightning.SENGStrategy, L.strategies.DDPStrategy)
+    assert not issubclass(lightning_seng.SENGStrategy, L.strategies.DDPStrategy)

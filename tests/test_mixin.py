@@ -12,9 +12,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_seng.callback import SENGCallback
 from lightning_seng.mixin import SENGOptimizerMixin
 
+from .lightning_modules import for_package
 
-class Net(SENGOptimizerMixin, pl.LightningModule):
-    """A module with no optimizer code at all."""
+
+class NetSteps(SENGOptimizerMixin):
+    """A module with no optimizer code at all (mixed with a Lightning package's LightningModule)."""
 
     def __init__(self, optimizer=None, scheduler=None, seng=None):
         super().__init__()
@@ -24,6 +26,10 @@ class Net(SENGOptimizerMixin, pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         return nn.functional.cross_entropy(self.layer(x), y)
+
+
+class Net(NetSteps, pl.LightningModule):
+    """NetSteps on pytorch_lightning."""
 
 
 def test_default_is_sgd_with_momentum_and_no_seng():
@@ -60,10 +66,10 @@ def test_seng_config_becomes_a_callback_with_its_knobs():
     assert callback.seng_kwargs["include"] == ["layer"]
 
 
-def test_trainer_attaches_the_callback_and_preconditions():
-    module = Net(seng={"damping": 0.4, "update_freq": 1})
+def test_trainer_of_either_package_attaches_the_callback_and_preconditions(pl_package):
+    module = for_package(NetSteps, pl_package)(seng={"damping": 0.4, "update_freq": 1})
     data = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(2, (16,))), batch_size=8)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
+    trainer = pl_package.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     trainer.fit(module, data)
     (callback,) = [c for c in trainer.callbacks if isinstance(c, SENGCallback)]
