@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import re
 
 import pytest
@@ -349,3 +350,28 @@ def test_ddp_hint_names_a_strategy_that_the_trainers_package_builds(caplog, monk
     name = re.search(r"strategy='(\w+)'", hint).group(1)
     suggested = pl_package.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False).strategy
     assert isinstance(suggested, seng_strategy_class(pl_package)) and suggested.seng_mode == "global"
+
+
+class SumLossSteps(ClassifierSteps):
+    """Cross-entropy summed over the batch (not averaged)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y, reduction="sum")
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_loss_reduction_the_loss_contradicts_is_announced_through_the_callback(accumulate, caplog, pl_package):
+    """The callback hands SENG the loss before backward (``on_before_backward``): a summed loss under the default
+    ``loss_reduction="mean"`` gets no curvature and one warning naming the setting, also under accumulation
+    (whose ``1/k`` the loss scale accounts for); the matching setting keeps every layer's curvature."""
+    caplog.set_level(logging.WARNING, logger="lightning_seng")
+    for setting, expect_warning in (("mean", True), ("sum", False)):
+        caplog.clear()
+        callback = SENGCallback(damping=0.3, update_freq=1, loss_reduction=setting)
+        module = for_package(SumLossSteps, pl_package)(make_net())
+        trainer([callback], pl_package, max_steps=2, accumulate_grad_batches=accumulate).fit(
+            module, loader(make_data()))
+        warned = [r.getMessage() for r in caplog.records if "loss_reduction" in r.getMessage()]
+        assert bool(warned) == expect_warning, warned
+        assert (callback.seng.coverage().percent == 0.0) == expect_warning
