@@ -20,12 +20,13 @@ import logging
 import math
 import numbers
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import sketch
+from .axes import AxisProbe, BatchSources, ProbedAxes, ProbeResult, declared_axis, declared_inputs, declaring_modules
 from .coverage import Coverage, CoverageRow
 from .distributed import Communicator
 from .layers import ROUTE_RULES, ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
@@ -277,9 +278,16 @@ class SENG:
                           for layer in self.layers.values() if type(layer).before_call is not LayerCurvature.before_call
                           for module in layer.modules()]
         self._handles.append(model.register_forward_pre_hook(self._observe_input, with_kwargs=True))
+        self._sources = BatchSources()  # what each source said the batch size is (axes.py)
+        declared = declaring_modules(model)
+        self._handles += [module.register_forward_pre_hook(self._declared_hook(name), with_kwargs=True)
+                          for name, module in declared.items()]
+        names = {id(m): n for n, m in model.named_modules()}
+        self._probe = AxisProbe(model, {**{names.get(id(m), lname): m for lname, layer in self.layers.items()
+                                           for m in layer.modules()}, **declared}, declared)
+        self._probe_inputs: Optional[tuple] = None  # (args, kwargs) of the model's forward on this refresh step
         # U g' from the layer's own batch (layers/linear.py) needs .grad to be that batch's: not under DDP
         self._observe = checked["batch_shortcut"] and type(self.comm) is Communicator
-        self._batch_size: Optional[int] = None
         self._in_step = False
         self.comm.setup(self.layers, self)
         self.generator = torch.Generator().manual_seed(seed)
@@ -321,23 +329,91 @@ class SENG:
 
     def _observe_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.capturing:
-            self.observe_batch(args, kwargs)
+            self._probe_inputs = (args, kwargs)
+            self._sources.new_forward(*self._read_batch_size(args, kwargs))
 
-    def observe_batch(self, args: Any, kwargs: Optional[dict] = None) -> None:
-        """Learn this step's batch size ``N`` from the inputs of a forward call (or a whole batch, as the
-        Lightning callback passes it): ``batch_axis`` of the first tensor found, or ``batch_axis(args, kwargs)``.
-        The model's own forward calls this on refresh steps."""
-        kwargs = kwargs or {}
+    def _declared_hook(self, name: str) -> Callable:
+        """Forward pre-hook of a module that declares its layout (``batch_first``): its input's declared axis is
+        a source of the batch size."""
+        def declared_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.capturing:
+                axis = declared_axis(module)
+                for t in declared_inputs(module, args, kwargs):
+                    self._sources.note(f"'{name}' ({type(module).__name__}, batch_first={axis == 0})",
+                                       t.shape[axis], f"axis {axis} of its input of shape {tuple(t.shape)}")
+        return declared_pre_hook
+
+    def _read_batch_size(self, args: Any, kwargs: dict) -> tuple:
+        """``(N, how it was read)`` from a call's inputs: ``batch_axis`` of the first tensor found, or
+        ``batch_axis(args, kwargs)``; ``(None, "")`` without a tensor."""
         if callable(self.batch_axis):
-            self._batch_size = check_int("batch_axis(args, kwargs)", self.batch_axis(args, kwargs), 1)
-            return
+            return check_int("batch_axis(args, kwargs)", self.batch_axis(args, kwargs), 1), "batch_axis(args, kwargs)"
         first = next((t for t in _tensors((args, kwargs))), None)
         if first is None:
-            return
+            return None, ""
         if first.dim() <= self.batch_axis:
             raise ValueError(f"batch_axis must be an axis of the model's first input, of shape {tuple(first.shape)} "
                              f"(got {self.batch_axis}); pass batch_axis=callable(args, kwargs) -> N otherwise")
-        self._batch_size = int(first.shape[self.batch_axis])
+        return int(first.shape[self.batch_axis]), f"batch_axis={self.batch_axis} of its first tensor, of shape {tuple(first.shape)}"
+
+    def observe_batch(self, args: Any, kwargs: Optional[dict] = None) -> None:
+        """Tell SENG this step's batch (as the Lightning callback does): its batch size ``N`` is ``batch_axis`` of
+        the first tensor found, or ``batch_axis(args, kwargs)``. On a refresh step it is cross-checked with the
+        model's first input (read the same way) and with the modules that declare their layout
+        (:mod:`lightning_seng.axes`)."""
+        n, how = self._read_batch_size(args, kwargs or {})
+        if n is not None:
+            self._sources.new_batch(n, how)
+
+    def _refresh_batch(self) -> Tuple[Optional[int], bool]:
+        """``(N, True)``: the batch size of this refresh where every source agrees (``None`` if none spoke), and each layer's sample axes from the
+        structural probe (:mod:`lightning_seng.axes`). Where the sources disagree, or the probe finds the samples
+        off a module's declared axis or gone from the model's output, ``(None, False)``: the captured calls are dropped,
+        one WARNING names the sources and the settings that fix it, and no layer gets curvature from this refresh
+        (those with none are listed as falling back for that reason)."""
+        n, disagreement = self._sources.take()
+        if disagreement is not None:
+            disagreement = "its sources disagree: " + disagreement
+        inputs, self._probe_inputs = self._probe_inputs, None
+        probed = {name: None for name in self.layers}
+        if disagreement is None and n is not None:
+            result = self._probe.run(*inputs, n, self.batch_axis) if inputs is not None else \
+                "the model's own forward did not run on this refresh step"
+            if isinstance(result, str):
+                if inputs is not None:
+                    self._warn_once("axes:probe", f"SENG: the structural probe of the sample axes could not run: {result}; "
+                                             "each layer takes the one axis of the batch size in its input, and "
+                                             "falls back where there are several")
+                probed = {name: ProbedAxes(why_not=f"the probe could not run: {result}") for name in self.layers}
+            elif result.contradicted or result.output_lost:
+                disagreement = "; ".join(result.contradicted + ([result.output_lost] if result.output_lost else []))
+                disagreement = (f"in a shape-only forward of the model with its batch axis (size {n}) resized, "
+                                + disagreement)
+            else:
+                probed = {name: self._probed(result, layer) for name, layer in self.layers.items()}
+        for name, layer in self.layers.items():
+            layer.probed = probed[name]
+        if disagreement is None:
+            return n, True
+        for name, layer in self.layers.items():
+            layer.clear()
+            if layer.curvature is None:
+                self._reasons[name] = "the batch size of the refresh step was not confirmed (see the warning)"
+        self._warn_once("axes:sources", f"SENG: the batch size of this refresh step is not confirmed, "
+                        f"{disagreement}. No layer gets curvature from this refresh (the last good curvature is "
+                        "kept, layers without one get g / (1 + damping)); set batch_axis to the axis of the model's "
+                        "first input that counts the samples (batch_axis=1 for (T, N, ...) inputs, or a callable "
+                        "(args, kwargs) -> N), or batch_first on the modules to the layout they are fed")
+        return None, False
+
+    @staticmethod
+    def _probed(result: ProbeResult, layer: LayerCurvature) -> ProbedAxes:
+        """The probe's sample axes of all modules ``layer`` captures, in one table."""
+        found = ProbedAxes()
+        for module in layer.modules():
+            for shape, axis in result.axes[id(module)].shapes.items():
+                found.shapes[shape] = axis if found.shapes.get(shape, axis) == axis else "ambiguous"
+        return found
 
     def remove(self) -> None:
         """Detach all hooks and drop captured tensors."""
@@ -665,7 +741,7 @@ class SENG:
         start = time.perf_counter()
         self._count_nonfinite()  # a refresh reads the device anyway
         pick = self._sample_picker()
-        n, self._batch_size = self._batch_size, None
+        n, agreed = self._refresh_batch()
         factors = {}
         for name, layer in self.layers.items():
             try:
@@ -673,7 +749,7 @@ class SENG:
             except NotExact as reason:
                 factors[name] = None
                 self._fall_back(name, str(reason))
-        if not grads_finite:  # this batch is bad as a whole: keep the last good curvature, build nothing
+        if not grads_finite or not agreed:  # this batch is bad as a whole: keep the last good curvature, build nothing
             factors = dict.fromkeys(factors)
         factors = self.comm.gather_factors(factors)
         prepared = {name: (f, *self.layers[name].prepare(f, self.loss_reduction, self.settings, self.generator))
@@ -696,7 +772,7 @@ class SENG:
             else:
                 built[name] = Curvature(route, gram, chol, damping * scale, f.mask,
                                         next(eigens) if scheduled else None, scale=scale)
-        if self.comm.agree(not bad and grads_finite):
+        if self.comm.agree(not bad and grads_finite and agreed):
             for name, cur in built.items():
                 self.layers[name].curvature = cur
                 self._reasons.pop(name, None)
