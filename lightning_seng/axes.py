@@ -145,6 +145,11 @@ class ProbedAxes:
         self.shapes[real] = found
 
 
+def _describe(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
 def _leaves(tree: Any) -> List[Tensor]:
     return [t for t in pytree.tree_leaves(tree) if isinstance(t, Tensor)]
 
@@ -194,7 +199,11 @@ class AxisProbe:
         return [p for p in ([full] + ([first] if first and first != full else [])) if p]
 
     def run(self, args: tuple, kwargs: dict, n: int, batch_axis: Union[int, Callable]) -> Union[ProbeResult, str]:
-        """The probe's findings, or why it could not run (the exception of the fake forward, or the inputs)."""
+        """The probe's findings, or why it could not run (the exception of the fake forward, or the inputs).
+
+        The plans of :meth:`plans` are tried in turn. If every one fails but the fake forward runs with the
+        inputs as they are, the model itself refuses the resized axes (a ``(T, T)`` mask read as the batch):
+        that is a finding, the batch axis contradicted (``ProbeResult.contradicted``)."""
         plans = self.plans(args, kwargs, n, batch_axis)
         if not plans:
             return f"no input of the model's forward has an axis of the batch size {n} to resize"
@@ -209,9 +218,18 @@ class AxisProbe:
                 result = self._forward(args, kwargs, n, plan)
                 break
             except Exception as error:  # any failure of the fake forward means: no structural answer
-                failures.append(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                failures.append(_describe(error))
         if result is None:
-            result = "its forward on fake inputs failed (" + "; then ".join(failures) + ")"
+            leaves = pytree.tree_leaves((args, kwargs))
+            resized = "; then ".join(", ".join(f"axis {a} of the input of shape {tuple(leaves[i].shape)}"
+                                               for i, a in plan.items()) + f" ({why})"
+                                     for plan, why in zip(plans, failures))
+            try:
+                self._forward(args, kwargs, n, {})
+                result = ProbeResult({}, [f"the model's forward runs on its inputs as they are but fails with "
+                                          f"the batch resized on {resized}"], None)
+            except Exception as error:
+                result = f"its forward on fake inputs fails even unresized ({_describe(error)})"
         self._cache = (key, result)
         return result
 
