@@ -179,21 +179,22 @@ class AxisProbe:
 
     def plans(self, args: tuple, kwargs: dict, n: int, batch_axis: Union[int, Callable]) -> List[Dict[int, int]]:
         """Which axis of which input leaf to resize, in the order to try: the first input's ``batch_axis``
-        together with every other input whose leading axis (the model's declared axis, if it declares one)
-        has size ``N``; then the first input's alone. With a callable ``batch_axis`` the first input is one
-        of the others."""
+        together with every other input whose axis of the same convention has size ``N`` (the model's declared
+        axis if it declares one, else ``batch_axis``, axis 0 of inputs with fewer axes); then the first input's
+        alone. With a callable ``batch_axis`` the first input is one of the others, on axis 0."""
         leaves = pytree.tree_leaves((args, kwargs))
         slots = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)]
         if not slots:
             return []
         own = declared_axis(self.model)
+        usual = 0 if callable(batch_axis) else batch_axis
         first: Dict[int, int] = {}
         if not callable(batch_axis) and leaves[slots[0]].dim() > batch_axis \
                 and leaves[slots[0]].shape[batch_axis] == n:
             first = {slots[0]: batch_axis}
         full = dict(first)
         for i in slots:
-            axis = own if own is not None and leaves[i].dim() == 3 else 0
+            axis = own if own is not None and leaves[i].dim() == 3 else (usual if leaves[i].dim() > usual else 0)
             if i not in full and leaves[i].dim() > axis and leaves[i].shape[axis] == n:
                 full[i] = axis
         return [p for p in ([full] + ([first] if first and first != full else [])) if p]

@@ -199,9 +199,13 @@ class SENG:
         skip_nonfinite: if the gradient holds NaN/Inf, zero all gradients for this step (the wrapped
             optimizer then moves by momentum only), warn once and count it in ``stats``.
         batch_axis: where the batch size ``N`` is read on each refresh step: the axis of the first tensor
-            passed to the model's forward (default 0; 1 for sequence-first models fed ``(T, N, ...)``), or a
-            callable ``(args, kwargs) -> N``. Each layer's sample axis is the one axis of size ``N`` in its
-            input; a layer with none or several falls back, with a warning.
+            passed to the model's forward and to :meth:`observe_batch` (default 0; 1 for sequence-first models
+            fed ``(T, N, ...)``), or a callable ``(args, kwargs) -> N``. ``N`` is cross-checked with the modules
+            that declare their layout (``batch_first`` of attention, Transformer and RNN modules); if the
+            sources disagree, the refresh builds nothing and one warning names them. Each layer's sample axis
+            is the axis of its input that holds this batch axis in a shape-only forward of the model with it
+            resized (:mod:`lightning_seng.axes`); where that probe cannot run, the one axis of size ``N``, and
+            a layer with none or several falls back, with a warning.
         batch_shortcut: compute ``U g`` of a plain ``nn.Linear`` on a 2-D input from the step's own batch
             (input and output gradient), ``N·B·(d_in + d_out)`` instead of ``N·d_in·d_out``, where the autograd
             graph and the gradient's version counter show that ``.grad`` is exactly that batch's gradient
