@@ -247,7 +247,9 @@ class AxisProbe:
         def record(module: nn.Module, a: tuple, k: dict, out: Any) -> None:
             records[id(module)].append((_leaves((a, k)), _leaves(out), a, k))
 
-        mode = FakeTensorMode(allow_non_fake_inputs=False)
+        # tensors the forward reads that are neither parameters nor buffers (a positional table kept as a plain
+        # attribute) are converted to fake copies when an op meets them
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
         handles = [m.register_forward_hook(record, with_kwargs=True) for m in
                    {id(m): m for m in self.watched.values()}.values()]
         # parameters and buffers swapped for fake copies in place, module by module, and put back: the swap of

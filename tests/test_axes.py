@@ -350,3 +350,60 @@ def test_a_skipped_refresh_keeps_the_last_good_curvature(caplog):
     seng.step()
     assert all(layer.curvature is kept[name] for name, layer in seng.layers.items())
     assert any("not confirmed" in m for m in _warnings(caplog))
+
+
+# ------------------------------------------------------------------------------------------- the probe
+class NormedConv(nn.Module):
+    """BatchNorm (running statistics, batch statistics in training), dropout and a plain-attribute table."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(4, CLASSES)
+        self.table = torch.linspace(0.5, 1.5, 4, dtype=torch.float64)  # neither parameter nor buffer
+
+    def forward(self, x):
+        return self.head(self.drop(self.bn(self.conv(x)).mean((2, 3)) * self.table))
+
+
+def test_the_probe_changes_no_real_state_and_captures_nothing():
+    """Running statistics, the random state and the layers' captured calls are those of the real forward alone."""
+    torch.manual_seed(0)
+    model = NormedConv().double()
+    x, y = torch.randn(4, 2, 4, 4, dtype=torch.float64), _labels(4)
+    seng = SENG(model, damping=0.3, update_freq=1)
+    probed, calls = [], []
+    run = seng._probe.run
+
+    def probe(*args):  # the captured calls right after the probe's fake forward, before the refresh takes them
+        probed.append(run(*args))
+        calls.append({name: len(layer._calls) for name, layer in seng.layers.items()})
+        return probed[-1]
+    seng._probe.run = probe
+    F.cross_entropy(model(x), y).backward()
+    stats = [t.clone() for t in (model.bn.running_mean, model.bn.running_var, model.bn.num_batches_tracked)]
+    rng = torch.get_rng_state()
+    seng.step()
+    assert len(probed) == 1 and not isinstance(probed[0], str), probed
+    assert probed[0].axes[id(model.conv)].shapes[(4, 2, 4, 4)] == 0
+    for before, after in zip(stats, (model.bn.running_mean, model.bn.running_var, model.bn.num_batches_tracked)):
+        assert torch.equal(before, after)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+    assert calls == [{name: 1 for name in seng.layers}]  # the real forward's call each, none from the probe
+
+
+def test_the_probe_runs_once_per_input_shape():
+    torch.manual_seed(0)
+    model = SeqFirstMLP().double()
+    seng = SENG(model, damping=0.3, update_freq=1, batch_axis=1)
+    runs = []
+    forward = seng._probe._forward
+    seng._probe._forward = lambda *a: runs.append(1) or forward(*a)
+    for t in (3, 3, 5, 5):
+        model.zero_grad()
+        F.cross_entropy(model(torch.randn(t, 4, 5, dtype=torch.float64)), _labels(4)).backward()
+        seng.step()
+    assert len(runs) == 2 and len(_covered(seng)) == 3
