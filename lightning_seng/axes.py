@@ -179,9 +179,9 @@ class AxisProbe:
 
     def plans(self, args: tuple, kwargs: dict, n: int, batch_axis: Union[int, Callable]) -> List[Dict[int, int]]:
         """Which axis of which input leaf to resize, in the order to try: the first input's ``batch_axis``
-        together with every other input whose axis of the same convention has size ``N`` (the model's declared
-        axis if it declares one, else ``batch_axis``, axis 0 of inputs with fewer axes); then the first input's
-        alone. With a callable ``batch_axis`` the first input is one of the others, on axis 0."""
+        together with every other input that has an axis of size ``N`` where the convention puts the batch (the
+        model's declared axis if it declares one; else ``batch_axis``, or axis 0, as a key padding mask
+        ``(N, S)`` has it); then the first input's alone. With a callable ``batch_axis`` the first input is one of the others, on axis 0."""
         leaves = pytree.tree_leaves((args, kwargs))
         slots = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)]
         if not slots:
@@ -194,8 +194,10 @@ class AxisProbe:
             first = {slots[0]: batch_axis}
         full = dict(first)
         for i in slots:
-            axis = own if own is not None and leaves[i].dim() == 3 else (usual if leaves[i].dim() > usual else 0)
-            if i not in full and leaves[i].dim() > axis and leaves[i].shape[axis] == n:
+            t = leaves[i]
+            axes = [own] if own is not None and t.dim() == 3 else [usual, 0]
+            axis = next((a for a in axes if t.dim() > a and t.shape[a] == n), None)
+            if i not in full and axis is not None:
                 full[i] = axis
         return [p for p in ([full] + ([first] if first and first != full else [])) if p]
 
