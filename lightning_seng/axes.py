@@ -66,8 +66,15 @@ def declared_inputs(module: nn.Module, args: tuple, kwargs: dict) -> List[Tensor
 
 
 def declaring_modules(model: nn.Module) -> Dict[str, nn.Module]:
-    """The modules of ``model`` that declare their layout (:func:`declared_axis`), by name."""
-    return {name: m for name, m in model.named_modules() if declared_axis(m) is not None}
+    """The outermost modules of ``model`` that declare their layout (:func:`declared_axis`), by name: the
+    attention inside a ``TransformerEncoderLayer`` takes its layout from that layer, and naming both in a
+    disagreement would say one thing twice."""
+    found: Dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if declared_axis(m) is not None and not any(name.startswith(outer + ".") or outer == ""
+                                                    for outer in found):
+            found[name] = m
+    return found
 
 
 class BatchSources:
@@ -176,6 +183,8 @@ class AxisProbe:
         self.watched = watched
         self.declared = declared
         self._cache: Optional[tuple] = None
+        # why the fake forward fails even unresized: the model cannot be probed, whatever the shapes (not retried)
+        self._unable: Optional[str] = None
 
     def plans(self, args: tuple, kwargs: dict, n: int, batch_axis: Union[int, Callable]) -> List[Dict[int, int]]:
         """Which axis of which input leaf to resize, in the order to try: the first input's ``batch_axis``
@@ -207,6 +216,8 @@ class AxisProbe:
         The plans of :meth:`plans` are tried in turn. If every one fails but the fake forward runs with the
         inputs as they are, the model itself refuses the resized axes (a ``(T, T)`` mask read as the batch):
         that is a finding, the batch axis contradicted (``ProbeResult.contradicted``)."""
+        if self._unable is not None:
+            return self._unable
         plans = self.plans(args, kwargs, n, batch_axis)
         if not plans:
             return f"no input of the model's forward has an axis of the batch size {n} to resize"
@@ -232,7 +243,7 @@ class AxisProbe:
                 result = ProbeResult({}, [f"the model's forward runs on its inputs as they are but fails with "
                                           f"the batch resized on {resized}"], None)
             except Exception as error:
-                result = f"its forward on fake inputs fails even unresized ({_describe(error)})"
+                result = self._unable = f"its forward on fake inputs fails even unresized ({_describe(error)})"
         self._cache = (key, result)
         return result
 

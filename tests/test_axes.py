@@ -407,3 +407,19 @@ def test_the_probe_runs_once_per_input_shape():
         F.cross_entropy(model(torch.randn(t, 4, 5, dtype=torch.float64)), _labels(4)).backward()
         seng.step()
     assert len(runs) == 2 and len(_covered(seng)) == 3
+
+
+def test_a_model_the_probe_cannot_run_is_not_probed_again():
+    """Data-dependent control flow fails the fake forward whatever the shapes: tried once, then the size rule."""
+    torch.manual_seed(0)
+    model = SeqFirstMLP().double()
+    model.forward = lambda x: SeqFirstMLP.forward(model, x if bool(x.sum() > -1e9) else -x)
+    seng = SENG(model, damping=0.3, update_freq=1, batch_axis=1)
+    runs = []
+    forward = seng._probe._forward
+    seng._probe._forward = lambda *a: runs.append(1) or forward(*a)
+    for t in (3, 5):
+        model.zero_grad()
+        F.cross_entropy(model(torch.randn(t, 4, 5, dtype=torch.float64)), _labels(4)).backward()
+        seng.step()
+    assert len(runs) == 2 and len(_covered(seng)) == 3  # the plan and the unresized forward, once
