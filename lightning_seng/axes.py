@@ -114,10 +114,6 @@ class BatchSources:
                                for source, (vs, how) in said.items())
 
 
-def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(map(str, t.shape)) + ")"
-
-
 def _is_prime(k: int) -> bool:
     return k >= 2 and all(k % d for d in range(2, int(k ** 0.5) + 1))
 
@@ -144,7 +140,7 @@ class ProbedAxes:
 
     def add(self, probed: Sequence[int], size: int, n: int) -> None:
         axes = [i for i, s in enumerate(probed) if s == size]
-        merged = [i for i, s in enumerate(probed) if s != size and s % size == 0]
+        merged = [i for i, s in enumerate(probed) if s > size and s % size == 0]
         real = tuple(n * (s // size) if i in axes or i in merged else s for i, s in enumerate(probed))
         found: Axis = MERGED if merged else (axes[0] if len(axes) == 1 else (AMBIGUOUS if axes else SHARED))
         if real in self.shapes and self.shapes[real] != found:
@@ -190,7 +186,8 @@ class AxisProbe:
         """Which axis of which input leaf to resize, in the order to try: the first input's ``batch_axis``
         together with every other input that has an axis of size ``N`` where the convention puts the batch (the
         model's declared axis if it declares one; else ``batch_axis``, or axis 0, as a key padding mask
-        ``(N, S)`` has it); then the first input's alone. With a callable ``batch_axis`` the first input is one of the others, on axis 0."""
+        ``(N, S)`` has it); then the first input's alone. With a callable ``batch_axis`` the first input is one
+        of the others, on axis 0."""
         leaves = pytree.tree_leaves((args, kwargs))
         slots = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)]
         if not slots:
@@ -304,9 +301,10 @@ class AxisProbe:
             for _, _, a, k in records.get(id(m), []):
                 for t in declared_inputs(m, a, k):
                     if t.shape[axis] != size:
+                        seen = list(t.shape).index(size) if size in t.shape else None
                         contradicted.append(f"'{name}' ({type(m).__name__}, batch_first={axis == 0}) sees the "
-                                            f"resized samples on axis {list(t.shape).index(size) if size in t.shape else None} "
-                                            f"of its input, not on its declared axis {axis}")
+                                            f"resized samples on axis {seen} of its input, not on its declared "
+                                            f"axis {axis}")
         outs = _leaves(output)
         lost = None
         if outs and all(t.dim() > 0 and size not in t.shape for t in outs):

@@ -358,7 +358,8 @@ class SENG:
         if first.dim() <= self.batch_axis:
             raise ValueError(f"batch_axis must be an axis of the model's first input, of shape {tuple(first.shape)} "
                              f"(got {self.batch_axis}); pass batch_axis=callable(args, kwargs) -> N otherwise")
-        return int(first.shape[self.batch_axis]), f"batch_axis={self.batch_axis} of its first tensor, of shape {tuple(first.shape)}"
+        how = f"batch_axis={self.batch_axis} of its first tensor, of shape {tuple(first.shape)}"
+        return int(first.shape[self.batch_axis]), how
 
     def observe_batch(self, args: Any, kwargs: Optional[dict] = None) -> None:
         """Tell SENG this step's batch (as the Lightning callback does): its batch size ``N`` is ``batch_axis`` of
@@ -370,11 +371,12 @@ class SENG:
             self._sources.new_batch(n, how)
 
     def _refresh_batch(self) -> Tuple[Optional[int], bool]:
-        """``(N, True)``: the batch size of this refresh where every source agrees (``None`` if none spoke), and each layer's sample axes from the
-        structural probe (:mod:`lightning_seng.axes`). Where the sources disagree, or the probe finds the samples
-        off a module's declared axis or gone from the model's output, ``(None, False)``: the captured calls are dropped,
-        one WARNING names the sources and the settings that fix it, and no layer gets curvature from this refresh
-        (those with none are listed as falling back for that reason)."""
+        """``(N, True)``: the batch size of this refresh where every source agrees (``None`` if none spoke), and
+        each layer's sample axes from the structural probe (:mod:`lightning_seng.axes`). Where the sources
+        disagree, or the probe finds the samples off a module's declared axis, gone from the model's output or
+        breaking a forward that runs unresized, ``(None, False)``: the captured calls are dropped, one WARNING
+        names the sources and the settings that fix it, and no layer gets curvature from this refresh (those
+        with none are listed as falling back for that reason)."""
         n, disagreement = self._sources.take()
         if disagreement is not None:
             disagreement = "its sources disagree: " + disagreement
@@ -385,9 +387,9 @@ class SENG:
                 "the model's own forward did not run on this refresh step"
             if isinstance(result, str):
                 if inputs is not None:
-                    self._warn_once("axes:probe", f"SENG: the structural probe of the sample axes could not run: {result}; "
-                                             "each layer takes the one axis of the batch size in its input, and "
-                                             "falls back where there are several")
+                    self._warn_once("axes:probe", "SENG: the structural probe of the sample axes could not run: "
+                                                  f"{result}; each layer takes the one axis of the batch size in its "
+                                                  "input, and falls back where there are several")
                 probed = {name: ProbedAxes(why_not=f"the probe could not run: {result}") for name in self.layers}
             elif result.contradicted or result.output_lost:
                 disagreement = "; ".join(result.contradicted + ([result.output_lost] if result.output_lost else []))

@@ -78,7 +78,8 @@ def test_probed_shapes_map_back_to_the_batch():
     found.add((5, 5), 131, 4)
     found.add((131, 131), 131, 4)
     found.add((5 * 131, 8), 131, 4)
-    assert found.shapes == {(5, 4, 8): 1, (5, 5): None, (4, 4): "ambiguous", (20, 8): "merged"}
+    found.add((0, 131), 131, 4)
+    assert found.shapes == {(5, 4, 8): 1, (5, 5): None, (4, 4): "ambiguous", (20, 8): "merged", (0, 4): 1}
 
 
 # --------------------------------------------------------------------------------------- a mask as input
