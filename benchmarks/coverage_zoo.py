@@ -7,6 +7,7 @@ against a plain forward+backward. The Hugging Face models need the ``zoo`` extra
 
     python benchmarks/coverage_zoo.py                    # all architectures, batch 4, sequence 64
     python benchmarks/coverage_zoo.py --only gpt2 vit --batch 4 --full-tables --train
+    python benchmarks/coverage_zoo.py --batch 8 --seq 8 --threads 1   # batch = context and = ConvNeXt's 8x8 stage
 """
 
 from __future__ import annotations
@@ -89,7 +90,36 @@ def torch_cases(batch: int, seq: int) -> Dict[str, Callable[[], Case]]:
         tokens, labels = torch.randint(0, 1000, (seq, batch)), torch.randint(0, 10, (seq, batch))
         return Tagger(), lambda m: F.cross_entropy(m(tokens).reshape(-1, 10), labels.reshape(-1)), {"batch_axis": 1}
 
-    return {"nn.Transformer": transformer, "lightning-demo-transformer": lightning_demo, "gru-tagger": gru}
+    def convnext():
+        class Block(nn.Module):  # torchvision's CNBlock: depthwise 7x7, channels-last LayerNorm and MLP, layer scale
+            def __init__(self, c):
+                super().__init__()
+                self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+                self.norm = nn.LayerNorm(c)
+                self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+                self.gamma = nn.Parameter(torch.full((c,), 1e-6))
+
+            def forward(self, x):
+                y = self.fc2(F.gelu(self.fc1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+                return x + (self.gamma * y).permute(0, 3, 1, 2)
+
+        class ConvNeXt(nn.Module):  # stages at 8x8 and 4x4 from 32x32 images (ConvNeXt's last stages at CIFAR size)
+            def __init__(self):
+                super().__init__()
+                self.stem = nn.Conv2d(3, 64, 4, stride=4)
+                self.stage1 = nn.Sequential(Block(64), Block(64))
+                self.down = nn.Conv2d(64, 128, 2, stride=2)
+                self.stage2 = nn.Sequential(Block(128), Block(128))
+                self.head = nn.Linear(128, 10)
+
+            def forward(self, x):
+                return self.head(self.stage2(self.down(self.stage1(self.stem(x)))).mean((2, 3)))
+
+        images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        return ConvNeXt(), lambda m: F.cross_entropy(m(images), labels), {}
+
+    return {"nn.Transformer": transformer, "lightning-demo-transformer": lightning_demo, "gru-tagger": gru,
+            "convnext-cifar": convnext}
 
 
 def run(name: str, make: Callable[[], Case], full_table: bool, train: bool = False) -> None:

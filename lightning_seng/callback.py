@@ -86,7 +86,8 @@ class SENGCallback(*callback_bases()):
         skip_nonfinite: zero all gradients of a step whose gradient holds NaN/Inf (see :class:`SENG`).
         batch_axis: axis of the batch's first tensor that counts the samples (or a callable
             ``(args, kwargs) -> N``, called with ``((batch,), {})`` here and with the model's forward
-            arguments when the LightningModule's own forward runs); see :class:`SENG`.
+            arguments when the LightningModule's own forward runs); the two, and the modules' declared
+            ``batch_first``, must agree (see :class:`SENG`).
         batch_shortcut: ``U g`` of plain Linear layers from the step's own batch when ``.grad`` is exactly that
             batch's gradient (see :class:`SENG`).
         relative_damping: each layer's damping times the mean eigenvalue of its ``UUᵀ`` (see :class:`SENG`).

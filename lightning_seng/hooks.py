@@ -96,7 +96,7 @@ class ForwardPreHook(_LiveHook):
 
 
 class InputHook(_LiveHook):
-    """Forward pre-hook (with kwargs) on the model: learns the batch size on refresh steps."""
+    """Forward pre-hook (with kwargs) on the model: its inputs on refresh steps (the batch size, the probe)."""
 
     __slots__ = ("seng",)
 
@@ -106,7 +106,22 @@ class InputHook(_LiveHook):
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         seng = self.seng()
         if seng is not None and seng.capturing:
-            seng.observe_batch(args, kwargs)
+            seng._observe_input(args, kwargs)
+
+
+class DeclaredHook(_LiveHook):
+    """Forward pre-hook (with kwargs) on a module that declares its layout (``batch_first``): a source of the
+    batch size on refresh steps (:mod:`lightning_seng.axes`)."""
+
+    __slots__ = ("seng", "name")
+
+    def __init__(self, seng: "SENG", name: str):
+        self.seng, self.name = weakref.ref(seng), name
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        seng = self.seng()
+        if seng is not None and seng.capturing:
+            seng._declared(self.name, module, args, kwargs)
 
 
 _UNTRACED = False
@@ -119,6 +134,6 @@ def untraced_hooks() -> None:
         return
     import torch._dynamo
 
-    for cls in (ForwardHook, ForwardPreHook, InputHook):
+    for cls in (ForwardHook, ForwardPreHook, InputHook, DeclaredHook):
         cls.__call__ = torch._dynamo.disable(cls.__call__)
     _UNTRACED = True

@@ -22,15 +22,16 @@ import math
 import numbers
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import sketch
+from .axes import AxisProbe, BatchSources, ProbedAxes, ProbeResult, declared_axis, declared_inputs, declaring_modules
 from .coverage import Coverage, CoverageRow
 from .distributed import Communicator
-from .hooks import ForwardHook, ForwardPreHook, InputHook, remove_handles, untraced_hooks
+from .hooks import DeclaredHook, ForwardHook, ForwardPreHook, InputHook, remove_handles, untraced_hooks
 from .layers import ROUTE_RULES, ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
 from .layers import identity
 from .layers.base import Curvature, sample_scale
@@ -243,9 +244,13 @@ class SENG:
         skip_nonfinite: if the gradient holds NaN/Inf, zero all gradients for this step (the wrapped
             optimizer then moves by momentum only), warn once and count it in ``stats``.
         batch_axis: where the batch size ``N`` is read on each refresh step: the axis of the first tensor
-            passed to the model's forward (default 0; 1 for sequence-first models fed ``(T, N, ...)``), or a
-            callable ``(args, kwargs) -> N``. Each layer's sample axis is the one axis of size ``N`` in its
-            input; a layer with none or several falls back, with a warning.
+            passed to the model's forward and to :meth:`observe_batch` (default 0; 1 for sequence-first models
+            fed ``(T, N, ...)``), or a callable ``(args, kwargs) -> N``. ``N`` is cross-checked with the modules
+            that declare their layout (``batch_first`` of attention, Transformer and RNN modules); if the
+            sources disagree, the refresh builds nothing and one warning names them. Each layer's sample axis
+            is the axis of its input that holds this batch axis in a shape-only forward of the model with it
+            resized (:mod:`lightning_seng.axes`); where that probe cannot run, the one axis of size ``N``, and
+            a layer with none or several falls back, with a warning.
         batch_shortcut: compute ``U g`` of a plain ``nn.Linear`` on a 2-D input from the step's own batch
             (input and output gradient), ``N·B·(d_in + d_out)`` instead of ``N·d_in·d_out``, where the autograd
             graph and the gradient's version counter show that ``.grad`` is exactly that batch's gradient
@@ -335,6 +340,14 @@ class SENG:
                           for layer in self.layers.values() if type(layer).before_call is not LayerCurvature.before_call
                           for module in layer.modules()]
         self._handles.append(model.register_forward_pre_hook(InputHook(self), with_kwargs=True))
+        self._sources = BatchSources()  # what each source said the batch size is (axes.py)
+        declared = declaring_modules(model)
+        self._handles += [module.register_forward_pre_hook(DeclaredHook(self, name), with_kwargs=True)
+                          for name, module in declared.items()]
+        names = {id(m): n for n, m in model.named_modules()}
+        self._probe = AxisProbe(model, {**{names.get(id(m), lname): m for lname, layer in self.layers.items()
+                                           for m in layer.modules()}, **declared}, declared)
+        self._probe_inputs: Optional[tuple] = None  # (args, kwargs) of the model's forward on this refresh step
         self._claimed = list(model.modules())
         for module in self._claimed:
             _ATTACHED[module] = weakref.ref(self)
@@ -342,7 +355,6 @@ class SENG:
         weakref.finalize(self, remove_handles, self._handles)
         # U g' from the layer's own batch (layers/linear.py) needs .grad to be that batch's: not under DDP
         self._observe = checked["batch_shortcut"] and type(self.comm) is Communicator
-        self._batch_size: Optional[int] = None
         self._loss_weights: Optional[List[float]] = None  # how the observed loss weighs each sample (observe_loss)
         self._in_step = False
         self.comm.setup(self.layers, self)
@@ -383,30 +395,102 @@ class SENG:
             raise RuntimeError(f"SENG.{what} after SENG.remove(): this SENG's hooks are detached and it captures "
                                "nothing; attach a new SENG to the model (load_state_dict carries the state over)")
 
-    def observe_batch(self, args: Any, kwargs: Optional[dict] = None) -> None:
-        """Learn this step's batch size ``N`` from the inputs of a forward call (or a whole batch, as the
-        Lightning callback passes it): ``batch_axis`` of the first tensor found, or ``batch_axis(args, kwargs)``.
-        The model's own forward calls this on refresh steps."""
-        self._check_attached("observe_batch()")
-        kwargs = kwargs or {}
+    def _observe_input(self, args: tuple, kwargs: dict) -> None:
+        """Body of the model's forward pre-hook on refresh steps (:class:`~lightning_seng.hooks.InputHook`)."""
+        self._probe_inputs = (args, kwargs)
+        self._sources.new_forward(*self._read_batch_size(args, kwargs))
+
+    def _declared(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Body of the forward pre-hook of a module that declares its layout (``batch_first``) on refresh steps
+        (:class:`~lightning_seng.hooks.DeclaredHook`): its input's declared axis is a source of the batch size."""
+        axis = declared_axis(module)
+        for t in declared_inputs(module, args, kwargs):
+            self._sources.note(f"'{name}' ({type(module).__name__}, batch_first={axis == 0})",
+                               t.shape[axis], f"axis {axis} of its input of shape {tuple(t.shape)}")
+
+    def _read_batch_size(self, args: Any, kwargs: dict) -> tuple:
+        """``(N, how it was read)`` from a call's inputs: ``batch_axis`` of the first tensor found, or
+        ``batch_axis(args, kwargs)``; ``(None, "")`` without a tensor."""
         if callable(self.batch_axis):
-            self._batch_size = check_int("batch_axis(args, kwargs)", self.batch_axis(args, kwargs), 1)
-            return
+            return check_int("batch_axis(args, kwargs)", self.batch_axis(args, kwargs), 1), "batch_axis(args, kwargs)"
         first = next((t for t in _tensors((args, kwargs))), None)
         if first is None:
-            return
+            return None, ""
         if first.dim() <= self.batch_axis:
             raise ValueError(f"batch_axis must be an axis of the model's first input, of shape {tuple(first.shape)} "
                              f"(got {self.batch_axis}); pass batch_axis=callable(args, kwargs) -> N otherwise")
-        self._batch_size = int(first.shape[self.batch_axis])
+        how = f"batch_axis={self.batch_axis} of its first tensor, of shape {tuple(first.shape)}"
+        return int(first.shape[self.batch_axis]), how
+
+    def observe_batch(self, args: Any, kwargs: Optional[dict] = None) -> None:
+        """Tell SENG this step's batch (as the Lightning callback does): its batch size ``N`` is ``batch_axis`` of
+        the first tensor found, or ``batch_axis(args, kwargs)``. On a refresh step it is cross-checked with the
+        model's first input (read the same way) and with the modules that declare their layout
+        (:mod:`lightning_seng.axes`)."""
+        self._check_attached("observe_batch()")
+        n, how = self._read_batch_size(args, kwargs or {})
+        if n is not None:
+            self._sources.new_batch(n, how)
+
+    def _refresh_batch(self) -> Tuple[Optional[int], bool]:
+        """``(N, True)``: the batch size of this refresh where every source agrees (``None`` if none spoke), and
+        each layer's sample axes from the structural probe (:mod:`lightning_seng.axes`). Where the sources
+        disagree, or the probe finds the samples off a module's declared axis, gone from the model's output or
+        breaking a forward that runs unresized, ``(None, False)``: the captured calls are dropped, one WARNING
+        names the sources and the settings that fix it, and no layer gets curvature from this refresh (those
+        with none are listed as falling back for that reason)."""
+        n, disagreement = self._sources.take()
+        if disagreement is not None:
+            disagreement = "its sources disagree: " + disagreement
+        inputs, self._probe_inputs = self._probe_inputs, None
+        probed = {name: None for name in self.layers}
+        if disagreement is None and n is not None:
+            result = self._probe.run(*inputs, n, self.batch_axis) if inputs is not None else \
+                "the model's own forward did not run on this refresh step"
+            if isinstance(result, str):
+                if inputs is not None:
+                    self._warn_once("axes:probe", "SENG: the structural probe of the sample axes could not run: "
+                                                  f"{result}; each layer takes the one axis of the batch size in its "
+                                                  "input, and falls back where there are several")
+                probed = {name: ProbedAxes(why_not=f"the probe could not run: {result}") for name in self.layers}
+            elif result.contradicted or result.output_lost:
+                disagreement = "; ".join(result.contradicted + ([result.output_lost] if result.output_lost else []))
+                disagreement = (f"in a shape-only forward of the model with its batch axis (size {n}) resized, "
+                                + disagreement)
+            else:
+                probed = {name: self._probed(result, layer) for name, layer in self.layers.items()}
+        for name, layer in self.layers.items():
+            layer.probed = probed[name]
+        if disagreement is None:
+            return n, True
+        for name, layer in self.layers.items():
+            layer.clear()
+            if layer.curvature is None:
+                self._reasons[name] = "the batch size of the refresh step was not confirmed (see the warning)"
+        self._warn_once("axes:sources", f"SENG: the batch size of this refresh step is not confirmed, "
+                        f"{disagreement}. No layer gets curvature from this refresh (the last good curvature is "
+                        "kept, layers without one get g / (1 + damping)); set batch_axis to the axis of the model's "
+                        "first input that counts the samples (batch_axis=1 for (T, N, ...) inputs, or a callable "
+                        "(args, kwargs) -> N), or batch_first on the modules to the layout they are fed")
+        return None, False
+
+    @staticmethod
+    def _probed(result: ProbeResult, layer: LayerCurvature) -> ProbedAxes:
+        """The probe's sample axes of all modules ``layer`` captures, in one table."""
+        found = ProbedAxes()
+        for module in layer.modules():
+            for shape, axis in result.axes[id(module)].shapes.items():
+                found.shapes[shape] = axis if found.shapes.get(shape, axis) == axis else "ambiguous"
+        return found
 
     def observe_loss(self, loss: Tensor) -> None:
         """Before ``loss.backward()`` on a refresh step (the Lightning callback calls it): read from the loss's autograd
         graph how it weighs each sample (:func:`~lightning_seng.layers.identity.batch_weights`) to check the
         ``loss_reduction`` setting at the refresh; a graph that does not tell is not checked. Optional in a plain
         loop, where it costs a walk of the loss's last few graph nodes."""
-        if self.capturing and self._batch_size is not None and isinstance(loss, Tensor):
-            self._loss_weights = identity.batch_weights(loss, self._batch_size)
+        n = self._sources.current()
+        if self.capturing and n is not None and isinstance(loss, Tensor):
+            self._loss_weights = identity.batch_weights(loss, n)
 
     def remove(self) -> None:
         """Detach all hooks and drop captured tensors; the model is free for a new SENG. Calling it again does
@@ -425,6 +509,7 @@ class SENG:
                 del _ATTACHED[module]
         self._claimed = []
         self._feedback = None
+        self._probe_inputs = None  # the model's inputs of a refresh step that never stepped
         self.removed = True
 
     def __deepcopy__(self, memo: dict):
@@ -788,7 +873,7 @@ class SENG:
         start = time.perf_counter()
         self._count_nonfinite()  # a refresh reads the device anyway
         pick = self._sample_picker()
-        n, self._batch_size = self._batch_size, None
+        n, agreed = self._refresh_batch()
         weights, self._loss_weights = self._loss_weights, None
         mismatch = None if weights is None or n is None else identity.reduction_mismatch(
             weights, loss_scale, n, self.loss_reduction)
@@ -806,7 +891,7 @@ class SENG:
                 self.layers[name].curvature = None
                 self._reasons[name] = mismatch
             factors = dict.fromkeys(factors)
-        if not grads_finite:  # this batch is bad as a whole: keep the last good curvature, build nothing
+        if not grads_finite or not agreed:  # this batch is bad as a whole: keep the last good curvature, build nothing
             factors = dict.fromkeys(factors)
         self._check_identities(factors, loss_scale)
         factors = self.comm.gather_factors(factors)
@@ -832,7 +917,7 @@ class SENG:
             else:
                 built[name] = Curvature(route, gram, chol, damping * scale, f.mask,
                                         next(eigens) if scheduled else None, scale=scale)
-        if self.comm.agree(not bad and grads_finite):
+        if self.comm.agree(not bad and grads_finite and agreed):
             for name, cur in built.items():
                 self.layers[name].curvature = cur
                 self._reasons.pop(name, None)

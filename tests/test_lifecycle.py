@@ -171,7 +171,7 @@ def test_training_a_deepcopy_feeds_nothing_to_the_original_seng():
     for seed in (3, 4):
         xt, yt = _data(seed=seed)
         F.cross_entropy(twin(xt), yt).backward()
-    assert _live_calls(seng) == 0 and seng._batch_size is None
+    assert _live_calls(seng) == 0 and seng._sources.current() is None and seng._probe_inputs is None
     x, y = _data()
     _step(model, seng, x, y)
     assert _exact(model, x, y)

@@ -22,11 +22,13 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .. import sketch
+from ..axes import ProbedAxes
 from .identity import GradientWatch, sum_terms
 from .routes import Route, RouteSettings, build_route, route_costs, route_from_state
 
 Mask = Tuple[bool, ...]
 Pick = Optional[Callable[[int], Optional[Tuple[Tensor, float]]]]
+_UNSEEN = object()  # the probe saw no tensor of this shape
 
 
 class NotExact(Exception):
@@ -34,19 +36,36 @@ class NotExact(Exception):
     announces it at WARNING level and gives the layer's parameters ``g / (1 + λ)`` until a refresh succeeds."""
 
 
-def find_sample_axis(shape: Sequence[int], n: int, candidates: Sequence[int], what: str) -> int:
-    """The one axis among ``candidates`` whose size is the batch size ``n``; :class:`NotExact` if there is
-    none (the layer saw flattened or partial batches) or several (the layout is ambiguous)."""
+def find_sample_axis(shape: Sequence[int], n: int, candidates: Sequence[int], what: str,
+                     probed: Optional[ProbedAxes] = None) -> int:
+    """The sample axis among ``candidates`` of a tensor of ``shape`` in a batch of ``n`` samples.
+
+    Where the structural probe (:mod:`lightning_seng.axes`) saw a tensor of this shape, its answer: the axis
+    that held the resized batch, whatever the sizes of the others (batch 8 into ``(8, 8, d)`` is exact). Else
+    the size rule: the one axis among ``candidates`` of size ``n``. :class:`NotExact` if the probe found no
+    sample axis, several or a flattened one, or one outside ``candidates``; by the size rule, if there is no
+    axis of size ``n`` (the layer saw flattened or partial batches) or several (the layout is ambiguous).
+    """
+    found = probed.shapes.get(tuple(shape), _UNSEEN) if probed is not None else _UNSEEN
+    if isinstance(found, int) and found in candidates:
+        return found
+    if found is not _UNSEEN:
+        where = {None: "no axis", "ambiguous": "several axes", "merged": "no axis of its own"}.get(found)
+        raise NotExact(f"its {what} of shape {tuple(shape)} holds the samples on " +
+                       (f"axis {found}, where its layout has none" if where is None else
+                        f"{where} (found by resizing the batch in a shape-only forward of the model)") +
+                       ", so its per-sample gradients are unknown")
     axes = [i for i in candidates if shape[i] == n]
     if len(axes) == 1:
         return axes[0]
+    unprobed = f" ({probed.why_not})" if probed is not None and probed.why_not else ""
     if not axes:
         raise NotExact(f"its {what} of shape {tuple(shape)} has no axis of the batch size {n} (a flattened, "
                        "partial or unbatched input, or a batch size read from the wrong axis of the model's "
-                       "input: see batch_axis), so its per-sample gradients are unknown")
+                       f"input: see batch_axis), so its per-sample gradients are unknown{unprobed}")
     raise NotExact(f"its {what} of shape {tuple(shape)} has several axes of the batch size {n} (axes {axes}), "
-                   "so the sample axis is ambiguous; a batch size that differs from the other dimensions "
-                   "removes the ambiguity")
+                   "so the sample axis is ambiguous, and the structural probe of the sample axes gave no "
+                   f"answer{unprobed or ' for this shape'}")
 
 
 def roundoff(tensors: List[Tensor]) -> float:
@@ -210,6 +229,8 @@ class LayerCurvature:
     """One supported module: capture by hooks, curvature refresh, preconditioned direction."""
 
     kind = ""
+    # the sample axes the preconditioner's structural probe found for this refresh (None: not probed)
+    probed: Optional[ProbedAxes] = None
 
     def __init__(self, name: str, module: nn.Module):
         self.name = name
@@ -425,7 +446,7 @@ class LayerCurvature:
     def sample_first(self, call: Call, n: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """``(input, output grad)`` of one call with the sample axis first, in ``dtype``."""
         x, g = call.inputs, call.grads[0]
-        axis = find_sample_axis(x.shape, n, self.sample_axes(x), "input")
+        axis = find_sample_axis(x.shape, n, self.sample_axes(x), "input", self.probed)
         return x.movedim(axis, 0).to(dtype), g.movedim(axis, 0).to(dtype)
 
     def _factors(self, calls: List[Tuple[Tensor, Tensor]], mask: Mask) -> Factors:

@@ -232,9 +232,9 @@ class EmbeddingLayer(LayerCurvature):
         of size ``n`` among all token axes) or ``(input, output grad)`` of a Linear call, sample axis first."""
         x, g = call.inputs, call.grads[0]
         if x.is_floating_point():  # a Linear's input (an Embedding looks up integer tokens)
-            axis = find_sample_axis(x.shape, n, range(x.dim() - 1), "input")
+            axis = find_sample_axis(x.shape, n, range(x.dim() - 1), "input", self.probed)
             return x.movedim(axis, 0).to(dtype), g.movedim(axis, 0).to(dtype)
-        axis = find_sample_axis(x.shape, n, range(x.dim()), "tokens")
+        axis = find_sample_axis(x.shape, n, range(x.dim()), "tokens", self.probed)
         return x.movedim(axis, 0), g.movedim(axis, 0).to(dtype)
 
     def _factors(self, calls: List[Tuple[Tensor, Tensor]], mask: Mask) -> Factors:

@@ -180,7 +180,7 @@ class GenericLayer(LayerCurvature):
             raise NotExact(f"none of its tensor inputs has an axis of the batch size {n}, so its outputs are "
                            "not per-sample functions of the batch")
         outputs = [(k, g, check) for k, g, check in zip(kept.outputs, call.grads, kept.checks) if g is not None]
-        out_axes = [find_sample_axis(g.shape, n, range(g.dim()), "output") for _, g, _ in outputs]
+        out_axes = [find_sample_axis(g.shape, n, range(g.dim()), "output", self.probed) for _, g, _ in outputs]
         device = outputs[0][1].device
 
         def cast(t: Tensor) -> Tensor:
@@ -232,9 +232,13 @@ class GenericLayer(LayerCurvature):
         self.per_sample_loop = loop  # only once every sample went through (a coupled forward may map later)
         return J
 
-    @staticmethod
-    def _input_axis(t: Tensor, n: int) -> Optional[int]:
-        """The input's sample axis: its one axis of size ``n``; ``None`` (shared by all samples) if it has none."""
+    def _input_axis(self, t: Tensor, n: int) -> Optional[int]:
+        """The input's sample axis: where the structural probe saw the resized batch, ``None`` (shared by all
+        samples) where it saw none; unprobed, its one axis of size ``n``, ``None`` if it has none."""
+        if self.probed is not None and self.probed.shapes.get(tuple(t.shape), 0) is None:
+            return None
+        if self.probed is not None and tuple(t.shape) in self.probed.shapes:
+            return find_sample_axis(t.shape, n, range(t.dim()), "input", self.probed)
         axes = [i for i, s in enumerate(t.shape) if s == n]
         if len(axes) > 1:
             find_sample_axis(t.shape, n, axes, "input")  # raises: ambiguous

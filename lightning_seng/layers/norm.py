@@ -43,7 +43,7 @@ class NormLayer(LayerCurvature):
     def sample_first(self, call: Call, n: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """``(x̂, output grad)``: normalised over the whole batch before any subset of samples is taken."""
         x, g = call.inputs.to(dtype), call.grads[0]
-        axis = find_sample_axis(x.shape, n, self.sample_axes(x), "input")
+        axis = find_sample_axis(x.shape, n, self.sample_axes(x), "input", self.probed)
         return self._normalised(x).movedim(axis, 0), g.movedim(axis, 0).to(dtype)
 
     def _channel_view(self, t: Tensor) -> Tensor:

@@ -395,9 +395,12 @@ def test_unbatched_query_falls_back_with_a_warning(caplog):
 
 
 def test_sequence_first_attention_with_the_batch_read_from_the_wrong_axis_falls_back(caplog):
-    reasons, _ = _fallback_reasons(attend(batch_first=False), (seq(L, batch_first=False),), caplog)
-    assert "no axis of the batch size" in reasons["mha"]
+    """The model's input on ``batch_axis=0`` says ``L``, the attention's declared axis 1 says ``N``."""
+    reasons, log = _fallback_reasons(attend(batch_first=False), (seq(L, batch_first=False),), caplog)
+    assert "not confirmed" in reasons["mha"]
     assert "mha.out_proj" in reasons
+    assert f"first input (batch_axis=0 of its first tensor, of shape {(L, N, E)}): {L}" in log
+    assert f"'mha' (MultiheadAttention, batch_first=False) (axis 1 of its input of shape {(L, N, E)}): {N}" in log
 
 
 def test_weights_changed_after_the_forward_are_detected(caplog):

@@ -220,13 +220,12 @@ def test_sparse_gradients_fall_back_with_a_warning(caplog):
     torch.testing.assert_close(model.emb.weight.grad.to_dense(), raw / (1 + DAMPING), rtol=1e-12, atol=0)
 
 
-def test_batch_size_equal_to_the_sequence_length_is_ambiguous_and_falls_back(caplog):
+def test_batch_size_equal_to_the_sequence_length_is_told_apart_by_the_probe_and_exact(caplog):
+    """Tokens ``(N, T)`` with ``N == T``: the sizes are ambiguous, the structural probe is not."""
     caplog.set_level(logging.WARNING, logger="lightning_seng")
-    model = Bag().double()
-    x, y = _tokens(n=T), _labels(n=T)
-    got, seng = _run(model, x, y)
-    assert any("'emb'" in m and "ambiguous" in m for m in _warnings(caplog))
-    assert not next(r for r in seng.coverage() if r.module == "emb").curvature
+    torch.manual_seed(0)
+    seng = _assert_exact(Bag().double(), _tokens(n=T), _labels(n=T))
+    assert all(r.curvature for r in seng.coverage()) and not _warnings(caplog)
 
 
 def test_table_read_outside_the_forward_is_flagged(caplog):

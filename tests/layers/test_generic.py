@@ -519,9 +519,22 @@ def test_refresh_leaves_the_global_random_state_untouched():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_two_axes_of_the_batch_size_fall_back_as_ambiguous(caplog):
+def test_two_axes_of_the_batch_size_are_told_apart_by_the_probe_and_exact():
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(5, 7), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 7, 3)).double()
+    _assert_exact(model, *_data((4, 5), n=4), generic={"0"})
+
+
+class Branching(nn.Sequential):
+    """Data-dependent control flow: a shape-only forward cannot decide the branch, so no probe runs."""
+
+    def forward(self, x):
+        return super().forward(x if bool(x.sum() > -1e9) else -x)
+
+
+def test_two_axes_of_the_batch_size_fall_back_as_ambiguous_where_the_probe_cannot_run(caplog):
+    torch.manual_seed(0)
+    model = Branching(Conv1D(5, 7), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 7, 3)).double()
     _assert_falls_back(model, *_data((4, 5), n=4), "0", "several axes of the batch size 4", caplog)
 
 

@@ -88,10 +88,12 @@ def _step(model, x, y, **kwargs):
     return {k: p.grad.clone() for k, p in model.named_parameters()}, seng
 
 
-def test_sequence_first_layers_find_the_sample_axis_and_are_exact():
+@pytest.mark.parametrize("t", [4, 7], ids=["sequence-4", "sequence-equal-to-the-batch"])
+def test_sequence_first_layers_find_the_sample_axis_and_are_exact(t):
+    """With ``T == N`` the sizes cannot tell the axes of ``(T, N, d)`` apart; the structural probe can."""
     torch.manual_seed(0)
     model = SeqFirst().double()
-    t, n = 4, 7
+    n = 7
     x, y = torch.randn(t, n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))
     names = [k for k, _ in model.named_parameters()]
 
@@ -124,11 +126,18 @@ def test_a_layer_without_an_axis_of_the_batch_size_falls_back_and_names_batch_ax
     assert len(messages) == 1 and "'head'" in messages[0] and "batch_axis" in messages[0], messages
 
 
-def test_two_axes_of_the_batch_size_are_ambiguous_and_fall_back(caplog):
+class SeqFirstBranching(SeqFirst):
+    """Data-dependent control flow: a shape-only forward cannot decide the branch, so no probe runs."""
+
+    def forward(self, x):
+        return super().forward(x if bool(x.sum() > -1e9) else -x)
+
+
+def test_two_axes_of_the_batch_size_are_ambiguous_and_fall_back_where_the_probe_cannot_run(caplog):
     torch.manual_seed(0)
-    model = SeqFirst().double()
+    model = SeqFirstBranching().double()
     x, y = torch.randn(7, 7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
-    raw_model = SeqFirst().double()
+    raw_model = SeqFirstBranching().double()
     raw_model.load_state_dict(model.state_dict())
     F.cross_entropy(raw_model(x), y).backward()
     with caplog.at_level(logging.WARNING, logger="lightning_seng"):
@@ -136,6 +145,7 @@ def test_two_axes_of_the_batch_size_are_ambiguous_and_fall_back(caplog):
     for name in ("proj", "norm"):
         assert seng.layers[name].curvature is None
         assert any(f"'{name}'" in r.getMessage() and "ambiguous" in r.getMessage() for r in caplog.records)
+    assert any("probe" in r.getMessage() and "could not run" in r.getMessage() for r in caplog.records)
     for k, p in raw_model.named_parameters():
         if not k.startswith("head"):
             torch.testing.assert_close(got[k], p.grad / (1 + DAMPING), rtol=1e-14, atol=0)

@@ -65,6 +65,21 @@ def test_llama_rmsnorm_and_gated_mlp_are_exact():
     assert _fallbacks(seng) == set()
 
 
+def test_llama_at_batch_equal_to_the_context_is_exact():
+    """``N == T == 8``: every layer's input is ``(8, 8, ...)``; the structural probe tells the axes apart."""
+    config = transformers.LlamaConfig(**SMALL, num_key_value_heads=1, bos_token_id=0, eos_token_id=0,
+                                      pad_token_id=0)
+    model = _build(transformers.LlamaForCausalLM, config)
+    tokens = torch.randint(0, VOCAB, (8, 8), generator=torch.Generator().manual_seed(0))
+
+    def losses():
+        logits = model(input_ids=tokens).logits
+        per_token = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1), reduction="none")
+        return per_token.reshape(8, -1).mean(1)
+    seng = check(model, losses, 8)
+    assert _fallbacks(seng) == set()
+
+
 def test_bert_classifier_is_exact():
     config = transformers.BertConfig(**SMALL, type_vocab_size=2, num_labels=3, pad_token_id=0)
     model = _build(transformers.BertForSequenceClassification, config)
