@@ -95,10 +95,12 @@ class GradientWatch:
 
 
 def sum_terms(sums: List[Tensor], produced: List[Tensor], magnitude: Tensor) -> Tensor:
-    """``[‖Σ_n J_n − g_prod‖, ‖g_prod‖, M]``, float64 on the device (read with the other layers' at once)."""
-    diff = torch.stack([(s - g.to(s.dtype)).to(torch.float64).square().sum() for s, g in zip(sums, produced)])
-    norm = torch.stack([g.to(torch.float64).square().sum() for g in produced])
-    return torch.stack([diff.sum().sqrt(), norm.sum().sqrt(), magnitude.to(torch.float64).reshape(())])
+    """``[‖Σ_n J_n − g_prod‖, ‖g_prod‖, M]``, float64 on the device (read with the other layers' at once); the
+    norms are taken in the tensors' own dtype (a float64 copy of each gradient would cost more than the sum)."""
+    diff = torch.stack([torch.linalg.vector_norm(s - g.to(s.dtype)) for s, g in zip(sums, produced)])
+    norm = torch.stack([torch.linalg.vector_norm(g) for g in produced])
+    return torch.stack([torch.linalg.vector_norm(diff.to(torch.float64)), torch.linalg.vector_norm(norm.to(torch.float64)),
+                        magnitude.to(torch.float64).reshape(())])
 
 
 def sum_mismatch(terms: Sequence[float], eps: float) -> Optional[float]:
@@ -112,11 +114,13 @@ def sum_mismatch(terms: Sequence[float], eps: float) -> Optional[float]:
 
 def scale_terms(pairs: List[Tuple[Tensor, Tensor]], loss_scale: float) -> Tensor:
     """For one layer's ``(.grad, g_prod)`` pairs, with ``g = g_prod / loss_scale``: ``[<.grad, g>, <g, g>,
-    <.grad, .grad>, ‖.grad − g‖²]``, float64 on the device."""
+    <.grad, .grad>, ‖.grad − g‖²]``, float64 on the device, each taken in the gradient's own dtype."""
     rows = []
     for a, b in pairs:
-        a, b = a.reshape(-1).to(torch.float64), b.reshape(-1).to(torch.float64) / loss_scale
-        rows.append(torch.stack([torch.vdot(a, b), b.square().sum(), a.square().sum(), (a - b).square().sum()]))
+        a, b = a.reshape(-1), b.reshape(-1).to(a.dtype)
+        rows.append(torch.stack([torch.vdot(a, b) / loss_scale, (torch.linalg.vector_norm(b) / loss_scale) ** 2,
+                                 torch.linalg.vector_norm(a) ** 2,
+                                 torch.linalg.vector_norm(a - b / loss_scale) ** 2]).to(torch.float64))
     return torch.stack(rows).sum(0)
 
 
