@@ -11,8 +11,8 @@ feed each other. So on every refresh step SENG checks, per layer, what exactness
    terms, or of the per-sample gradients) and ``τ`` follows the coarsest precision that took part
    (:func:`tolerance`).
 2. **``.grad`` is that gradient** when ``.grad`` held nothing before the backward: ``.grad = c·g_prod/s`` (``s``
-   the loss scale) with one ``c`` for all layers. A common ``c ≠ 1`` is a rescaling of the whole gradient
-   (clipping by norm), which the direction ``(F + λI)^{-1}·.grad`` serves exactly (``F`` comes from the
+   the loss scale) with one ``c`` for all layers. A common ``c = 2^k`` (``k ≠ 0``) is a loss scale SENG was
+   not told of (AMP's); another common ``c ≠ 1`` is a rescaling of the whole gradient (clipping by norm), which the direction ``(F + λI)^{-1}·.grad`` serves exactly (``F`` comes from the
    backward, whatever ``.grad`` is scaled by); a ``c`` of one layer alone, or a change that is no rescaling, is
    a change to that layer's gradient after the backward (a post-accumulate-grad hook, clipping by value).
 
@@ -152,6 +152,12 @@ def judge_scales(terms: Dict[str, Sequence[float]], eps: float) -> Tuple[float, 
             failed[name] = (f"its .grad is {c:.4g} times the gradient its backward produced while the other "
                             f"layers' are {common:.4g} times theirs: this parameter's gradient was rescaled alone "
                             "after the backward (a post-accumulate-grad hook, an edit of .grad)")
+    k = round(math.log2(common)) if common > 0 else 0
+    if k != 0 and abs(common / 2.0 ** k - 1) <= tol:
+        for name in scales:
+            failed.setdefault(name, f"every .grad is 2^{k} times the gradient its backward produced over the loss "
+                                    "scale: an AMP loss scale (or another power-of-two factor on the loss) that did "
+                                    "not reach SENG; pass it as seng.step(loss_scale=...)")
     return common, failed
 
 

@@ -49,6 +49,10 @@ def _halve(p):
     p.grad.mul_(0.5)
 
 
+def _shrink(p):
+    p.grad.mul_(0.3)
+
+
 def _fallen_back(seng):
     return set(seng._reasons)
 
@@ -76,15 +80,15 @@ def test_a_post_accumulate_hook_on_one_weight_is_announced_and_the_other_layer_s
 
 @pytest.mark.parametrize("update_freq", [1, 2])
 def test_a_hook_that_rescales_the_whole_gradient_is_preconditioned_exactly(update_freq, caplog, monkeypatch):
-    """One Linear whose ``.grad`` (weight and bias) a hook halves after accumulation: ``(F + λI)^{-1}·.grad`` with
-    ``F`` from the backward is exact (rel. error 9 before, through the batch shortcut), on refresh steps and
-    between."""
+    """One Linear whose ``.grad`` (weight and bias) a hook scales by 0.3 after accumulation: ``(F + λI)^{-1}·.grad``
+    with ``F`` from the backward is exact (rel. error 9 before, through the batch shortcut), on refresh steps and
+    between. (A power of two would be read as a loss scale SENG was not told of, and announced.)"""
     caplog.set_level(logging.WARNING, logger="lightning_seng")
     monkeypatch.setattr(linear, "MIN_SAVING", 0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 30)).double()
     for p in model.parameters():
-        p.register_post_accumulate_grad_hook(_halve)
+        p.register_post_accumulate_grad_hook(_shrink)
     seng = SENG(model, damping=DAMPING, update_freq=update_freq)
     x0, y0 = _batch(0, d=40, classes=30)
     for step in range(3):
@@ -310,12 +314,15 @@ def test_sum_mismatch_is_relative_to_the_magnitudes_summed():
 def test_judge_scales_tells_a_common_rescaling_from_one_layers_change():
     eps = torch.finfo(torch.float64).eps
     same = [1.0, 1.0, 1.0, 0.0]  # <a, g>, <g, g>, <a, a>, ‖a − g‖²
+    clipped = [0.3, 1.0, 0.09, 0.49]
     half = [0.5, 1.0, 0.25, 0.25]
     assert identity.judge_scales({"a": same, "b": same}, eps) == (1.0, {})
-    common, failed = identity.judge_scales({"a": half, "b": half}, eps)
-    assert common == pytest.approx(0.5) and failed == {}
-    _, failed = identity.judge_scales({"a": same, "b": same, "c": half}, eps)
+    common, failed = identity.judge_scales({"a": clipped, "b": clipped}, eps)
+    assert common == pytest.approx(0.3) and failed == {}
+    _, failed = identity.judge_scales({"a": same, "b": same, "c": clipped}, eps)
     assert set(failed) == {"c"}
+    _, failed = identity.judge_scales({"a": half, "b": half}, eps)  # 2^-1: a loss scale SENG was not told of
+    assert set(failed) == {"a", "b"} and "loss_scale" in failed["a"]
     _, failed = identity.judge_scales({"a": [0.0, 1.0, 1.0, 2.0]}, eps)  # orthogonal: no rescaling explains it
     assert set(failed) == {"a"}
 
@@ -366,5 +373,30 @@ def test_a_matching_reduction_under_a_loss_scale_passes(caplog):
     loss = F.cross_entropy(model(x), y) * 64.0
     seng.observe_loss(loss)
     loss.backward()
+    for p in model.parameters():  # unscaled, as AMP's GradScaler does before the step
+        p.grad.div_(64.0)
     seng.step(loss_scale=64.0)
     assert _warnings(caplog) == [] and seng._reasons == {}
+
+
+def test_an_amp_loss_scale_not_passed_to_the_step_is_announced(caplog):
+    """The loss carried a factor 1024 into backward and ``.grad`` was unscaled, but ``seng.step()`` was not told:
+    the captured output gradients are 1024 times too large for ``.grad``; every layer falls back, one warning each
+    naming ``loss_scale``. Passing it keeps every layer exact (no warning)."""
+    caplog.set_level(logging.WARNING, logger="lightning_seng")
+    for passed in (False, True):
+        caplog.clear()
+        model = _mlp()
+        x, y = _batch()
+        seng = SENG(model, damping=DAMPING, update_freq=1)
+        model.zero_grad()
+        (F.cross_entropy(model(x), y) * 1024.0).backward()
+        for p in model.parameters():
+            p.grad.div_(1024.0)
+        seng.step(loss_scale=1024.0 if passed else 1.0)
+        messages = _warnings(caplog)
+        if passed:
+            assert messages == [] and seng._reasons == {}
+        else:
+            assert _fallen_back(seng) == {"0", "2"} and all("loss_scale" in m for m in messages)
+        seng.remove()
