@@ -53,3 +53,17 @@ def test_batchnorm_matches_per_sample_jacobian(bn, shape):
     ref = dense_direction(jac, g, DAMPING, n ** -0.5)
     for k in ("0.weight", "0.bias"):
         assert rel_err(got[k], ref[k]) < 1e-10, k
+
+
+def test_coverage_says_batchnorm_in_training_mode_takes_its_statistics_as_constants():
+    """The norm route treats a training-mode BatchNorm's batch statistics as constants (as the SENG authors do):
+    the coverage table says so on that row, and not in eval mode, where the running statistics are constants."""
+    from lightning_seng import SENG
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    seng = SENG(model)
+    rows = {r.module: r for r in seng.coverage().rows}
+    assert rows["1"].route == "norm" and "batch statistics as constants" in rows["1"].note
+    model.eval()
+    assert "batch statistics" not in {r.module: r for r in seng.coverage().rows}["1"].note
+    seng.remove()
