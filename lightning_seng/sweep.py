@@ -190,6 +190,7 @@ class OfflineSweep:
         out_dir: each run writes under ``out_dir/run-<k>``.
         overrides: Hydra overrides added to every run (budgets such as ``trainer.max_epochs=1``); they may not
             set a swept parameter or one of :data:`RESERVED_KEYS`.
+        Raises ValueError when an override sets such a key or ``out_dir`` already holds runs.
         seed: seeds Python's and NumPy's global generators, which ``sweeps`` samples from, so the same
             seed proposes the same runs.
         echo: where the progress lines go.
@@ -202,6 +203,8 @@ class OfflineSweep:
             if key in spec["parameters"] or key in RESERVED_KEYS:
                 raise ValueError(f"override {override!r} sets {key!r}, which the sweep sets "
                                  f"(swept: {sorted(spec['parameters'])}, reserved: {list(RESERVED_KEYS)})")
+        if any(Path(out_dir).glob("run-*")):
+            raise ValueError(f"out_dir {str(out_dir)!r} already holds runs of a sweep: choose a new folder")
         if "early_terminate" in spec:
             log.warning("early_terminate %s is not applied offline: every run trains to its end",
                         dict(spec["early_terminate"]))
