@@ -244,7 +244,7 @@ class OfflineSweep:
         seconds = time.perf_counter() - start
         if code != 0:
             return SweepRunResult(name, dict(params), FAILED, run_dir, seconds,
-                                  error=f"exit code {code}: {_last_line(run_dir / 'output.log')}")
+                                  error=f"exit code {code}; log ends: {_tail(run_dir / 'output.log')}")
         try:
             metrics = read_metrics(run_dir)
         except FileNotFoundError as err:
@@ -283,9 +283,11 @@ def _native(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and not isinstance(value, str) else value
 
 
-def _last_line(path: Path) -> str:
+def _tail(path: Path, count: int = 2) -> str:
+    """The last ``count`` non-empty lines of ``path`` joined by `` | `` (a traceback's last two lines hold the
+    exception, the entry point's hold its error and Hydra's hint)."""
     lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
+    return " | ".join(lines[-count:]) if lines else "(no output)"
 
 
 def _progress_line(result: SweepRunResult, runs: int, metric: str | None) -> str:

@@ -190,3 +190,15 @@ def test_diverged_run_is_marked_and_ranked_last(grid_run):
     assert not math.isfinite(diverged.metrics["val/loss"])
     last = table.splitlines()[-1].split()
     assert last[0] == "2" and last[-1] == "DIVERGED" and last[2] == "1e+04"
+
+
+def test_run_with_a_bad_value_is_failed_with_its_error(tmp_path):
+    path = _write(tmp_path, "method: grid\nmetric: {name: val/acc, goal: maximize}\nparameters:\n"
+                            "  seng.damping:\n    values: [-1.0]\n" + COMMAND)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main([str(path), "--runs", "1", "--out", str(tmp_path / "out"), *TINY])
+    assert code == 1  # no run trained
+    (progress,) = [line for line in stdout.getvalue().splitlines() if line.startswith("[1/1]")]
+    assert re.search(r"failed \(exit code 2; log ends: Error: .*damping must be a finite number > 0 \(got -1.0\)", progress)
+    assert stdout.getvalue().splitlines()[-1].split()[-1] == "failed"
