@@ -40,7 +40,7 @@ import yaml
 
 log = logging.getLogger(__name__)
 
-# W&B's command macros (docs: "Define sweep configuration", command key) this runner expands; ${env} is
+# The W&B command macros (sweep configuration options, key `command`) this runner expands; ${env} is
 # `/usr/bin/env` under W&B, which adds nothing to a subprocess that inherits the environment.
 MACROS = ("${env}", "${interpreter}", "${program}", "${args}", "${args_no_hyphens}")
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # W&B's command when the key is absent
