@@ -79,7 +79,8 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
 
     Raises:
         ValueError: the file is not a mapping, breaks the schema (each violation listed), or its ``command``
-            uses a macro this runner does not expand.
+            uses a macro this runner does not expand (one it does not know, one inside a longer argument,
+            ``${program}`` without ``program``).
     """
     path = Path(path)
     spec = yaml.load(path.read_text(), Loader=SweepLoader)
@@ -92,6 +93,11 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
         for macro in re.findall(r"\$\{[^}]*\}", str(arg)):
             if macro not in MACROS:
                 raise ValueError(f"{path}: command macro {macro} is not expanded offline (allowed: {list(MACROS)})")
+            if arg != macro:
+                raise ValueError(f"{path}: command argument {arg!r} embeds {macro}; offline a macro must be a whole "
+                                 "argument")
+            if macro == "${program}" and "program" not in spec:
+                raise ValueError(f"{path}: command uses ${{program}} but the sweep sets no program")
     return spec
 
 

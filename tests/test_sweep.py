@@ -62,7 +62,7 @@ def test_shipped_sweep_is_valid_over_real_config_keys(path):
 
 
 def test_scientific_notation_loads_as_float(tmp_path):
-    path = _write(tmp_path, "method: grid\nparameters:\n  optimizer.lr:\n    values: [1e-5, 2E+3, 0.5]\n")
+    path = _write(tmp_path, "method: grid\nparameters:\n  optimizer.lr:\n    values: [1e-5, 2E+3, 0.5]\n" + COMMAND)
     assert yaml.safe_load(path.read_text())["parameters"]["optimizer.lr"]["values"][0] == "1e-5"  # PyYAML's reading
     assert load_sweep(path)["parameters"]["optimizer.lr"]["values"] == [1e-5, 2000.0, 0.5]
 
@@ -85,6 +85,13 @@ def test_unknown_command_macro_is_refused(tmp_path):
     path = _write(tmp_path, "method: grid\nparameters:\n  seng.damping:\n    values: [0.1]\n"
                             "command: [python, -m, lightning_seng.train, '${args_json}']\n")
     with pytest.raises(ValueError, match=r"command macro \$\{args_json\} is not expanded offline"):
+        load_sweep(path)
+
+
+def test_macro_inside_an_argument_is_refused(tmp_path):
+    path = _write(tmp_path, "method: grid\nparameters:\n  seng.damping:\n    values: [0.1]\n"
+                            "command: [python, -m, lightning_seng.train, 'x${args_no_hyphens}']\n")
+    with pytest.raises(ValueError, match=r"command argument 'x\$\{args_no_hyphens\}' embeds \$\{args_no_hyphens\}"):
         load_sweep(path)
 
 
