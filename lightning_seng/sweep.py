@@ -176,7 +176,7 @@ def run_state(metrics: Mapping[str, float], metric: str | None) -> str:
 
 @dataclass
 class SweepRunResult:
-    """One run of an offline sweep: its proposed ``params``, final ``metrics`` (empty when it failed),
+    """One run of an offline sweep: its proposed ``params``, final ``metrics`` (empty when it wrote none),
     ``state`` (finished, diverged or failed), the ``run_dir`` holding its output and why it failed."""
 
     name: str
@@ -196,10 +196,12 @@ class OfflineSweep:
         out_dir: each run writes under ``out_dir/run-<k>``.
         overrides: Hydra overrides added to every run (budgets such as ``trainer.max_epochs=1``); they may not
             set a swept parameter or one of :data:`RESERVED_KEYS`.
-        Raises ValueError when an override sets such a key or ``out_dir`` already holds runs.
-        seed: seeds Python's and NumPy's global generators, which ``sweeps`` samples from, so the same
+        seed: seeds Python's and NumPy's global generators here, which ``sweeps`` samples from, so the same
             seed proposes the same runs.
         echo: where the progress lines go.
+
+    Raises:
+        ValueError: an override sets a swept or reserved key, or ``out_dir`` already holds runs.
     """
 
     def __init__(self, spec: Mapping[str, Any], out_dir: str | Path, overrides: Sequence[str] = (),
@@ -217,7 +219,11 @@ class OfflineSweep:
         self.spec = dict(spec)
         self.out_dir = Path(out_dir)
         self.overrides = list(overrides)
-        self.seed = seed
+        random.seed(seed)
+        _import_sweeps()
+        import numpy
+
+        numpy.random.seed(seed)
         self.echo = echo
         self.metric = (spec.get("metric") or {}).get("name")
         self.results: list[SweepRunResult] = []
@@ -264,11 +270,6 @@ class OfflineSweep:
         """Propose and train up to ``runs`` runs (fewer when a grid is exhausted), printing one line per run."""
         if runs < 1:
             raise ValueError(f"runs must be an integer >= 1 (got {runs!r})")
-        random.seed(self.seed)
-        _import_sweeps()
-        import numpy
-
-        numpy.random.seed(self.seed)
         for _ in range(runs):
             params = self.propose()
             if params is None:

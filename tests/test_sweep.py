@@ -107,6 +107,13 @@ def test_output_folder_holding_runs_is_refused(tmp_path):
         OfflineSweep(load_sweep(SHIPPED[0]), tmp_path)
 
 
+def test_seed_fixes_the_proposals(tmp_path):
+    spec = load_sweep(SHIPPED[0])
+    first, again, other = (OfflineSweep(spec, tmp_path, seed=seed).propose() for seed in (0, 0, 1))
+    assert first == again and first != other
+    assert set(first) == set(spec["parameters"]) and isinstance(first["seng.damping"], float)
+
+
 @pytest.mark.parametrize("value", [1e-5, 0.1, 3, True, None, "explicit", "it's", [1, 2.5], {"a": 1}])
 def test_hydra_value_parses_back_to_the_value(value):
     override = OverridesParser.create().parse_override(f"key={hydra_value(value)}")
