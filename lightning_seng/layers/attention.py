@@ -36,7 +36,6 @@ from torch import Tensor, nn
 
 from .base import Call, Factors, Mask, MatrixLayer, NotExact, find_sample_axis
 from .linear import LinearLayer
-from .routes import Route, RouteSettings, build_route
 
 _FORWARD = inspect.signature(nn.MultiheadAttention.forward)
 _PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k", "bias_v")

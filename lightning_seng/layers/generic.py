@@ -155,7 +155,7 @@ class GenericLayer(LayerCurvature):
                            f"explicit route's cap of {EXPLICIT_MAX_ELEMENTS:,}")
         J = 0
         for call in calls:
-            J = J + self._per_sample(call, n, torch.arange(n), 1.0, dtype, names)
+            J = J + self._per_sample(call, n, dtype, names)
         self._check_all_used(J, names)
         factors = Factors(J, None, mask)
         self.check_sums(factors, max(call.inputs.roundoff for call in calls))
@@ -166,9 +166,8 @@ class GenericLayer(LayerCurvature):
             factors.grad_side = factors.grad_side / loss_scale
         return factors
 
-    def _per_sample(self, call: Call, n: int, rows: Tensor, factor: float, dtype: torch.dtype,
-                    names: List[str]) -> Tensor:
-        """``(len(rows), d)``: the per-sample gradients of one call, for samples ``rows``."""
+    def _per_sample(self, call: Call, n: int, dtype: torch.dtype, names: List[str]) -> Tensor:
+        """``(n, d)``: the per-sample gradients of one call, for every sample."""
         kept: Kept = call.inputs
         leaves, spec = pytree.tree_flatten(kept.inputs)
         slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
@@ -186,22 +185,15 @@ class GenericLayer(LayerCurvature):
         def cast(t: Tensor) -> Tensor:
             return t.to(dtype) if t.is_floating_point() else t
 
-        def samples(t: Tensor, axis: Optional[int]) -> Tensor:
-            return cast(t if axis is None else t.index_select(axis, rows.to(t.device)))
-
-        xs = [samples(leaves[i], a) for i, a in zip(slots, in_axes)]
-        cots = [samples(g, a) * factor for (_, g, _), a in zip(outputs, out_axes)]
-        rows = rows.to(device)
+        xs = [cast(leaves[i]) for i in slots]
+        cots = [cast(g) for _, g, _ in outputs]
         primals, params, buffers = self._state(names, dtype)
         one = self._sample_function(leaves, spec, slots, in_axes, [k for k, _, _ in outputs], out_axes,
                                     [g.shape for _, g, _ in outputs], params, buffers)
-        m = rows.numel()
+        m = n
         d = sum(p.numel() for p in primals.values())
         J = torch.empty(m, d, dtype=dtype, device=device)
-        position = torch.full((n,), -1, dtype=torch.long, device=device)
-        position[rows] = torch.arange(m, device=device)
-        checks = [self._checked(coords, values, a, position)
-                  for (_, _, (coords, values)), a in zip(outputs, out_axes)]
+        checks = [self._checked(coords, values, a) for (_, _, (coords, values)), a in zip(outputs, out_axes)]
         footprint = d + sum(t.numel() // m for t, a in zip(xs + cots, in_axes + out_axes) if a is not None)
         loop = self.per_sample_loop
         chunk = max(1, min(m, CHUNK_ELEMENTS // max(footprint, 1)))
@@ -312,14 +304,11 @@ class GenericLayer(LayerCurvature):
             return None, None
 
     @staticmethod
-    def _checked(coords: Tuple[Tensor, ...], values: Tensor, axis: int, position: Tensor):
-        """The kept entries of picked samples: coordinates with the sample's position among the picked rows
-        on the sample ``axis``, values in float64, and their largest magnitude."""
-        pos = position[coords[axis]]
-        picked = pos >= 0
-        at = tuple((pos if i == axis else c)[picked] for i, c in enumerate(coords))
-        want = values[picked].double()
-        return at, want, axis, float(want.abs().max()) if want.numel() else 0.0
+    def _checked(coords: Tuple[Tensor, ...], values: Tensor, axis: int):
+        """The kept entries: their coordinates (the sample's on ``axis``), values in float64, and their largest
+        magnitude."""
+        want = values.double()
+        return coords, want, axis, float(want.abs().max()) if want.numel() else 0.0
 
     def _compare(self, ys: List[Tensor], checks, start: int, stop: int, m: int, roundoff: float) -> None:
         """The recomputed outputs of samples ``start:stop`` (of ``m``) against the entries kept from the batch

@@ -7,7 +7,7 @@ bias), summed over the positions ``s`` that share a parameter. They are small (`
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
