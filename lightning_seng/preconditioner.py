@@ -40,9 +40,6 @@ from .schedules import ConstantDamping, DampingLike, LevenbergMarquardt, make_da
 log = logging.getLogger(__name__)
 
 LOSS_REDUCTIONS = ("mean", "sum")
-# Relative error a damped solve may reach (unit roundoff times the bound (tr UUᵀ + λ)/λ on its condition number)
-# before a float32 layer is kept in float64, or a float64 one falls back.
-RESOLVABLE = 1e-2
 LayerFilter = Optional[Sequence[Union[str, type]]]
 BatchAxis = Union[int, Callable[[tuple, dict], int]]
 
@@ -939,47 +936,16 @@ class SENG:
         self._stats["refresh_time"] = time.perf_counter() - start
 
     def _check_identities(self, factors: Dict[str, Optional[Any]], loss_scale: float) -> None:
-        """The runtime identities of :mod:`~lightning_seng.layers.identity` over the layers with factors, read
-        back at once: the per-sample gradients sum to what the backward produced (1) and, in one process where
-        ``.grad`` held nothing before the backward, ``.grad`` is that gradient up to one common scale (2). A layer
-        that fails builds nothing from this refresh and falls back, announced."""
-        sums = {name: f for name, f in factors.items() if f is not None and f.identity is not None}
-        scales = {}
-        if _one_process():  # under DDP .grad is the average over the processes, not this one's gradient
-            for name, f in factors.items():
-                if f is None:
-                    continue
-                watch = self.layers[name].watch
-                params = self.layers[name].trainable_params(f.mask)
-                if params and all(watch.into_empty.get(id(p), False) and p.grad is not None and not p.grad.is_sparse
-                                  for p in params):
-                    scales[name] = identity.scale_terms([(p.grad, watch.produced[id(p)]) for p in params],
-                                                        loss_scale)
-        if not sums and not scales:
-            return
-        terms = [f.identity for f in sums.values()] + list(scales.values())
-        device = terms[0].device
-        values = torch.cat([t.to(device) for t in terms]).tolist()  # one read
-        values = [values[3 * i:3 * i + 3] for i in range(len(sums))] + [
-            values[3 * len(sums) + 4 * i:3 * len(sums) + 4 * i + 4] for i in range(len(scales))]
-        failed: Dict[str, str] = {}
-        for (name, f), row in zip(sums.items(), values):
-            mismatch = identity.sum_mismatch(row, f.eps)
-            if mismatch is not None:
-                failed[name] = (f"its per-sample gradients do not sum to the gradient its backward produced "
-                                f"(relative difference {mismatch:.2g}); likely {identity.SUM_CAUSES}")
-        eps = max([f.eps for f in sums.values()] + [torch.finfo(self.curvature_dtype).eps])
-        _, changed = identity.judge_scales(dict(zip(scales, values[len(sums):])), eps)
-        for name, why in changed.items():
-            failed.setdefault(name, why)
-        for name, why in failed.items():
+        """The runtime identities (:func:`~lightning_seng.layers.identity.failures`) over the layers with factors: a
+        layer that fails builds nothing from this refresh and falls back, announced. Identity 2 only in one process:
+        under DDP ``.grad`` is the average over the processes, not this one's gradient."""
+        eps = torch.finfo(self.curvature_dtype).eps
+        for name, why in identity.failures(self.layers, factors, loss_scale, _one_process(), eps).items():
             factors[name] = None
             self._fall_back(name, why)
 
     def _resolve(self, prepared: Dict[str, tuple], dampings: Dict[str, float]) -> None:
-        """Numerics: ``cond(K + λI) ≤ (tr K + λ)/λ``; where that bound times the unit roundoff exceeds
-        :data:`RESOLVABLE`, ``(F + λI)^{-1} g`` is not resolved in the Gram's dtype (the solve, and the cancellation
-        in ``g − Uᵀw``, lose that much). Such a float32 layer is prepared again in float64 (its curvature is kept
+        """Numerics (:func:`~lightning_seng.layers.identity.resolves`): a float32 layer is prepared again in float64 (its curvature is kept
         and applied in float64); one that float64 cannot resolve either falls back. Said once per layer. One
         host read for all layers."""
         if not prepared:
@@ -990,10 +956,10 @@ class SENG:
         for name, trace in zip(names, traces):
             lam = dampings[name]
             f, _, gram = prepared[name]
-            if not math.isfinite(trace) or torch.finfo(gram.dtype).eps * (trace + lam) / lam <= RESOLVABLE:
-                continue  # (a non-finite Gram fails its factorisation, which says so)
+            if identity.resolves(gram.dtype, trace, lam):
+                continue
             cond = (trace + lam) / lam
-            if gram.dtype != torch.float64 and torch.finfo(torch.float64).eps * cond <= RESOLVABLE:
+            if gram.dtype != torch.float64 and identity.resolves(torch.float64, trace, lam):
                 wide = f.to(torch.float64)
                 prepared[name] = (wide, *self.layers[name].prepare(wide, self.loss_reduction, self.settings,
                                                                   self.generator))

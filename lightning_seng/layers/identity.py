@@ -22,7 +22,7 @@ A layer that fails gets ``g / (1 + λ)`` and one WARNING that names the identity
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,11 @@ SUM_CAUSES = ("a hook on a parameter that changes its gradient, or a second path
               "module's captured calls do not see (the weight used outside the module's forward, a penalty on it "
               "in the loss (weight decay belongs in the optimizer), attention weights or an input-gradient "
               "penalty in the loss, a recurrent cell unrolled so that its calls feed each other)")
+
+
+# Relative error a damped solve may reach (unit roundoff times the bound (tr UUᵀ + λ)/λ on its condition number)
+# before a float32 layer is kept in float64, or a float64 one falls back.
+RESOLVABLE = 1e-2
 
 
 def tolerance(eps: float) -> float:
@@ -230,3 +235,44 @@ def reduction_mismatch(weights: Sequence[float], loss_scale: float, n: int, loss
         return (f"the loss averages the per-sample losses over the batch (each weighs 1/N, N = {n}) while "
                 "loss_reduction='sum': set loss_reduction='mean'")
     return None
+
+
+def failures(layers: Dict[str, Any], factors: Dict[str, Any], loss_scale: float, one_process: bool,
+             eps: float) -> Dict[str, str]:
+    """Identities 1 and 2 over the layers with ``factors``, read back at once: each failing layer's name and why.
+    Identity 2 is checked (``one_process``) where ``.grad`` held nothing before the backward; ``eps`` is the
+    curvature dtype's roundoff (a floor under the layers' own)."""
+    sums = {name: f for name, f in factors.items() if f is not None and f.identity is not None}
+    scales = {}
+    if one_process:
+        for name, f in factors.items():
+            if f is None:
+                continue
+            watch = layers[name].watch
+            params = layers[name].trainable_params(f.mask)
+            if params and all(watch.into_empty.get(id(p), False) and p.grad is not None and not p.grad.is_sparse
+                              for p in params):
+                scales[name] = scale_terms([(p.grad, watch.produced[id(p)]) for p in params], loss_scale)
+    if not sums and not scales:
+        return {}
+    terms = [f.identity for f in sums.values()] + list(scales.values())
+    values = torch.cat([t.to(terms[0].device) for t in terms]).tolist()  # one read
+    split = 3 * len(sums)
+    failed: Dict[str, str] = {}
+    for i, (name, f) in enumerate(sums.items()):
+        mismatch = sum_mismatch(values[3 * i:3 * i + 3], f.eps)
+        if mismatch is not None:
+            failed[name] = (f"its per-sample gradients do not sum to the gradient its backward produced "
+                            f"(relative difference {mismatch:.2g}); likely {SUM_CAUSES}")
+    rows = {name: values[split + 4 * i:split + 4 * i + 4] for i, name in enumerate(scales)}
+    _, changed = judge_scales(rows, max([f.eps for f in sums.values()] + [eps]))
+    for name, why in changed.items():
+        failed.setdefault(name, why)
+    return failed
+
+
+def resolves(dtype: torch.dtype, trace: float, damping: float) -> bool:
+    """Whether ``dtype`` resolves ``(K + λI)^{-1}``: ``ε·(tr K + λ)/λ ≤`` :data:`RESOLVABLE` (``tr K + λ`` bounds
+    the largest eigenvalue; the solve, and the cancellation in ``g − Uᵀw``, lose ``ε·cond``). A non-finite trace
+    passes: its factorisation fails and says so."""
+    return not math.isfinite(trace) or torch.finfo(dtype).eps * (trace + damping) / damping <= RESOLVABLE
