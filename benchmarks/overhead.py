@@ -217,10 +217,10 @@ def _make_runner(problem: Problem, label: str, batch: int) -> Runner:
 def _unchecked(seng: SENG) -> SENG:
     """``seng`` with its runtime identities (layers/identity.py) taken out, to time what they cost: no gradient
     watch, no per-sample sums, no comparison. Only for this measurement: SENG has no setting that skips them."""
-    seng._check_identities = lambda factors, loss_scale: None
+    seng._check_identities = lambda factors: None
     for layer in seng.layers.values():
-        layer.watch_gradients = lambda: None
-        layer.check_sums = lambda factors, eps: None
+        layer.watch_gradients = lambda direct: None
+        layer.check_sums = lambda factors, eps, loss_scale: None
     return seng
 
 

@@ -383,7 +383,7 @@ class SENG:
             return
         if self.will_refresh:
             layer.capture(args, kwargs, output)
-            layer.watch_gradients()
+            layer.watch_gradients(_one_process())
         if self._observe and _one_process():
             layer.observe(args, kwargs, output)
 
@@ -890,7 +890,7 @@ class SENG:
             factors = dict.fromkeys(factors)
         if not grads_finite or not agreed:  # this batch is bad as a whole: keep the last good curvature, build nothing
             factors = dict.fromkeys(factors)
-        self._check_identities(factors, loss_scale)
+        self._check_identities(factors)
         factors = self.comm.gather_factors(factors)
         prepared = {name: (f, *self.layers[name].prepare(f, self.loss_reduction, self.settings, self.generator))
                     for name, f in factors.items() if f is not None}
@@ -935,12 +935,10 @@ class SENG:
         self._stats["skipped_refreshes"] = self.skipped_refreshes
         self._stats["refresh_time"] = time.perf_counter() - start
 
-    def _check_identities(self, factors: Dict[str, Optional[Any]], loss_scale: float) -> None:
+    def _check_identities(self, factors: Dict[str, Optional[Any]]) -> None:
         """The runtime identities (:func:`~lightning_seng.layers.identity.failures`) over the layers with factors: a
-        layer that fails builds nothing from this refresh and falls back, announced. Identity 2 only in one process:
-        under DDP ``.grad`` is the average over the processes, not this one's gradient."""
-        eps = torch.finfo(self.curvature_dtype).eps
-        for name, why in identity.failures(self.layers, factors, loss_scale, _one_process(), eps).items():
+        layer that fails builds nothing from this refresh and falls back, announced."""
+        for name, why in identity.failures(factors).items():
             factors[name] = None
             self._fall_back(name, why)
 

@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .. import sketch
 from ..axes import ProbedAxes
-from .identity import GradientWatch, sum_terms
+from .identity import GradientWatch, direct_terms, sum_terms
 from .routes import Route, RouteSettings, build_route, route_costs, route_from_state
 
 Mask = Tuple[bool, ...]
@@ -140,19 +140,21 @@ class Factors:
     # of the coarsest precision that took part; None where the layer checks its own uses (Embedding)
     identity: Optional[Tensor] = None
     eps: float = 0.0
+    direct: bool = False  # identity terms against .grad (both identities at once), else against g_prod
 
     def to(self, dtype: torch.dtype) -> "Factors":
         """The factors in ``dtype`` (floating tensors only)."""
         input_side = self.input_side
         if input_side is not None and input_side.is_floating_point():
             input_side = input_side.to(dtype)
-        return Factors(self.grad_side.to(dtype), input_side, self.mask, self.identity, self.eps)
+        return Factors(self.grad_side.to(dtype), input_side, self.mask, self.identity, self.eps, self.direct)
 
     def rows(self, rows: Tensor, factor: float) -> "Factors":
         """Samples ``rows`` only, the output-gradient side times ``factor`` (the per-sample gradient is linear in it)."""
         rows = rows.to(self.grad_side.device)
         input_side = None if self.input_side is None else self.input_side.index_select(0, rows)
-        return Factors(self.grad_side.index_select(0, rows) * factor, input_side, self.mask, self.identity, self.eps)
+        return Factors(self.grad_side.index_select(0, rows) * factor, input_side, self.mask, self.identity, self.eps,
+                       self.direct)
 
     @property
     def n(self) -> int:
@@ -362,12 +364,13 @@ class LayerCurvature:
         self.clear()
         return calls
 
-    def watch_gradients(self) -> None:
+    def watch_gradients(self, direct: bool) -> None:
         """Refresh step, from the first captured call: watch what the backward produces for the trainable
-        parameters (:class:`~lightning_seng.layers.identity.GradientWatch`), and for the layers it feeds."""
-        self.watch.start(self.trainable_params(self.trainable()))
+        parameters (:class:`~lightning_seng.layers.identity.GradientWatch`; ``direct``: compare with ``.grad`` where
+        it held nothing, as in one process), and for the layers it feeds."""
+        self.watch.start(self.trainable_params(self.trainable()), direct)
         for sub in self.feeds:
-            sub.watch_gradients()
+            sub.watch_gradients(direct)
 
     def take_trainable_calls(self, n: Optional[int]) -> Optional[Tuple[List[Call], Mask]]:
         """The captured calls that received a gradient and the trainable mask (clears the capture); ``None``
@@ -402,7 +405,7 @@ class LayerCurvature:
         pairs = [self.sample_first(call, n, dtype) for call in calls]
         factors = self._factors(pairs, mask)
         factors.mask = mask
-        self.check_sums(factors, eps)  # on all samples: the identity holds for the whole batch
+        self.check_sums(factors, eps, loss_scale)  # on all samples: the identity holds for the whole batch
         chosen = pick(n) if pick is not None else None
         if chosen is not None:
             factors = factors.rows(*chosen)
@@ -410,26 +413,31 @@ class LayerCurvature:
             factors.grad_side = factors.grad_side / loss_scale
         return factors
 
-    def check_sums(self, factors: Factors, eps: float) -> None:
-        """Put on ``factors`` the terms of identity 1 (``Σ_n J_n = g_prod``, :mod:`.identity`) for the preconditioner
-        to read with the other layers'; :class:`NotExact` if a trainable parameter received no gradient."""
+    def check_sums(self, factors: Factors, eps: float, loss_scale: float) -> None:
+        """Put on ``factors`` the terms of the runtime identities (:mod:`.identity`) for the preconditioner to read
+        with the other layers': against ``.grad`` where it held nothing before the backward, else against the
+        copied ``g_prod``; :class:`NotExact` if a trainable parameter received no gradient."""
         sums = self.factor_sums(factors)
         if sums is None:
             return
         parts, magnitude = sums
         params = self.trainable_params(factors.mask)
-        produced = [self.watch.produced.get(id(p)) for p in params]
-        if any(g is None for g in produced):
-            missing = [p for p, g in zip(params, produced) if g is None]
-            raise NotExact(f"{len(missing)} of its trainable parameters received no gradient from the backward its "
-                           "calls took part in (is the module's output used without its parameters, or were they "
-                           "replaced after SENG was attached?)")
-        produced = [g.to_dense() if g.is_sparse else g for g in produced]
-        eps = max(eps, roundoff(produced))  # the backward computed in the parameters' precision
+        targets = [self.watch.target(p) for p in params]
+        if any(t is None for t in targets):
+            raise NotExact(f"{sum(t is None for t in targets)} of its trainable parameters received no gradient from "
+                           "the backward its calls took part in (is the module's output used without its parameters, "
+                           "or were they replaced after SENG was attached?)")
+        direct = [bool(self.watch.into_empty.get(id(p))) for p in params]
+        targets = [t.to_dense() if t.is_sparse else t for t in targets]
+        eps = max(eps, roundoff(targets))  # the backward computed in the parameters' precision
         # (reshaped: a layer may lay out its parts by the committed route, e.g. attention's q, k, v groups)
-        produced = [g.reshape(s.shape) for g, s in zip(self.parts_of(produced, factors.mask, parts[0].dtype), parts)]
-        factors.identity = sum_terms(parts, produced, magnitude)
-        factors.eps = eps
+        targets = [t.reshape(s.shape) for t, s in zip(self.parts_of(targets, factors.mask, parts[0].dtype), parts)]
+        if all(direct):
+            factors.identity = direct_terms([s / loss_scale for s in parts], targets, magnitude / loss_scale)
+        else:  # .grad over the loss scale where it is this forward's gradient, g_prod where it was copied
+            targets = [t * loss_scale if d else t for t, d in zip(targets, direct)]
+            factors.identity = sum_terms(parts, targets, magnitude)
+        factors.eps, factors.direct = eps, all(direct)
 
     def factor_sums(self, factors: Factors) -> Optional[Tuple[List[Tensor], Tensor]]:
         """``(Σ_n J_n in the route's parts, M)`` of the factors (before any sample is dropped, unscaled), ``M`` a

@@ -158,7 +158,7 @@ class GenericLayer(LayerCurvature):
             J = J + self._per_sample(call, n, dtype, names)
         self._check_all_used(J, names)
         factors = Factors(J, None, mask)
-        self.check_sums(factors, max(call.inputs.roundoff for call in calls))
+        self.check_sums(factors, max(call.inputs.roundoff for call in calls), loss_scale)
         chosen = pick(n) if pick is not None else None
         if chosen is not None:
             factors = factors.rows(*chosen)

@@ -7,14 +7,17 @@ feed each other. So on every refresh step SENG checks, per layer, what exactness
 1. **The per-sample gradients sum to the gradient the backward produced.** ``Σ_n J_n = g_prod``, where
    ``J_n`` is what the layer built from its captured calls and ``g_prod`` the gradient that reached each
    parameter's accumulator in this step's last backward (after any hook on the parameter; summed over the
-   passes through one forward), within ``τ·M``: ``M`` bounds the magnitudes summed (the norms of the rank-one
-   terms, or of the per-sample gradients) and ``τ`` follows the coarsest precision that took part
+   passes through one forward), within ``τ·(M + ‖g_prod‖)``: ``M`` bounds the magnitudes summed (the norms of the
+   rank-one terms, or of the per-sample gradients) and ``τ`` follows the coarsest precision that took part
    (:func:`tolerance`).
-2. **``.grad`` is that gradient** when ``.grad`` held nothing before the backward: ``.grad = c·g_prod/s`` (``s``
-   the loss scale) with one ``c`` for all layers. A common ``c = 2^k`` (``k ≠ 0``) is a loss scale SENG was
-   not told of (AMP's); another common ``c ≠ 1`` is a rescaling of the whole gradient (clipping by norm), which the direction ``(F + λI)^{-1}·.grad`` serves exactly (``F`` comes from the
-   backward, whatever ``.grad`` is scaled by); a ``c`` of one layer alone, or a change that is no rescaling, is
-   a change to that layer's gradient after the backward (a post-accumulate-grad hook, clipping by value).
+2. **``.grad`` is that gradient** over the loss scale ``s``, where ``.grad`` held nothing before the backward (in
+   one process): then ``g_prod`` is not copied at all, ``.grad`` itself is compared with ``Σ_n J_n / s``, and both
+   identities hold at once when they agree. Up to one ``c`` common to all layers: a common ``c = 2^k`` (``k ≠ 0``)
+   is a loss scale SENG was not told of (AMP's); another common ``c`` is a rescaling of the whole gradient
+   (clipping by norm), which the direction ``(F + λI)^{-1}·.grad`` serves exactly (``F`` comes from the backward,
+   whatever ``.grad`` is scaled by); a ``c`` of one layer alone, or a difference that is no rescaling, fails.
+   Under gradient accumulation (``.grad`` held the earlier micro-batches) and across processes (``.grad`` is
+   averaged), ``g_prod`` is copied as it arrives and identity 1 alone is checked.
 
 A layer that fails gets ``g / (1 + λ)`` and one WARNING that names the identity and the likely cause.
 """
@@ -47,17 +50,20 @@ def tolerance(eps: float) -> float:
 
 class GradientWatch:
     """The gradient the backward passes of a refresh step produce for some parameters, as it reaches each
-    one's accumulator (a pre-hook on the ``AccumulateGrad`` node: after any hook registered on the parameter),
-    copied (a later in-place change of ``.grad`` must not reach it) and summed over the passes through one
-    forward (``retain_graph``); and whether ``.grad`` held nothing before the last of them.
+    one's accumulator (a pre-hook on the ``AccumulateGrad`` node: after any hook registered on the parameter).
 
-    The nodes are held while watching, so that every graph built until the refresh feeds the same hooked node.
+    Where ``.grad`` held nothing before the first pass of the current forward and ``direct`` (one process), the
+    parameter is only marked (``into_empty``): ``.grad`` will hold that gradient (up to later edits, which
+    identity 2 sees). Otherwise the gradient is copied (a later in-place change of ``.grad`` must not reach it)
+    and summed over the passes through one forward (``retain_graph``) into ``produced``. The nodes are held while
+    watching, so that every graph built until the refresh feeds the same hooked node.
     """
 
     def __init__(self) -> None:
         self._handles: List[Tuple[nn.Parameter, object, object]] = []  # (parameter, node, hook handle)
         self.produced: Dict[int, Tensor] = {}
         self.into_empty: Dict[int, bool] = {}
+        self.direct = True
 
     def __deepcopy__(self, memo: dict) -> "GradientWatch":
         return GradientWatch()  # a copy watches nothing: the hooks belong to this object's parameters
@@ -69,10 +75,11 @@ class GradientWatch:
     def active(self) -> bool:
         return bool(self._handles)
 
-    def start(self, params: Sequence[nn.Parameter]) -> None:
+    def start(self, params: Sequence[nn.Parameter], direct: bool) -> None:
         """Watch ``params`` (those that require grad) until :meth:`stop`; nothing if already watching."""
         if self._handles:
             return
+        self.direct = direct
         for p in params:
             if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter):
                 node = torch.autograd.graph.get_gradient_edge(p).node
@@ -83,10 +90,21 @@ class GradientWatch:
             grad = grads[0]
             if grad is None:
                 return
-            old = self.produced.get(id(p))
-            self.produced[id(p)] = grad.detach().clone() if old is None else old + grad.detach()
-            self.into_empty[id(p)] = p.grad is None
+            key = id(p)
+            if key not in self.into_empty:  # the first pass of this forward
+                self.into_empty[key] = self.direct and p.grad is None
+            if self.into_empty[key]:
+                return  # .grad is this forward's gradient: compared as it is at the step
+            old = self.produced.get(key)
+            self.produced[key] = grad.detach().clone() if old is None else old + grad.detach()
         return keep
+
+    def target(self, p: nn.Parameter) -> Optional[Tensor]:
+        """What ``Σ_n J_n`` of ``p`` is compared with: ``.grad`` where it held nothing before (compared over the
+        loss scale), else the copied ``g_prod``; ``None`` if no gradient arrived."""
+        if self.into_empty.get(id(p)):
+            return p.grad
+        return self.produced.get(id(p))
 
     def reset(self) -> None:
         """A new forward after a completed backward (the next micro-batch): forget what the last one produced."""
@@ -117,53 +135,56 @@ def sum_mismatch(terms: Sequence[float], eps: float) -> Optional[float]:
     return diff / norm if norm > 0 else math.inf
 
 
-def scale_terms(pairs: List[Tuple[Tensor, Tensor]], loss_scale: float) -> Tensor:
-    """For one layer's ``(.grad, g_prod)`` pairs, with ``g = g_prod / loss_scale``: ``[<.grad, g>, <g, g>,
-    <.grad, .grad>, ‖.grad − g‖²]``, float64 on the device, each taken in the gradient's own dtype."""
+def direct_terms(sums: List[Tensor], grads: List[Tensor], magnitude: Tensor) -> Tensor:
+    """For one layer's ``Σ_n J_n / s`` (``sums``) and ``.grad`` (``grads``): ``[<a, b>, ‖b‖², ‖a‖², ‖a − b‖², M]`` with
+    ``a = .grad``, ``b = Σ_n J_n / s``, ``M`` the summed magnitudes over ``s``; float64 on the device, each taken in
+    the tensors' own dtype."""
     rows = []
-    for a, b in pairs:
+    for b, a in zip(sums, grads):
         a, b = a.reshape(-1), b.reshape(-1).to(a.dtype)
-        rows.append(torch.stack([torch.vdot(a, b) / loss_scale, (torch.linalg.vector_norm(b) / loss_scale) ** 2,
-                                 torch.linalg.vector_norm(a) ** 2,
-                                 torch.linalg.vector_norm(a - b / loss_scale) ** 2]).to(torch.float64))
-    return torch.stack(rows).sum(0)
+        rows.append(torch.stack([torch.vdot(a, b), torch.linalg.vector_norm(b) ** 2, torch.linalg.vector_norm(a) ** 2,
+                                 torch.linalg.vector_norm(a - b) ** 2]).to(torch.float64))
+    return torch.cat([torch.stack(rows).sum(0), magnitude.to(torch.float64).reshape(1)])
 
 
-def judge_scales(terms: Dict[str, Sequence[float]], eps: float) -> Tuple[float, Dict[str, str]]:
-    """Identity 2 over the layers whose ``.grad`` held nothing before the backward: ``terms`` maps each to
-    :func:`scale_terms` read back. Returns the common scale ``c`` (1 when no layer tells) and, per failing
-    layer, why. ``.grad − c·g`` is measured directly for ``c = 1``; for another ``c`` through
-    ``‖.grad‖² − c<.grad, g>``, which resolves residuals down to about ``√ε``."""
-    tol = tolerance(eps)
-    scales: Dict[str, float] = {}
+def judge_direct(rows: Dict[str, Sequence[float]], eps: Dict[str, float]) -> Dict[str, str]:
+    """Identities 1 and 2 at once over the layers compared with their ``.grad`` (:func:`direct_terms` read back,
+    ``eps`` each layer's roundoff): per failing layer, why. A layer passes where ``‖.grad − Σ_n J_n/s‖`` is within
+    ``τ·(M + ‖Σ_n J_n/s‖)``; otherwise where ``.grad`` is ``c`` times the sum (the residual ``‖.grad‖² − c<.grad, Σ>``
+    resolves down to about ``√ε``) with ``c`` common to all such layers and no power of two."""
     failed: Dict[str, str] = {}
-    for name, (dot, gg, aa, dd) in terms.items():
-        if dd <= tol * tol * aa:
+    scales: Dict[str, float] = {}
+    for name, (dot, bb, aa, dd, magnitude) in rows.items():
+        tol = tolerance(eps[name])
+        if math.isfinite(dd) and math.sqrt(dd) <= tol * (magnitude + math.sqrt(bb)):
             scales[name] = 1.0
             continue
-        c = dot / gg if gg > 0 else math.inf
-        rest = math.sqrt(max(aa - c * dot, 0.0) / aa) if aa > 0 and math.isfinite(c) else 1.0
-        if not math.isfinite(c) or c <= 0 or rest > max(tol, 8 * math.sqrt(eps)):
-            failed[name] = ("its .grad is not the gradient its backward produced, nor a rescaling of it "
-                            f"(residual {rest:.2g}): .grad was changed between backward and step (a "
-                            "post-accumulate-grad hook, gradient clipping by value, an edit of .grad)")
+        c = dot / bb if bb > 0 else math.inf
+        rest = math.sqrt(max(aa - c * dot, 0.0)) if math.isfinite(c) else math.inf
+        floor = tol * abs(c) * (magnitude + math.sqrt(bb)) + 8 * math.sqrt(eps[name]) * math.sqrt(aa)
+        if not math.isfinite(c) or c <= 0 or not rest <= floor:
+            relative = math.sqrt(dd / aa) if aa > 0 else math.inf
+            failed[name] = (f"its per-sample gradients do not sum to its .grad, nor does .grad rescale them (relative "
+                            f"difference {relative:.2g}): likely {SUM_CAUSES}; or .grad was changed between backward "
+                            "and step (a post-accumulate-grad hook, clipping by value, an edit of .grad)")
         else:
             scales[name] = c
     if not scales:
-        return 1.0, failed
+        return failed
     common = sorted(scales.values())[len(scales) // 2]
+    tol = max(tolerance(eps[name]) + 8 * math.sqrt(eps[name]) for name in scales)
     for name, c in scales.items():
-        if abs(c - common) > max(tol, 8 * math.sqrt(eps)) * abs(common):
-            failed[name] = (f"its .grad is {c:.4g} times the gradient its backward produced while the other "
-                            f"layers' are {common:.4g} times theirs: this parameter's gradient was rescaled alone "
-                            "after the backward (a post-accumulate-grad hook, an edit of .grad)")
+        if abs(c - common) > tol * abs(common):
+            failed[name] = (f"its .grad is {c:.4g} times its per-sample gradients' sum over the loss scale while the "
+                            f"other layers' are {common:.4g} times theirs: this layer's gradient was rescaled alone "
+                            "(a hook on its parameters, an edit of its .grad)")
     k = round(math.log2(common)) if common > 0 else 0
     if k != 0 and abs(common / 2.0 ** k - 1) <= tol:
         for name in scales:
             failed.setdefault(name, f"every .grad is 2^{k} times the gradient its backward produced over the loss "
                                     "scale: an AMP loss scale (or another power-of-two factor on the loss) that did "
                                     "not reach SENG; pass it as seng.step(loss_scale=...)")
-    return common, failed
+    return failed
 
 
 def batch_weights(loss: Tensor, n: int) -> Optional[List[float]]:
@@ -237,37 +258,26 @@ def reduction_mismatch(weights: Sequence[float], loss_scale: float, n: int, loss
     return None
 
 
-def failures(layers: Dict[str, Any], factors: Dict[str, Any], loss_scale: float, one_process: bool,
-             eps: float) -> Dict[str, str]:
-    """Identities 1 and 2 over the layers with ``factors``, read back at once: each failing layer's name and why.
-    Identity 2 is checked (``one_process``) where ``.grad`` held nothing before the backward; ``eps`` is the
-    curvature dtype's roundoff (a floor under the layers' own)."""
-    sums = {name: f for name, f in factors.items() if f is not None and f.identity is not None}
-    scales = {}
-    if one_process:
-        for name, f in factors.items():
-            if f is None:
-                continue
-            watch = layers[name].watch
-            params = layers[name].trainable_params(f.mask)
-            if params and all(watch.into_empty.get(id(p), False) and p.grad is not None and not p.grad.is_sparse
-                              for p in params):
-                scales[name] = scale_terms([(p.grad, watch.produced[id(p)]) for p in params], loss_scale)
-    if not sums and not scales:
+def failures(factors: Dict[str, Any]) -> Dict[str, str]:
+    """Identities 1 and 2 over the layers with ``factors`` (their ``identity`` terms, :meth:`LayerCurvature.check_sums`),
+    read back at once: each failing layer's name and why."""
+    named = {name: f for name, f in factors.items() if f is not None and f.identity is not None}
+    if not named:
         return {}
-    terms = [f.identity for f in sums.values()] + list(scales.values())
-    values = torch.cat([t.to(terms[0].device) for t in terms]).tolist()  # one read
-    split = 3 * len(sums)
+    terms = [f.identity for f in named.values()]
+    flat = torch.cat([t.to(terms[0].device) for t in terms]).tolist()  # one read
+    rows, start = {}, 0
+    for name, t in zip(named, terms):
+        rows[name], start = flat[start:start + t.numel()], start + t.numel()
     failed: Dict[str, str] = {}
-    for i, (name, f) in enumerate(sums.items()):
-        mismatch = sum_mismatch(values[3 * i:3 * i + 3], f.eps)
-        if mismatch is not None:
-            failed[name] = (f"its per-sample gradients do not sum to the gradient its backward produced "
-                            f"(relative difference {mismatch:.2g}); likely {SUM_CAUSES}")
-    rows = {name: values[split + 4 * i:split + 4 * i + 4] for i, name in enumerate(scales)}
-    _, changed = judge_scales(rows, max([f.eps for f in sums.values()] + [eps]))
-    for name, why in changed.items():
-        failed.setdefault(name, why)
+    for name, f in named.items():
+        if not f.direct:
+            mismatch = sum_mismatch(rows[name], f.eps)
+            if mismatch is not None:
+                failed[name] = (f"its per-sample gradients do not sum to the gradient its backward produced "
+                                f"(relative difference {mismatch:.2g}); likely {SUM_CAUSES}")
+    direct = {name: rows[name] for name, f in named.items() if f.direct}
+    failed.update(judge_direct(direct, {name: named[name].eps for name in direct}))
     return failed
 
 
