@@ -190,7 +190,7 @@ def test_ckpt_path_with_baseline_is_rejected():
         plan_runs(_compose(["ckpt_path=/some/last.ckpt"]))
 
 
-def _compose(*overrides: str):
+def _config(*overrides: str):
     from hydra import compose, initialize_config_dir
 
     from lightning_seng.train import config_dir
@@ -208,7 +208,7 @@ def _compose(*overrides: str):
 def test_table_title_names_the_model_and_data_the_config_builds(overrides, title):
     from lightning_seng.train import run_title
 
-    assert run_title(_compose(*overrides)) == title
+    assert run_title(_config(*overrides)) == title
 
 
 def _one_result():
@@ -223,7 +223,7 @@ def test_report_is_printed_and_plotted_by_rank_zero_only(tmp_path, monkeypatch, 
 
     from lightning_seng.train import emit_report
 
-    cfg = _compose()
+    cfg = _config()
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     assert emit_report(cfg, _one_result(), tmp_path) is None
     assert capsys.readouterr().out == "" and not (tmp_path / "val_curves.png").exists()
