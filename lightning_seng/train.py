@@ -78,7 +78,9 @@ def plan_runs(cfg: DictConfig) -> list[tuple[str, Any, Any]]:
                              f"(got ckpt_path={cfg.ckpt_path!r}, baseline.enabled=true)")
         optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
         lr = baseline.get("lr")
-        if lr is not None:
+        # an lr equal to optimizer.lr (the digits recipes interpolate it) is the optimizer's own: its constructor
+        # names optimizer.lr if it is bad
+        if lr is not None and lr != optimizer.get("lr"):
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
                 raise ValueError(f"baseline.lr must be null (same as optimizer.lr) or a number > 0 (got {lr!r})")
             optimizer["lr"] = lr
