@@ -101,7 +101,8 @@ class DivergenceMonitor(Callback):
     """Finds the first training batch whose loss is NaN or ±Inf, without a host sync per step.
 
     Each batch folds ``isfinite(loss)`` into a device tensor holding the first bad batch number (``-1``: none
-    yet); it is read once per epoch, at the epoch's end, which then warns once (rank zero) naming the run.
+    yet); it is read at the end of each epoch and of the fit (a fit may stop inside an epoch), and the first
+    read that finds one warns once (rank zero) naming the run.
 
     Args:
         label: the run's name in the warning (``"SENG+SGD"``).
@@ -111,7 +112,11 @@ class DivergenceMonitor(Callback):
         self.label = label
         self.divergence: Divergence | None = None
         self._batches = 0
+        self._epoch_starts: list[int] = []  # the first batch number of each epoch
         self._first_bad: torch.Tensor | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_starts.append(self._batches + 1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
@@ -125,11 +130,18 @@ class DivergenceMonitor(Callback):
         self._first_bad = torch.where(bad, self._batches, self._first_bad)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read()
+
+    def _read(self) -> None:
         if self.divergence is not None or self._first_bad is None:
             return
         first = int(self._first_bad)
         if first >= 0:
-            self.divergence = Divergence(batch=first, epoch=trainer.current_epoch + 1)
+            epoch = sum(start <= first for start in self._epoch_starts) or 1
+            self.divergence = Divergence(batch=first, epoch=epoch)
             rank_zero_warn(f"{self.label or 'run'}: the training loss is not finite from {self.divergence} on: "
                            "the run diverged (the results table marks it)")
 

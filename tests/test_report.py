@@ -100,10 +100,11 @@ def test_plot_writes_a_png(tmp_path):
 
 def _monitor_epochs(monitor: DivergenceMonitor, losses_per_epoch: list[list[float]]) -> None:
     """Drive ``monitor``'s hooks as Lightning does, with each batch's loss as ``outputs["loss"]``."""
-    for epoch, losses in enumerate(losses_per_epoch):
+    for losses in losses_per_epoch:
+        monitor.on_train_epoch_start(None, None)
         for i, loss in enumerate(losses):
             monitor.on_train_batch_end(None, None, {"loss": torch.tensor(loss)}, None, i)
-        monitor.on_train_epoch_end(SimpleNamespace(current_epoch=epoch), None)
+        monitor.on_train_epoch_end(None, None)
 
 
 def test_divergence_monitor_names_the_first_batch_and_epoch_of_a_non_finite_loss():
@@ -120,6 +121,19 @@ def test_divergence_monitor_counts_an_infinite_loss_and_leaves_a_finite_run_unma
     with pytest.warns(UserWarning):
         _monitor_epochs(infinite, [[2.0, -math.inf]])
     assert infinite.divergence == Divergence(batch=2, epoch=1)
+
+
+def test_divergence_monitor_reads_the_flag_when_the_fit_stops_inside_an_epoch():
+    monitor = DivergenceMonitor()
+    monitor.on_train_epoch_start(None, None)
+    for i, loss in enumerate([1.0, 0.5]):
+        monitor.on_train_batch_end(None, None, {"loss": torch.tensor(loss)}, None, i)
+    monitor.on_train_epoch_end(None, None)
+    monitor.on_train_epoch_start(None, None)
+    monitor.on_train_batch_end(None, None, {"loss": torch.tensor(math.nan)}, None, 0)  # max_steps reached here
+    with pytest.warns(UserWarning):
+        monitor.on_train_end(None, None)
+    assert monitor.divergence == Divergence(batch=3, epoch=2)
 
 
 def test_divergence_monitor_warns_once():
