@@ -176,7 +176,9 @@ class SENGCallback(*callback_bases()):
             self.seng.remove()
         # SENG measures ‖g‖, ‖d‖ and cos(g, d) (a pass over every gradient) only on the steps this callback logs
         every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
-        self.seng = SENG(pl_module, **self.seng_kwargs, stats_every=every or None, comm=self._communicator(trainer))
+        # the table is printed once, here on rank zero, not also logged by SENG on every rank
+        self.seng = SENG(pl_module, **self.seng_kwargs, stats_every=every or None, comm=self._communicator(trainer),
+                         log_coverage=False)
         if self._pending_state is not None:
             self.seng.load_state_dict(_to_device(self._pending_state, pl_module.device))
             self._pending_state = None

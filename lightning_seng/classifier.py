@@ -54,7 +54,10 @@ class Classifier(SENGOptimizerMixin, pl.LightningModule):
         # SENG's default loss_reduction="mean" matches this mean-reduced loss.
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         metric(logits, y)
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", on_step=False, on_epoch=True, batch_size=len(y))
+        # sync_dist: under DDP the epoch's loss is the mean over all ranks' batches (the accuracy metric syncs
+        # itself), so every rank reports the same test loss
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", on_step=False, on_epoch=True, batch_size=len(y),
+                 sync_dist=True)
         self.log(f"{stage}/acc", metric, prog_bar=True, on_step=False, on_epoch=True, batch_size=len(y))
         return loss
 

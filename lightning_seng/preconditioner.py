@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import sketch
 from .axes import AxisProbe, BatchSources, ProbedAxes, ProbeResult, declared_axis, declared_inputs, declaring_modules
-from .coverage import Coverage, CoverageRow
+from .coverage import Coverage, CoverageRow, pending_route
 from .distributed import Communicator
 from .hooks import DeclaredHook, ForwardHook, ForwardPreHook, InputHook, remove_handles, untraced_hooks
 from .layers import ROUTE_RULES, ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
@@ -262,6 +262,8 @@ class SENG:
             (``None``: on refresh steps). Recording costs passes over the gradients and the directions; the
             Lightning callback sets it to its logging interval.
         comm: a :class:`~lightning_seng.distributed.Communicator` for DDP; ``None`` for one process.
+        log_coverage: log the coverage table at INFO when attached (the Lightning callback prints it itself,
+            on rank zero, and passes ``False``); the fallbacks' WARNING is logged either way.
     """
 
     def __init__(self, model: nn.Module, damping: DampingLike = 0.5, update_freq: int = 10,
@@ -272,7 +274,7 @@ class SENG:
                  skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, batch_shortcut: bool = True,
                  relative_damping: bool = False, column_sample_size: Optional[int] = None,
                  stats_every: Optional[int] = None,
-                 comm: Optional[Communicator] = None):
+                 comm: Optional[Communicator] = None, log_coverage: bool = True):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
         if comm is not None and not isinstance(comm, Communicator):
@@ -365,7 +367,7 @@ class SENG:
         self._coverage_cached: tuple = (None, 0.0)  # (what the percentage depends on, the percentage)
         self._written_cached: tuple = (None, set())  # (ids of the parameters with a gradient, _written of them)
         self._feedback: Optional[tuple] = None  # Levenberg–Marquardt: (params, their values, gradients, λ)
-        self._announce_coverage()
+        self._announce_coverage(log_coverage)
 
     # ------------------------------------------------------------------ hooks
     @property
@@ -1048,13 +1050,16 @@ class SENG:
         if not self.comm.owns(name):
             return f"{layer.kind} (rank {self.comm.owners[name]})" if hasattr(self.comm, "owners") else layer.kind
         cur = layer.curvature
-        if cur is None or not isinstance(layer, MatrixLayer):
+        if not isinstance(layer, MatrixLayer):
             return layer.kind
+        if cur is None:
+            return pending_route(layer.kind, self.settings.route)  # chosen at the refresh
         return f"{layer.kind}/{cur.route.name}"  # the route Linear/Conv chose by cost
 
-    def _announce_coverage(self) -> None:
+    def _announce_coverage(self, table: bool = True) -> None:
         cov = self.coverage()
-        log.info("SENG coverage:\n%s", cov.table())
+        if table:
+            log.info("SENG coverage:\n%s", cov.table())
         falling = cov.fallbacks()
         if falling:
             log.warning("SENG: %s: %s", cov.summary(), ", ".join(

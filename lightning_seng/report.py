@@ -1,10 +1,16 @@
-"""What the main job reports of its runs: ms per training step after warm-up, validation curves, one table, one plot.
+"""What the main job reports of its runs: ms per training step after warm-up, validation curves, divergence,
+one table, one plot.
 
 Both runs of the main job (SENG+SGD and SGD) are timed the same way: :class:`StepTimer` measures every
 training step (``on_train_batch_start`` to ``on_train_batch_end``: forward, backward, SENG, optimizer step)
 and leaves out the steps of each run's first epoch, which carry the one-time start-up (first calls into
 torch and Lightning, allocator warm-up). ``ms/step`` is the median over the remaining epochs of each epoch's
 mean step time, and the ratio is the quotient of two such figures.
+
+A run *diverged* when a training batch's loss is not finite (NaN or ±Inf): :class:`DivergenceMonitor` records the
+first such batch, warns once (through Lightning's rank-zero warning, which the progress bar prints above itself),
+and the table gains a column ``diverged at`` and a line per diverged run naming its last finite validation.
+A loss that grows but stays finite is not marked: the test accuracy and loss show it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 
 VAL_METRICS = ("val/loss", "val/acc")
 
@@ -77,26 +85,114 @@ class ValidationCurve(Callback):
             values.append(math.nan if value is None else float(value))
 
 
+@dataclass(frozen=True)
+class Divergence:
+    """Where a run's training loss first was not finite: ``batch`` counts the fit's training batches from 1,
+    ``epoch`` its epochs from 1 (the table's ``epochs`` counts the same way)."""
+
+    batch: int
+    epoch: int
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch} (batch {self.batch})"
+
+
+class DivergenceMonitor(Callback):
+    """Finds the first training batch whose loss is NaN or ±Inf, without a host sync per step.
+
+    Each batch folds ``isfinite(loss)`` into a device tensor holding the first bad batch number (``-1``: none
+    yet); it is read at the end of each epoch and of the fit (a fit may stop inside an epoch), and the first
+    read that finds one warns once (rank zero) naming the run.
+
+    Args:
+        label: the run's name in the warning (``"SENG+SGD"``).
+    """
+
+    def __init__(self, label: str = "") -> None:
+        self.label = label
+        self.divergence: Divergence | None = None
+        self._batches = 0
+        self._epoch_starts: list[int] = []  # the first batch number of each epoch
+        self._first_bad: torch.Tensor | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_starts.append(self._batches + 1)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        self._batches += 1
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if self.divergence is not None or not isinstance(loss, torch.Tensor):
+            return
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        bad = (self._first_bad < 0) & ~torch.isfinite(loss.detach()).all()
+        self._first_bad = torch.where(bad, self._batches, self._first_bad)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._read()
+
+    def _read(self) -> None:
+        if self.divergence is not None or self._first_bad is None:
+            return
+        first = int(self._first_bad)
+        if first >= 0:
+            epoch = sum(start <= first for start in self._epoch_starts) or 1
+            self.divergence = Divergence(batch=first, epoch=epoch)
+            rank_zero_warn(f"{self.label or 'run'}: the training loss is not finite from {self.divergence} on: "
+                           "the run diverged (the results table marks it)")
+
+
 @dataclass
 class RunResult:
-    """One run of the main job: ``metrics`` (test metrics, ``epochs``, ``optimizer.lr``, ``ms_per_step``) and
-    ``val_curve`` (``{metric: value after each epoch}``)."""
+    """One run of the main job: ``metrics`` (test metrics, ``epochs``, ``optimizer.lr``, ``ms_per_step``),
+    ``val_curve`` (``{metric: value after each epoch}``) and ``divergence`` (``None``: the training loss stayed
+    finite)."""
 
     metrics: dict[str, float]
     val_curve: dict[str, list[float]] = field(default_factory=dict)
+    divergence: Divergence | None = None
+
+    def last_finite_validation(self) -> tuple[int, dict[str, float]] | None:
+        """``(epoch from 1, {metric: value})`` of the last validation whose metrics are all finite; ``None``
+        when there is none."""
+        epochs = max((len(v) for v in self.val_curve.values()), default=0)
+        for epoch in range(epochs, 0, -1):
+            values = {k: v[epoch - 1] for k, v in self.val_curve.items() if len(v) >= epoch}
+            if values and all(math.isfinite(x) for x in values.values()):
+                return epoch, values
+        return None
+
+    def divergence_note(self) -> str:
+        """One line for a diverged run: where the loss stopped being finite and its last finite validation."""
+        if self.divergence is None:
+            return ""
+        last = self.last_finite_validation()
+        tail = ("no finite validation" if last is None else f"last finite validation after epoch {last[0]}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in last[1].items()))
+        return f"training loss not finite from {self.divergence} on; {tail}"
 
 
-def _cell(value: float | None, fmt: str) -> str:
-    return "-" if value is None or math.isnan(value) else format(value, fmt)
+def _cell(value: float | None, fmt: str, non_finite: bool = False) -> str:
+    """``-`` for a value not measured (``None``, or NaN when ``non_finite`` is false); with ``non_finite``,
+    NaN and ±Inf are shown as they are (a test loss of ``nan`` is a result, not a gap)."""
+    if value is None or (math.isnan(value) and not non_finite):
+        return "-"
+    return format(value, fmt)
 
 
 def format_table(results: Mapping[str, RunResult], baseline: str | None = None) -> str:
     """One row per run: test accuracy and loss, epochs, learning rate, ms/step and, with a ``baseline`` run,
-    each run's ms/step divided by the baseline's (column ``x <baseline>``)."""
+    each run's ms/step divided by the baseline's (column ``x <baseline>``). When a run diverged, a column
+    ``diverged at`` (``-`` for the others) and, below the table, one line per diverged run
+    (:meth:`RunResult.divergence_note`)."""
     rows = [["run", "test/acc", "test/loss", "epochs", "lr", "ms/step"]]
     for label, result in results.items():
         m = result.metrics
-        rows.append([label, _cell(m.get("test/acc"), ".4f"), _cell(m.get("test/loss"), ".4f"),
+        rows.append([label, _cell(m.get("test/acc"), ".4f", True), _cell(m.get("test/loss"), ".4f", True),
                      _cell(m.get("epochs"), ".0f"), _cell(m.get("optimizer.lr"), ".4g"),
                      _cell(m.get("ms_per_step"), ".2f")])
     if baseline is not None:
@@ -105,9 +201,16 @@ def format_table(results: Mapping[str, RunResult], baseline: str | None = None) 
         for row, result in zip(rows[1:], results.values()):
             ratio = result.metrics.get("ms_per_step", math.nan) / base_ms if base_ms > 0 else math.nan
             row.append(_cell(ratio, ".2f"))
+    diverged = {label: result for label, result in results.items() if result.divergence is not None}
+    if diverged:
+        rows[0].append("diverged at")
+        for row, result in zip(rows[1:], results.values()):
+            row.append(str(result.divergence) if result.divergence is not None else "-")
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-                     for row in rows)
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines += [f"{label} diverged: {result.divergence_note()}" for label, result in diverged.items()]
+    return "\n".join(lines)
 
 
 def plot_val_curves(results: Mapping[str, RunResult], path: str | Path, title: str = "") -> Path:

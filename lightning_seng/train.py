@@ -2,9 +2,11 @@
 
 The default run is the main job: an MLP on scikit-learn's digits, trained once with SENG (preconditioning
 SGD with momentum) and once with the same SGD alone (same model, initial weights, data order, epochs).
-It prints one table (test accuracy and loss, epochs, ms per training step after the warm-up epoch, and the
-ratio of the two step times; see :mod:`lightning_seng.report`) and writes the validation curves of both runs
-to ``val_curves.png`` in Hydra's output directory, beside its ``train.log``. Every config key is a CLI override::
+It prints one table (test accuracy and loss, epochs, ms per training step after the warm-up epoch, the
+ratio of the two step times, and where a run diverged; see :mod:`lightning_seng.report`), titled with the model
+and data the config builds, and writes the validation curves of both runs to ``val_curves.png`` in Hydra's
+output directory, beside its ``train.log``. Under several processes (``trainer=ddp``) only rank zero prints
+the table and writes the plot. Every config key is a CLI override::
 
     python -m lightning_seng.train seng.damping=0.3 seng.update_freq=20
     python -m lightning_seng.train recipe=digits_cnn
@@ -21,6 +23,7 @@ the traceback instead.
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import os
 import sys
 import time
@@ -35,10 +38,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from lightning_seng.classifier import Classifier
 from lightning_seng.mixin import build_seng_callback, root_cause
-from lightning_seng.report import RunResult, StepTimer, ValidationCurve, format_table, plot_val_curves
+from lightning_seng.report import (DivergenceMonitor, RunResult, StepTimer, ValidationCurve, format_table,
+                                   plot_val_curves)
 
 # Errors of the configuration (bad values, missing data), reported without a traceback by main().
 CONFIG_ERRORS = (ValueError, FileNotFoundError, MisconfigurationException)
@@ -73,7 +78,9 @@ def plan_runs(cfg: DictConfig) -> list[tuple[str, Any, Any]]:
                              f"(got ckpt_path={cfg.ckpt_path!r}, baseline.enabled=true)")
         optimizer = OmegaConf.to_container(cfg.optimizer, resolve=True)
         lr = baseline.get("lr")
-        if lr is not None:
+        # an lr equal to optimizer.lr (the digits recipes interpolate it) is the optimizer's own: its constructor
+        # names optimizer.lr if it is bad
+        if lr is not None and lr != optimizer.get("lr"):
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
                 raise ValueError(f"baseline.lr must be null (same as optimizer.lr) or a number > 0 (got {lr!r})")
             optimizer["lr"] = lr
@@ -137,14 +144,15 @@ def _build_logger(cfg: DictConfig, run_name: str):
 
 
 def fit_and_test(cfg: DictConfig, label: str, seng_cfg: Any, optimizer_cfg: Any) -> RunResult:
-    timer, curve = StepTimer(), ValidationCurve()
-    module, datamodule, trainer = build(cfg, seng_cfg, optimizer_cfg, run_name=_slug(label), callbacks=[timer, curve])
+    timer, curve, monitor = StepTimer(), ValidationCurve(), DivergenceMonitor(label)
+    module, datamodule, trainer = build(cfg, seng_cfg, optimizer_cfg, run_name=_slug(label),
+                                        callbacks=[timer, curve, monitor])
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path") if seng_cfg is not None else None)
     metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     metrics.update({"epochs": trainer.current_epoch, "optimizer.lr": optimizer_cfg.lr, "ms_per_step": timer.ms_per_step})
     if trainer.logger is not None and hasattr(trainer.logger.experiment, "finish"):
         trainer.logger.experiment.finish()  # W&B: close this run before the next one starts
-    return RunResult({k: float(v) for k, v in metrics.items()}, curve.curves)
+    return RunResult({k: float(v) for k, v in metrics.items()}, curve.curves, monitor.divergence)
 
 
 def _slug(label: str) -> str:
@@ -166,9 +174,20 @@ def baseline_label(results: dict[str, RunResult], cfg: DictConfig) -> str | None
     return plain[0] if len(results) > 1 and plain and plain[0] in results else None
 
 
+def _target_name(node: Any) -> str:
+    return str((node or {}).get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def run_title(cfg: DictConfig) -> str:
+    """``"<title>: <model> on <data>"``: the classes (or factory functions) that ``cfg.model._target_`` and
+    ``cfg.data._target_`` name, so the title follows ``model=...`` overrides; ``title`` (optional) prefixes it."""
+    what = f"{_target_name(cfg.model)} on {_target_name(cfg.data).removesuffix('DataModule')}"
+    return f"{cfg.title}: {what}" if cfg.get("title") else what
+
+
 def report(cfg: DictConfig, results: dict[str, RunResult], out_dir: str | Path) -> str:
     """The table of the main job, the plot written to ``out_dir/val_curves.png``, and a line naming its path."""
-    title = f"{cfg.get('title') or 'results'} (seed {cfg.seed})"
+    title = f"{run_title(cfg)} (seed {cfg.seed})"
     plot = plot_val_curves(results, Path(out_dir) / "val_curves.png", title=title)
     return "\n".join([
         f"Test results: {title}; ms/step: median over epochs 2.. of the mean training step (epoch 1 is warm-up)",
@@ -177,8 +196,46 @@ def report(cfg: DictConfig, results: dict[str, RunResult], out_dir: str | Path) 
     ])
 
 
+class _CurrentStream:
+    """A stream that writes to whatever ``sys.<name>`` is at the time of the write.
+
+    Hydra's console log handler keeps the ``sys.stdout`` it found at start-up; Lightning's rich progress bar
+    swaps ``sys.stdout``/``sys.stderr`` for proxies that print above the bar while it is live. Writing through
+    the current one puts a log record (a SENG warning) on its own line instead of inside the bar's line."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        return getattr(sys, self.name).write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+
+def follow_redirected_streams(logger: logging.Logger | None = None) -> None:
+    """Point ``logger``'s (the root logger's) console handlers at the current ``sys.stdout``/``sys.stderr``."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if type(handler) is logging.StreamHandler:
+            for name in ("stdout", "stderr"):
+                if handler.stream in (getattr(sys, name), getattr(sys, f"__{name}__")):
+                    handler.setStream(_CurrentStream(name))
+
+
+def emit_report(cfg: DictConfig, results: dict[str, RunResult], out_dir: str | Path) -> str | None:
+    """:func:`report` printed on rank zero (one table and one plot per job under ``trainer=ddp``); returns the
+    text printed, ``None`` on the other ranks."""
+    if rank_zero_only.rank != 0:
+        return None
+    text = report(cfg, results, out_dir)
+    print()
+    print(text)
+    return text
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float:
+    follow_redirected_streams()
     try:
         results = run(cfg)
     except CONFIG_ERRORS as err:
@@ -187,8 +244,7 @@ def main(cfg: DictConfig) -> float:
         print(f"Error: {err}", file=sys.stderr)
         print("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", file=sys.stderr)
         sys.exit(2)
-    print()
-    print(report(cfg, results, HydraConfig.get().runtime.output_dir))
+    emit_report(cfg, results, HydraConfig.get().runtime.output_dir)
     return next(iter(results.values())).metrics["test/acc"]
 
 

@@ -224,10 +224,17 @@ def test_fit_start_prints_the_coverage_table_with_routes_and_fallbacks(caplog, p
     assert len(tables) == 1
     lines = tables[0].splitlines()
     assert "Route" in lines[1] and "Params" in lines[1]
-    rows = {line.split("|")[1].strip(): line for line in lines[3:-2]}
+    first, second = [i for i, line in enumerate(lines) if set(line) == {"-"}]
+    rows = {line.split("|")[1].strip(): line for line in lines[first + 1:second]}
     assert set(rows) == {"net.0.0", "net.0.2", "net.0.4", "net.1"}
     assert "linear" in rows["net.0.0"] and "fallback" in rows["net.1"] and "excluded" in rows["net.1"]
-    assert lines[-1].startswith("curvature on 98.")
+    assert lines[second + 1].startswith("curvature on 98.")
+
+
+def test_fit_start_shows_the_coverage_table_once(caplog):
+    with caplog.at_level("INFO"):
+        trainer([SENGCallback(**KNOBS)], max_steps=1).fit(BoringClassifier(make_net()), loader(make_data()))
+    assert sum(r.getMessage().count("| Route") for r in caplog.records) == 1
 
 
 def test_logging_can_be_turned_off():

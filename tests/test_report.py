@@ -7,7 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lightning_seng.report import RunResult, StepTimer, ValidationCurve, format_table, plot_val_curves
+import torch
+
+from lightning_seng.report import (Divergence, DivergenceMonitor, RunResult, StepTimer, ValidationCurve, format_table,
+                                   plot_val_curves)
 
 
 class FakeClock:
@@ -93,3 +96,74 @@ def test_table_without_a_baseline_has_no_ratio_column_and_shows_unmeasured_times
 def test_plot_writes_a_png(tmp_path):
     path = plot_val_curves(_results(), tmp_path / "val_curves.png", title="digits")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _monitor_epochs(monitor: DivergenceMonitor, losses_per_epoch: list[list[float]]) -> None:
+    """Drive ``monitor``'s hooks as Lightning does, with each batch's loss as ``outputs["loss"]``."""
+    for losses in losses_per_epoch:
+        monitor.on_train_epoch_start(None, None)
+        for i, loss in enumerate(losses):
+            monitor.on_train_batch_end(None, None, {"loss": torch.tensor(loss)}, None, i)
+        monitor.on_train_epoch_end(None, None)
+
+
+def test_divergence_monitor_names_the_first_batch_and_epoch_of_a_non_finite_loss():
+    monitor = DivergenceMonitor("SENG+SGD")
+    with pytest.warns(UserWarning, match=r"SENG\+SGD: the training loss is not finite from epoch 2 \(batch 5\)"):
+        _monitor_epochs(monitor, [[2.0, 1.5, 1.0], [0.9, math.nan, 0.8], [math.inf, math.nan, math.nan]])
+    assert monitor.divergence == Divergence(batch=5, epoch=2)
+
+
+def test_divergence_monitor_counts_an_infinite_loss_and_leaves_a_finite_run_unmarked(recwarn):
+    finite, infinite = DivergenceMonitor(), DivergenceMonitor()
+    _monitor_epochs(finite, [[2.0, 1e30], [1e-30, 0.5]])
+    assert finite.divergence is None and not recwarn.list
+    with pytest.warns(UserWarning):
+        _monitor_epochs(infinite, [[2.0, -math.inf]])
+    assert infinite.divergence == Divergence(batch=2, epoch=1)
+
+
+def test_divergence_monitor_reads_the_flag_when_the_fit_stops_inside_an_epoch():
+    monitor = DivergenceMonitor()
+    monitor.on_train_epoch_start(None, None)
+    for i, loss in enumerate([1.0, 0.5]):
+        monitor.on_train_batch_end(None, None, {"loss": torch.tensor(loss)}, None, i)
+    monitor.on_train_epoch_end(None, None)
+    monitor.on_train_epoch_start(None, None)
+    monitor.on_train_batch_end(None, None, {"loss": torch.tensor(math.nan)}, None, 0)  # max_steps reached here
+    with pytest.warns(UserWarning):
+        monitor.on_train_end(None, None)
+    assert monitor.divergence == Divergence(batch=3, epoch=2)
+
+
+def test_divergence_monitor_warns_once():
+    monitor = DivergenceMonitor()
+    with pytest.warns(UserWarning) as record:
+        _monitor_epochs(monitor, [[math.nan], [math.nan], [math.nan]])
+    assert len(record) == 1 and monitor.divergence == Divergence(batch=1, epoch=1)
+
+
+def _diverged() -> dict[str, RunResult]:
+    results = _results()
+    results["SENG+SGD"] = RunResult({"test/acc": 0.1, "test/loss": math.nan, "epochs": 10, "optimizer.lr": 0.05,
+                                     "ms_per_step": 3.0},
+                                    {"val/loss": [1.0, 0.4, math.nan], "val/acc": [0.6, 0.9, 0.1]},
+                                    Divergence(batch=40, epoch=3))
+    return results
+
+
+def test_table_marks_a_diverged_run_with_where_it_diverged_and_shows_its_loss_as_nan():
+    lines = format_table(_diverged(), baseline="SGD").splitlines()
+    assert lines[0].split()[-3:] == ["SGD", "diverged", "at"]
+    assert lines[1].split() == ["SENG+SGD", "0.1000", "nan", "10", "0.05", "3.00", "1.50", "epoch", "3", "(batch", "40)"]
+    assert lines[2].split()[-1] == "-"
+
+
+def test_table_names_the_last_finite_validation_of_a_diverged_run():
+    last = format_table(_diverged(), baseline="SGD").splitlines()[-1]
+    assert last == ("SENG+SGD diverged: training loss not finite from epoch 3 (batch 40) on; "
+                    "last finite validation after epoch 2: val/loss 0.4000, val/acc 0.9000")
+
+
+def test_table_of_runs_that_did_not_diverge_has_no_divergence_column():
+    assert "diverged" not in format_table(_results(), baseline="SGD")

@@ -188,3 +188,68 @@ def test_ckpt_path_with_baseline_is_rejected():
 
     with pytest.raises(ValueError, match=r"set baseline.enabled=false with ckpt_path"):
         plan_runs(_compose(["ckpt_path=/some/last.ckpt"]))
+
+
+def _config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from lightning_seng.train import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("overrides, title", [
+    ((), "MLP on Digits"),
+    (("model=small_cnn", "data=digits_images"), "SmallCNN on Digits"),
+    (("recipe=digits_cnn",), "SmallCNN on Digits"),
+    (("recipe=cifar10_resnet18", "model=resnet50"), "SENG authors' CIFAR-10 recipe: resnet50 on CIFAR10"),
+])
+def test_table_title_names_the_model_and_data_the_config_builds(overrides, title):
+    from lightning_seng.train import run_title
+
+    assert run_title(_config(*overrides)) == title
+
+
+def _one_result():
+    from lightning_seng.report import RunResult
+
+    return {"SENG+SGD": RunResult({"test/acc": 0.9, "test/loss": 0.3, "epochs": 1, "optimizer.lr": 0.05,
+                                   "ms_per_step": 2.0}, {"val/loss": [0.4], "val/acc": [0.9]})}
+
+
+def test_report_is_printed_and_plotted_by_rank_zero_only(tmp_path, monkeypatch, capsys):
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    from lightning_seng.train import emit_report
+
+    cfg = _config()
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert emit_report(cfg, _one_result(), tmp_path) is None
+    assert capsys.readouterr().out == "" and not (tmp_path / "val_curves.png").exists()
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    text = emit_report(cfg, _one_result(), tmp_path)
+    assert text in capsys.readouterr().out and (tmp_path / "val_curves.png").is_file()
+
+
+def test_console_log_records_follow_a_redirected_stdout(monkeypatch):
+    """Rich's progress bar swaps sys.stdout for a proxy that prints above the bar: a handler created before
+    must write to the proxy, not into the bar's line."""
+    import contextlib
+    import io
+    import logging
+
+    from lightning_seng.train import follow_redirected_streams
+
+    logger = logging.getLogger("tests.follow_redirected_streams")
+    monkeypatch.setattr(logger, "propagate", False)
+    handler = logging.StreamHandler(sys.stdout)
+    logger.addHandler(handler)
+    try:
+        follow_redirected_streams(logger)
+        proxy = io.StringIO()
+        with contextlib.redirect_stdout(proxy):
+            logger.warning("SENG: non-finite gradient")
+        assert proxy.getvalue() == "SENG: non-finite gradient\n"
+    finally:
+        logger.removeHandler(handler)
