@@ -102,11 +102,23 @@ class SENGArguments:
         try:
             super().instantiate_classes()
         except Exception as err:
-            raised = _constructor_error(err) or (self._constructor_errors[-1] if self._constructor_errors else None)
+            raised = self._reported_constructor_error(err)
             if raised is None:
                 raise
             cls, cause = raised
             raise ValueError(f"{cls.__module__}.{cls.__qualname__}: {cause}") from err
+
+    def _reported_constructor_error(self, err: Exception) -> tuple[type, Exception] | None:
+        """The class and the error of the constructor whose error ``err`` reports, else ``None``: from ``err``'s
+        chain of causes, else the latest error a constructor raised whose first line ``err``'s message holds."""
+        found = _constructor_error(err)
+        if found is not None:
+            return found
+        for cls, raised in reversed(self._constructor_errors):
+            first_line = str(raised).partition("\n")[0]
+            if first_line and first_line in str(err):
+                return cls, raised
+        return None
 
     def _instantiate(self, class_type: type, *args: Any, **kwargs: Any) -> Any:
         """jsonargparse's default instantiator, keeping the error a constructor raises: when jsonargparse tries a

@@ -140,6 +140,13 @@ def test_full_error_variable_raises_the_bad_value_with_its_traceback(pl_package,
     assert "in check_settings" in "".join(traceback.format_exception(raised.value))
 
 
+def test_bad_value_of_a_lone_callback_not_in_a_list_is_named_after_its_class():
+    # jsonargparse tries trainer.callbacks as a list first and chains that failure, not the constructor's
+    lone = "{class_path: lightning_seng.SENGCallback, init_args: {update_freq: 0}}"
+    with pytest.raises(ValueError, match=f"^{re.escape(BAD_VALUE)}$"):
+        main(["--config", str(EXAMPLES / "digits_mlp.yaml"), f"--trainer.callbacks={lone}"], run=False)
+
+
 def test_fit_help_lists_seng_callbacks_arguments(pl_package, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--help"], package=pl_package.__name__)
