@@ -148,7 +148,7 @@ class SENGArguments:
         return super().instantiate_trainer(**kwargs)
 
     def _section(self, config: Any) -> Any:
-        """The part of ``config`` that holds this run's keys: that of the subcommand (``fit``, ...) when there is one."""
+        """The part of ``config`` with this run's keys: the subcommand's (``fit``, ...) when there is one."""
         return config[self.subcommand] if self.subcommand else config
 
 
