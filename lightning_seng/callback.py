@@ -67,34 +67,37 @@ class SENGCallback(*callback_bases()):
     :math:`d = (F + \lambda I)^{-1} g` with :math:`F` the layer's empirical Fisher on the mini-batch
     (see :class:`lightning_seng.SENG`). The first-order optimizer then takes its step along ``d``.
 
+    The arguments are written in plain text: ``LightningCLI``'s ``--help`` prints them as they are.
+
     Args:
-        damping: :math:`\lambda`; a float, a ``lightning_seng.schedules`` schedule (one built with
-            ``steps_per_epoch="auto"`` is given the trainer's optimizer steps per epoch at fit start), a
-            :class:`~lightning_seng.schedules.LevenbergMarquardt` (adapted from the loss before and after the step:
-            the callback runs ``training_step`` again on its measured steps), or a callable ``(step, epoch) -> float``.
-        update_freq: curvature refresh every ``update_freq`` optimizer steps.
-        sketch_size: sampling size of the sketched routes; ``None`` = exact (see :class:`SENG`).
-        column_sample_size: the SENG authors' column sample size ``s`` instead of ``sketch_size`` (see :class:`SENG`).
-        curvature_samples: samples of the refresh batch that form ``U`` (uniform subset); ``None`` = all.
+        damping: the damping λ; a float, a schedule from lightning_seng.schedules (one built with
+            steps_per_epoch="auto" is given the trainer's optimizer steps per epoch at fit start), a
+            LevenbergMarquardt (adapted from the loss before and after the step: the callback runs training_step
+            again on its measured steps), or a callable (step, epoch) -> float.
+        update_freq: curvature refresh every update_freq optimizer steps (an int >= 1).
+        sketch_size: sampling size of the sketched routes; None = exact (see SENG).
+        curvature_samples: samples of the refresh batch that form U (uniform subset); None = all.
         svd_rank: rank of the implicit (low-rank) route.
-        implicit_threshold: layers with at least this many parameters use the implicit route (``route="auto"``).
-        loss_reduction: ``"mean"`` or ``"sum"``: how ``training_step``'s loss reduces over the batch.
-        include, exclude: module names (fnmatch patterns) or module types to precondition / skip.
-        route: ``"auto"``, ``"threshold"`` (the authors' rule), ``"explicit"``, ``"gram"`` or ``"implicit"``.
-        curvature_dtype: dtype of the curvature solves; ``None`` follows the parameters.
+        implicit_threshold: layers with at least this many parameters use the implicit route (route="auto").
+        loss_reduction: "mean" or "sum": how training_step's loss reduces over the batch.
+        include: module names (fnmatch patterns) or module types to precondition; None = every module.
+        exclude: module names (fnmatch patterns) or module types to skip.
+        route: "auto", "threshold" (the authors' rule), "explicit", "gram" or "implicit".
+        curvature_dtype: dtype of the curvature solves; None follows the parameters.
         seed: seed of the sketch RNG.
-        skip_nonfinite: zero all gradients of a step whose gradient holds NaN/Inf (see :class:`SENG`).
+        skip_nonfinite: zero all gradients of a step whose gradient holds NaN/Inf (see SENG).
         batch_axis: axis of the batch's first tensor that counts the samples (or a callable
-            ``(args, kwargs) -> N``, called with ``((batch,), {})`` here and with the model's forward
-            arguments when the LightningModule's own forward runs); the two, and the modules' declared
-            ``batch_first``, must agree (see :class:`SENG`).
-        batch_shortcut: ``U g`` of plain Linear layers from the step's own batch when ``.grad`` is exactly that
-            batch's gradient (see :class:`SENG`).
-        relative_damping: each layer's damping times the mean eigenvalue of its ``UUᵀ`` (see :class:`SENG`).
-        optimizers: indices into ``trainer.optimizers`` whose steps are preconditioned.
-        log_every_n_steps: log ``seng/*`` statistics every this many optimizer steps; ``None`` follows
-            ``Trainer(log_every_n_steps=...)``; ``0`` disables logging.
-        log_prog_bar: also show ``seng/damping`` in the progress bar.
+            (args, kwargs) -> N, called with ((batch,), {}) here and with the model's forward arguments when the
+            LightningModule's own forward runs); the two, and the modules' declared batch_first, must agree (see
+            SENG).
+        batch_shortcut: U g of plain Linear layers from the step's own batch when .grad is exactly that batch's
+            gradient (see SENG).
+        relative_damping: each layer's damping times the mean eigenvalue of its UUᵀ (see SENG).
+        column_sample_size: the SENG authors' column sample size s instead of sketch_size (see SENG).
+        optimizers: indices into trainer.optimizers whose steps are preconditioned.
+        log_every_n_steps: log seng/* statistics every this many optimizer steps; None follows
+            Trainer(log_every_n_steps=...); 0 disables logging.
+        log_prog_bar: also show seng/damping in the progress bar.
         manual_loss_scale: extra factor the loss carried into backward under manual optimization
             (multiplies the AMP scale); ignored under automatic optimization.
     """

@@ -4,18 +4,22 @@ LightningCLI of each Lightning package."""
 from __future__ import annotations
 
 import inspect
+import re
+import subprocess
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 
 import pytest
 
 from lightning_seng import SENGCallback, SENGStrategy
-from lightning_seng.cli import _command_line, main
+from lightning_seng.cli import FULL_ERROR, _command_line, command_line, main
 
 from .lightning_modules import ClassifierSteps, RandomData, for_package, seng_strategy_class
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "recipes" / "lightning_cli"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "recipes" / "lightning_cli"
 TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
 
@@ -109,3 +113,75 @@ def test_unknown_package_is_rejected_naming_the_key():
     with pytest.raises(ValueError, match=r"package must be one of \['pytorch_lightning', 'lightning.pytorch'\] "
                                          r"\(got 'lightning'\)"):
         main([], run=False, package="lightning")
+
+
+# ---------------------------------------------------------------- what a user meets: errors, --help, the seng group
+BAD_VALUE = "lightning_seng.callback.SENGCallback: update_freq must be an int >= 1 (got 0)"
+
+
+def test_bad_callback_value_ends_in_two_lines_naming_class_key_value_and_range(pl_package, tmp_path, capsys,
+                                                                               monkeypatch):
+    monkeypatch.delenv(FULL_ERROR, raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        command_line(["--package", pl_package.__name__, "fit", *tiny_run(pl_package, tmp_path),
+                      "--trainer.callbacks.update_freq=0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-2:] == [
+        f"Error: {BAD_VALUE}", f"Set the environment variable {FULL_ERROR}=1 for a complete stack trace."]
+
+
+def test_full_error_variable_raises_the_bad_value_with_its_traceback(pl_package, tmp_path, monkeypatch):
+    monkeypatch.setenv(FULL_ERROR, "1")
+    with pytest.raises(ValueError, match=re.escape(BAD_VALUE)) as raised:
+        command_line(["--package", pl_package.__name__, "fit", *tiny_run(pl_package, tmp_path),
+                      "--trainer.callbacks.update_freq=0"])
+    # the chain reaches the frame that rejected the value
+    assert "in check_settings" in "".join(traceback.format_exception(raised.value))
+
+
+def test_bad_value_of_a_lone_callback_not_in_a_list_is_named_after_its_class():
+    # jsonargparse tries trainer.callbacks as a list first and chains that failure, not the constructor's
+    lone = "{class_path: lightning_seng.SENGCallback, init_args: {update_freq: 0}}"
+    with pytest.raises(ValueError, match=f"^{re.escape(BAD_VALUE)}$"):
+        main(["--config", str(EXAMPLES / "digits_mlp.yaml"), f"--trainer.callbacks={lone}"], run=False)
+
+
+def test_fit_help_lists_seng_callbacks_arguments(pl_package, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"], package=pl_package.__name__)
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--seng.damping DAMPING" in out and "--seng.update_freq UPDATE_FREQ" in out
+
+
+def test_callbacks_help_takes_the_short_name_and_prints_plain_text(pl_package):
+    # a fresh process: the short name resolves only where the CLI itself imported SENGCallback
+    done = subprocess.run([sys.executable, "-m", "lightning_seng.cli", "--package", pl_package.__name__, "fit",
+                           "--trainer.callbacks.help", "SENGCallback"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--trainer.callbacks.damping DAMPING" in done.stdout and "the damping λ" in done.stdout
+    assert re.findall(r":[a-z]+:`|``", done.stdout) == []  # no RST roles or literals
+
+
+def test_seng_group_adds_the_callback_with_its_arguments(pl_package, tmp_path):
+    cli = main([*tiny_run(pl_package, tmp_path), "--trainer.callbacks=[]", "--seng.enabled=true",
+                "--seng.damping=0.3", "--seng.update_freq=5"], run=False, package=pl_package.__name__)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SENGCallback)]
+    assert callback.seng_kwargs["damping"] == 0.3 and callback.seng_kwargs["update_freq"] == 5
+
+
+def test_seng_arguments_without_seng_enabled_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"seng\.damping=0\.3 given, but seng\.enabled is false"):
+        main(["--config", str(EXAMPLES / "digits_mlp.yaml"), "--seng.damping=0.3"], run=False)
+
+
+def test_seng_group_beside_a_seng_callback_in_trainer_callbacks_is_refused():
+    with pytest.raises(ValueError, match="trainer.callbacks holds a SENGCallback too: one SENG per model"):
+        main(["--config", str(EXAMPLES / "digits_mlp.yaml"), "--seng.enabled=true"], run=False)
+
+
+def test_bad_value_in_the_seng_group_names_the_group():
+    with pytest.raises(ValueError, match=r"^seng: update_freq must be an int >= 1 \(got 0\)$"):
+        main(["--config", str(EXAMPLES / "digits_mlp.yaml"), "--trainer.callbacks=[]", "--seng.enabled=true",
+              "--seng.update_freq=0"], run=False)
