@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_seng import SENG
 from lightning_seng.distributed import SENG_MODES, make_comm
-from lightning_seng.models import MLP, SmallCNN
+from lightning_seng.recipes.models import MLP, SmallCNN
 
 MODES = ("sgd",) + SENG_MODES
 WARMUP_STEPS = 2

@@ -4,7 +4,7 @@
     python benchmarks/main_job_timing.py --rounds 3 trainer.max_epochs=4
 
 ``python -m lightning_seng.train`` runs SENG+SGD, then SGD, once each, and reports each run's mean training
-step after its first epoch (:class:`lightning_seng.report.StepTimer`). Here the same runs (same config and
+step after its first epoch (:class:`lightning_seng.recipes.report.StepTimer`). Here the same runs (same config and
 overrides) alternate ``rounds`` times, SENG+SGD then SGD in each round, so that load from other processes
 on a shared machine falls on both alike. Printed: per run, the median over rounds of ms/step with the min
 and max, and the ratio of the medians, to hold against the ratio the main job printed.
@@ -22,8 +22,8 @@ from hydra import compose, initialize_config_dir
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightning_seng.report import StepTimer  # noqa: E402
-from lightning_seng.train import build, config_dir, plan_runs  # noqa: E402
+from lightning_seng.recipes.report import StepTimer  # noqa: E402
+from lightning_seng.recipes.train import build, config_dir, plan_runs  # noqa: E402
 
 QUIET = ["trainer.enable_progress_bar=false", "logger=none"]
 

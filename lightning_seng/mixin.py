@@ -19,7 +19,7 @@ hyper-parameters (``self.save_hyperparameters()``) needs no optimizer code::
   ``"step"``), ``frequency`` and ``monitor`` are Lightning's and are passed to Lightning, not the scheduler.
   ``steps_per_epoch: auto`` becomes the trainer's optimizer steps per epoch
   (:func:`lightning_seng.steps.steps_per_epoch`), for per-step schedules such as ``scheduler=poly``
-  (:func:`lightning_seng.lr_schedules.warmup_poly`) or ``OneCycleLR``. Missing or ``None``: no scheduler.
+  (:func:`lightning_seng.recipes.lr_schedules.warmup_poly`) or ``OneCycleLR``. Missing or ``None``: no scheduler.
 - ``seng``: keyword arguments of :class:`~lightning_seng.callback.SENGCallback` (a ``_target_`` is optional);
   the callback is returned by ``configure_callbacks`` so Lightning attaches it to the Trainer.
   Missing or ``None``: no SENG, the module trains with the first-order optimizer alone.

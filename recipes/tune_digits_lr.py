@@ -18,7 +18,7 @@ import warnings
 import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 
-from lightning_seng.train import build, config_dir, plan_runs
+from lightning_seng.recipes.train import build, config_dir, plan_runs
 
 
 def evaluate(overrides: list[str], seed: int, lr: float) -> dict[str, dict[str, float]]:

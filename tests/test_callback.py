@@ -17,7 +17,7 @@ import lightning_seng.distributed
 from lightning_seng import SENG, ExponentialDamping
 from lightning_seng._packages import callback_bases
 from lightning_seng.callback import SENGCallback
-from lightning_seng.data import EpochSeededSampler
+from lightning_seng.recipes.data import EpochSeededSampler
 
 from .lightning_modules import ClassifierSteps, for_package, seng_strategy_class
 

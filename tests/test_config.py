@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lightning_seng.callback import SENGCallback
-from lightning_seng.train import build, config_dir, plan_runs, run
+from lightning_seng.recipes.train import build, config_dir, plan_runs, run
 
 CONF = Path(config_dir())
 FAST = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
@@ -157,7 +157,7 @@ def test_wandb_sweep_is_a_valid_sweep_over_real_config_keys():
 
 def test_trainer_strategy_config_is_built_into_an_object():
     from lightning_seng.strategy import SENGStrategy
-    from lightning_seng.train import _instantiate
+    from lightning_seng.recipes.train import _instantiate
 
     cfg = _compose(["trainer=ddp", "trainer.strategy.seng_mode=global"])
     kwargs = _instantiate("trainer", cfg.trainer)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_seng.data import (
+from lightning_seng.recipes.data import (
     CIFAR10DataModule, DigitsDataModule, EpochSeededSampler, ImageNetDataModule, SyntheticImagesDataModule,
     load_cifar10_batch,
 )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_seng.lr_schedules import WarmupPolyFactor, warmup_poly
+from lightning_seng.recipes.lr_schedules import WarmupPolyFactor, warmup_poly
 from tests.recipe_formulas import cifar_lr, imagenet_lr
 
 

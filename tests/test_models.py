@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_seng.models import MLP, SmallCNN, resnet18_cifar, resnet50
+from lightning_seng.recipes.models import MLP, SmallCNN, resnet18_cifar, resnet50
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -49,7 +49,7 @@ def test_bad_arguments_name_the_key(build, pattern):
 
 
 def test_resnet_needs_four_stages():
-    from lightning_seng.models import BasicBlock, ResNet
+    from lightning_seng.recipes.models import BasicBlock, ResNet
 
     with pytest.raises(ValueError, match=r"model.blocks must list 4 positive block counts.* \(got \[2, 2, 2\]\)"):
         ResNet(BasicBlock, [2, 2, 2], num_classes=10)

@@ -17,7 +17,7 @@ from torch import nn
 from lightning_seng.layers.routes import RouteSettings, choose_route
 from lightning_seng.mixin import build_optimizer, build_scheduler, build_seng_callback
 from lightning_seng.schedules import ExponentialDamping
-from lightning_seng.train import _instantiate, build, config_dir, plan_runs
+from lightning_seng.recipes.train import _instantiate, build, config_dir, plan_runs
 from tests.recipe_formulas import cifar_lr, imagenet_damping, imagenet_lr
 
 
@@ -149,7 +149,7 @@ def test_cifar_recipe_trains_with_the_lr_schedule_sized_by_the_trainer(tmp_path)
 
 
 @pytest.mark.parametrize("override, pattern", [
-    ("scheduler.power=-1", r"scheduler: cannot build lightning_seng.lr_schedules.warmup_poly .*power must be a finite number > 0 \(got -1\)"),
+    ("scheduler.power=-1", r"scheduler: cannot build lightning_seng.recipes.lr_schedules.warmup_poly .*power must be a finite number > 0 \(got -1\)"),
     ("scheduler.milestones=[0]", r"milestones must be a list of epochs, each an int >= 1 \(got \[0\]\)"),
     ("scheduler.steps_per_epoch=0", r"steps_per_epoch must be an int >= 1 \(got 0\)"),
     ("seng.damping.steps_per_epoch=each", r"steps_per_epoch must be None, 'auto' or an int >= 1 \(got 'each'\)"),

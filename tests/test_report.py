@@ -9,7 +9,7 @@ import pytest
 
 import torch
 
-from lightning_seng.report import (Divergence, DivergenceMonitor, RunResult, StepTimer, ValidationCurve, format_table,
+from lightning_seng.recipes.report import (Divergence, DivergenceMonitor, RunResult, StepTimer, ValidationCurve, format_table,
                                    plot_val_curves)
 
 

@@ -13,7 +13,7 @@ from lightning_seng.callback import SENGCallback
 from lightning_seng.mixin import build_scheduler
 from tests.test_mixin import Net
 
-POLY = {"_target_": "lightning_seng.lr_schedules.warmup_poly", "steps_per_epoch": "auto", "decay_epochs": 4,
+POLY = {"_target_": "lightning_seng.recipes.lr_schedules.warmup_poly", "steps_per_epoch": "auto", "decay_epochs": 4,
         "power": 2, "warmup_epochs": 1, "warmup_start_lr": 0.01, "step_offset": 1, "interval": "step"}
 IMAGENET_DAMPING = {"_target_": "lightning_seng.schedules.ExponentialDamping", "damping": 0.17, "rate": 0.9,
                     "period": 10, "steps_per_epoch": "auto", "step_offset": 1}

@@ -14,9 +14,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from lightning_seng.sweep import (DIVERGED, FINISHED, OfflineSweep, build_command, hydra_value, load_sweep, main,
+from lightning_seng.recipes.sweep import (DIVERGED, FINISHED, OfflineSweep, build_command, hydra_value, load_sweep, main,
                                   read_metrics)
-from lightning_seng.train import config_dir
+from lightning_seng.recipes.train import config_dir
 
 pytest.importorskip("sweeps", reason="W&B's sweep engine: pip install '.[sweeps]' (dev installs it)")
 
@@ -176,7 +176,7 @@ def grid_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grid")
     path = _write(tmp, "method: grid\nmetric: {name: val/acc, goal: maximize}\nparameters:\n"
                        "  optimizer.lr:\n    values: [1e4, 5e-2]\n" + COMMAND)
-    from lightning_seng.sweep import format_summary
+    from lightning_seng.recipes.sweep import format_summary
 
     budget = [arg.replace("limit_train_batches=2", "limit_train_batches=3") for arg in TINY]
     sweep = OfflineSweep(load_sweep(path), tmp / "out", budget, echo=lambda line: None)

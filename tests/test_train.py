@@ -144,21 +144,21 @@ def test_wandb_logger_works_offline(tmp_path):
 def _compose(overrides):
     from hydra import compose, initialize_config_dir
 
-    from lightning_seng.train import config_dir
+    from lightning_seng.recipes.train import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("train", overrides=[*TINY[:-1], "logger=none", *overrides])
 
 
 def test_cnn_recipe_smoke_run():
-    from lightning_seng.train import run
+    from lightning_seng.recipes.train import run
 
     results = run(_compose(["recipe=digits_cnn"]))
     assert list(results) == ["SENG+SGD", "SGD"] and all(0 <= r.metrics["test/acc"] <= 1 for r in results.values())
 
 
 def test_imagenet_resnet50_recipe_smoke_run_on_a_local_folder(tmp_path):
-    from lightning_seng.train import run
+    from lightning_seng.recipes.train import run
 
     write_image_folder(tmp_path, 36, 36, "png")
     cfg = _compose(["recipe=imagenet_resnet50", f"data.root={tmp_path}", "trainer=cpu", "trainer.precision=32-true",
@@ -169,7 +169,7 @@ def test_imagenet_resnet50_recipe_smoke_run_on_a_local_folder(tmp_path):
 
 
 def test_cli_resume_from_ckpt_path_reproduces_the_uninterrupted_run(tmp_path):
-    from lightning_seng.train import run
+    from lightning_seng.recipes.train import run
 
     # T_max fixed: by default it follows trainer.max_epochs, which differs between the 2- and 3-epoch runs.
     common = ["baseline.enabled=false", "trainer.enable_checkpointing=true", "trainer.limit_train_batches=4",
@@ -184,7 +184,7 @@ def test_cli_resume_from_ckpt_path_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_ckpt_path_with_baseline_is_rejected():
-    from lightning_seng.train import plan_runs
+    from lightning_seng.recipes.train import plan_runs
 
     with pytest.raises(ValueError, match=r"set baseline.enabled=false with ckpt_path"):
         plan_runs(_compose(["ckpt_path=/some/last.ckpt"]))
@@ -193,7 +193,7 @@ def test_ckpt_path_with_baseline_is_rejected():
 def _config(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from lightning_seng.train import config_dir
+    from lightning_seng.recipes.train import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose("train", overrides=list(overrides))
@@ -206,13 +206,13 @@ def _config(*overrides: str):
     (("recipe=cifar10_resnet18", "model=resnet50"), "SENG authors' CIFAR-10 recipe: resnet50 on CIFAR10"),
 ])
 def test_table_title_names_the_model_and_data_the_config_builds(overrides, title):
-    from lightning_seng.train import run_title
+    from lightning_seng.recipes.train import run_title
 
     assert run_title(_config(*overrides)) == title
 
 
 def _one_result():
-    from lightning_seng.report import RunResult
+    from lightning_seng.recipes.report import RunResult
 
     return {"SENG+SGD": RunResult({"test/acc": 0.9, "test/loss": 0.3, "epochs": 1, "optimizer.lr": 0.05,
                                    "ms_per_step": 2.0}, {"val/loss": [0.4], "val/acc": [0.9]})}
@@ -221,7 +221,7 @@ def _one_result():
 def test_report_is_printed_and_plotted_by_rank_zero_only(tmp_path, monkeypatch, capsys):
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-    from lightning_seng.train import emit_report
+    from lightning_seng.recipes.train import emit_report
 
     cfg = _config()
     monkeypatch.setattr(rank_zero_only, "rank", 1)
@@ -239,7 +239,7 @@ def test_console_log_records_follow_a_redirected_stdout(monkeypatch):
     import io
     import logging
 
-    from lightning_seng.train import follow_redirected_streams
+    from lightning_seng.recipes.train import follow_redirected_streams
 
     logger = logging.getLogger("tests.follow_redirected_streams")
     monkeypatch.setattr(logger, "propagate", False)
