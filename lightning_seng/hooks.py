@@ -15,8 +15,12 @@ They are objects rather than closures for two reasons:
   is the graph break at each hooked module: Dynamo compiles each module's ``forward`` as its own frame, and
   torch guards those on the parameters' shapes, so layers of distinct shapes each compile it once.
 
-The ``disable`` is applied when the first SENG is built (:func:`untraced_hooks`), not at import: importing
-``torch._dynamo`` takes seconds, which a plain ``import lightning_seng`` should not pay.
+``torch._dynamo`` is imported with this module, i.e. by ``import lightning_seng`` (about 1.1 s here, on top of
+torch's 1.1 s), on purpose: besides the ``disable`` above, the sample-axis probe (:mod:`lightning_seng.axes`)
+builds a ``FakeTensorMode``, which imports Dynamo, and a process that imports Dynamo for the first time after
+``torch.distributed.init_process_group`` (gloo) aborted at exit ("terminate called without an active exception")
+in 2 of 15 two-process runs here, against 0 of 30 when Dynamo was imported before the process group. Imported
+up front, it precedes the group in every launcher that imports the library first.
 
 A hook holds its SENG weakly: a SENG that its user no longer references is collected, its hooks then do
 nothing (and are removed with it), and the model is free for a new SENG.
@@ -28,6 +32,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch._dynamo
 
 if TYPE_CHECKING:
     from .layers.base import LayerCurvature
@@ -75,6 +80,7 @@ class ForwardHook(_LiveHook):
     def __init__(self, seng: "SENG", layer: "LayerCurvature"):
         self.seng, self.layer = weakref.ref(seng), layer
 
+    @torch._dynamo.disable
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         seng = self.seng()
         if seng is not None:
@@ -89,6 +95,7 @@ class ForwardPreHook(_LiveHook):
     def __init__(self, seng: "SENG", layer: "LayerCurvature"):
         self.seng, self.layer = weakref.ref(seng), layer
 
+    @torch._dynamo.disable
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         seng = self.seng()
         if seng is not None and seng.capturing:
@@ -103,6 +110,7 @@ class InputHook(_LiveHook):
     def __init__(self, seng: "SENG"):
         self.seng = weakref.ref(seng)
 
+    @torch._dynamo.disable
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         seng = self.seng()
         if seng is not None and seng.capturing:
@@ -118,22 +126,8 @@ class DeclaredHook(_LiveHook):
     def __init__(self, seng: "SENG", name: str):
         self.seng, self.name = weakref.ref(seng), name
 
+    @torch._dynamo.disable
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         seng = self.seng()
         if seng is not None and seng.capturing:
             seng._declared(self.name, module, args, kwargs)
-
-
-_UNTRACED = False
-
-
-def untraced_hooks() -> None:
-    """Make the live hooks' ``__call__`` ``torch._dynamo.disable``-d (once per process; see the module docstring)."""
-    global _UNTRACED
-    if _UNTRACED:
-        return
-    import torch._dynamo
-
-    for cls in (ForwardHook, ForwardPreHook, InputHook, DeclaredHook):
-        cls.__call__ = torch._dynamo.disable(cls.__call__)
-    _UNTRACED = True

@@ -31,7 +31,7 @@ from . import sketch
 from .axes import AxisProbe, BatchSources, ProbedAxes, ProbeResult, declared_axis, declared_inputs, declaring_modules
 from .coverage import Coverage, CoverageRow, pending_route
 from .distributed import Communicator
-from .hooks import DeclaredHook, ForwardHook, ForwardPreHook, InputHook, remove_handles, untraced_hooks
+from .hooks import DeclaredHook, ForwardHook, ForwardPreHook, InputHook, remove_handles
 from .layers import ROUTE_RULES, ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
 from .layers import identity
 from .layers.base import Curvature, sample_scale
@@ -332,7 +332,6 @@ class SENG:
         self._warned: set = set()
 
         self.removed = False
-        untraced_hooks()
         self._handles = [module.register_forward_hook(ForwardHook(self, layer), with_kwargs=True, prepend=True)
                          for layer in self.layers.values() for module in layer.modules()]
         self._handles += [module.register_forward_pre_hook(ForwardPreHook(self, layer), with_kwargs=True)
