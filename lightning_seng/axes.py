@@ -21,7 +21,6 @@ Pure torch.
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -80,9 +79,8 @@ def declaring_modules(model: nn.Module) -> Dict[str, nn.Module]:
 
 
 def _eager():
-    """``torch.compiler.set_stance("force_eager")`` where Dynamo is loaded (a compiled module exists only then),
-    else nothing."""
-    if "torch._dynamo" not in sys.modules or not hasattr(torch, "compiler") or not hasattr(torch.compiler, "set_stance"):
+    """``torch.compiler.set_stance("force_eager")`` (torch >= 2.6): compiled submodules run eagerly in the probe."""
+    if not hasattr(torch, "compiler") or not hasattr(torch.compiler, "set_stance"):
         return nullcontext()
     return torch.compiler.set_stance("force_eager")
 
