@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -48,6 +49,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.problems import _autoencoder  # noqa: E402
@@ -315,6 +317,46 @@ def resnet_refresh(batch: int, reps: int) -> dict:
                 routes=" ".join(f"{k[7:]}:{v}" for k, v in seng.seng.stats.items() if k.startswith("layers/") and v))
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active, by name; views (ops whose outputs alias an input without
+    writing it: ``view``, ``t``, ``select``, ...) are left out, as they launch no kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+            self.counts[func.__name__] += 1
+        return out
+
+
+def count_step_ops(model: nn.Module, loss_of: Callable[[], torch.Tensor], update_freq: int = 10) -> dict:
+    """Aten ops of ``seng.step()`` on a refresh step and on a step between refreshes (the second after it: the first
+    forms each layer's ``(K + λI)^{-1}`` once), by name, after ``loss_of().backward()``, with the parameter tensors'
+    count: ``{"tensors": P, "refresh": Counter, "between": Counter}``; ``update_freq`` > 2."""
+    seng = SENG(model, damping=0.5, update_freq=update_freq, stats_every=50)
+    out = {"tensors": sum(1 for p in model.parameters() if p.requires_grad)}
+    for label in ("refresh", "first", "between"):
+        model.zero_grad(set_to_none=True)
+        loss_of().backward()
+        with OpCounter() as counter:
+            seng.step()
+        out[label] = counter.counts
+    del out["first"]
+    seng.remove()
+    return out
+
+
+def _op_line(name: str, counted: dict) -> str:
+    p = counted["tensors"]
+    between, refresh = counted["between"], counted["refresh"]
+    top = ", ".join(f"{op} {k}" for op, k in between.most_common(5))
+    return (f"{name:12} ops per step: between refreshes {sum(between.values())} ({sum(between.values()) / p:.2f} per "
+            f"parameter tensor, {p} tensors; {top}), refresh {sum(refresh.values())}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -323,6 +365,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default=",".join(PROBLEMS))
     parser.add_argument("--resnet", action="store_true", help="also the ResNet-18-shaped refresh at batch 256")
+    parser.add_argument("--ops", action="store_true",
+                        help="also count the aten ops of seng.step() (views excluded) on the models and a ResNet-50")
     parser.add_argument("--peak", help=argparse.SUPPRESS)  # internal: one model's refresh peak, printed as JSON
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -354,6 +398,22 @@ def main() -> None:
         cost, share = result["identities"]
         print(f"{name:12} {'identities':14} the runtime identities' cost per refresh (update_freq=1 against the same "
               f"with them taken out): {cost:+.3f}x SGD, {100 * share:+.1f} % of the refresh step", flush=True)
+    if args.ops:
+        for name in args.models.split(","):
+            problem = PROBLEMS[name]
+            xs, ys = _data(problem, B)
+            torch.manual_seed(0)
+            model = problem.model()
+            x, y = xs[0], ys[0]
+            loss_of = ((lambda: F.mse_loss(model(x), y)) if problem.loss == "mse" else
+                       (lambda: F.cross_entropy(model(x), y)))
+            print(_op_line(name, count_step_ops(model, loss_of)), flush=True)
+        from lightning_seng.recipes.models import Bottleneck, ResNet
+
+        torch.manual_seed(0)
+        resnet = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=10)
+        x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+        print(_op_line("resnet50", count_step_ops(resnet, lambda: F.cross_entropy(resnet(x), y))), flush=True)
     if args.resnet:
         r = resnet_refresh(256, 3)
         print(f"resnet18/4 batch 256: SGD step {r['sgd_ms']:.0f} ms, SENG refresh step {r['refresh_ms']:.0f} ms, "

@@ -60,3 +60,25 @@ def test_the_unchecked_runner_takes_the_runtime_identities_out_and_nothing_else(
         seng.step()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_op_counter_counts_kernels_by_name_and_leaves_views_out():
+    from benchmarks.overhead import OpCounter
+
+    x = torch.randn(4, 3)
+    with OpCounter() as counter:
+        y = x.view(12).t() if x.dim() == 1 else x.view(3, 4).transpose(0, 1)
+        (y + 1).sum()
+    assert counter.counts == {"add.Tensor": 1, "sum.default": 1}
+
+
+def test_step_op_counts_cover_a_refresh_and_a_steady_step_between():
+    from benchmarks.overhead import count_step_ops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    counted = count_step_ops(model, lambda: nn.functional.cross_entropy(model(x), y))
+    assert counted["tensors"] == 4
+    assert "cholesky_inverse.default" not in counted["between"]  # formed once, on the first step after the refresh
+    assert sum(counted["refresh"].values()) > sum(counted["between"].values()) > 0
