@@ -45,6 +45,19 @@ def _layer_direction(model, x, y, names, g):
     return dense_direction(ps, {k: g[k] for k in names}, DAMPING, N ** -0.5)
 
 
+def _assert_damped(after, before, names):
+    """The announced fallback: each of ``names`` got ``g / (1 + λ)``."""
+    for k in names:
+        assert rel_err(after[k], before[k] / (1 + DAMPING)) < 1e-12, k
+
+
+def _assert_exact(after, model, x, y, names, g, context=()):
+    """``names`` (one layer) got the dense ``(UᵀU + λI)^{-1} g`` of the batch ``(x, y)``."""
+    ref = _layer_direction(model, x, y, names, g)
+    for k in names:
+        assert rel_err(after[k], ref[k]) < 1e-10, (*context, k)
+
+
 def _halve(p):
     p.grad.mul_(0.5)
 
@@ -69,11 +82,8 @@ def test_a_post_accumulate_hook_on_one_weight_is_announced_and_the_other_layer_s
     seng = SENG(model, damping=DAMPING, update_freq=1)
     before, after = _step(model, seng, lambda: F.cross_entropy(model(x), y))
     assert _fallen_back(seng) == {"2"}
-    for k in ("2.weight", "2.bias"):
-        assert rel_err(after[k], before[k] / (1 + DAMPING)) < 1e-12, k
-    ref = _layer_direction(model, x, y, ["0.weight", "0.bias"], before)
-    for k in ref:
-        assert rel_err(after[k], ref[k]) < 1e-10, k
+    _assert_damped(after, before, ("2.weight", "2.bias"))
+    _assert_exact(after, model, x, y, ["0.weight", "0.bias"], before)
     messages = _warnings(caplog)
     assert len(messages) == 1 and "'2'" in messages[0] and "post-accumulate-grad hook" in messages[0]
 
@@ -96,9 +106,7 @@ def test_a_hook_that_rescales_the_whole_gradient_is_preconditioned_exactly(updat
         before, after = _step(model, seng, lambda: F.cross_entropy(model(x), y))
         if step % update_freq == 0:
             x0, y0 = x, y
-        ref = _layer_direction(model, x0, y0, ["0.weight", "0.bias"], before)
-        for k in ref:
-            assert rel_err(after[k], ref[k]) < 1e-10, (step, k)
+        _assert_exact(after, model, x0, y0, ["0.weight", "0.bias"], before, context=(step,))
     assert _warnings(caplog) == []
 
 
@@ -114,11 +122,8 @@ def test_a_weight_hook_added_after_the_first_step_is_announced(caplog):
     model[0].weight.register_hook(lambda g: 2 * g)
     before, after = _step(model, seng, lambda: F.cross_entropy(model(x), y))
     assert _fallen_back(seng) == {"0"}
-    for k in ("0.weight", "0.bias"):
-        assert rel_err(after[k], before[k] / (1 + DAMPING)) < 1e-12, k
-    ref = _layer_direction(model, x, y, ["2.weight", "2.bias"], before)
-    for k in ref:
-        assert rel_err(after[k], ref[k]) < 1e-10, k
+    _assert_damped(after, before, ("0.weight", "0.bias"))
+    _assert_exact(after, model, x, y, ["2.weight", "2.bias"], before)
     assert any("do not sum to" in m and "hook on a parameter" in m for m in _warnings(caplog))
 
 
@@ -135,11 +140,9 @@ def test_clipping_the_gradient_norm_before_the_step_keeps_every_layer_exact(capl
     before = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
     seng.step()
     assert _warnings(caplog) == []
+    after = {k: p.grad for k, p in model.named_parameters()}
     for layer in ("0", "2"):
-        names = [f"{layer}.weight", f"{layer}.bias"]
-        ref = _layer_direction(model, x, y, names, before)
-        for k in names:
-            assert rel_err(dict(model.named_parameters())[k].grad, ref[k]) < 1e-10, k
+        _assert_exact(after, model, x, y, [f"{layer}.weight", f"{layer}.bias"], before)
 
 
 class _Unrolled(nn.Module):
@@ -195,12 +198,9 @@ def test_generic_modules_are_exact_or_announced(make, shape, caplog):
     for name, layer in seng.layers.items():
         names = [k for k, p in model.named_parameters() if any(p is q for q in layer.parameters())]
         if name in seng._reasons:
-            for k in names:
-                assert rel_err(after[k], before[k] / (1 + DAMPING)) < 1e-12, k
+            _assert_damped(after, before, names)
         else:
-            ref = _layer_direction(model, x, y, names, before)
-            for k in names:
-                assert rel_err(after[k], ref[k]) < 1e-10, (name, k)
+            _assert_exact(after, model, x, y, names, before, context=(name,))
     covered = {r.module for r in seng.coverage().rows if r.curvature}
     assert not covered & set(seng._reasons)
 
@@ -233,8 +233,7 @@ def test_attention_weights_in_the_loss_are_announced(caplog):
     before, after = _step(model, seng, loss)
     assert "mha" in seng._reasons
     mha = [k for k in before if k.startswith("mha.") and not k.startswith("mha.out_proj")]
-    for k in mha:
-        assert rel_err(after[k], before[k] / (1 + DAMPING)) < 1e-12, k
+    _assert_damped(after, before, mha)
     assert any("'mha'" in m and "attention weights" in m for m in _warnings(caplog))
 
 
@@ -254,8 +253,7 @@ def test_an_input_gradient_penalty_is_announced(caplog):
     seng = SENG(model, damping=DAMPING, update_freq=1)
     before, after = _step(model, seng, loss)
     assert _fallen_back(seng) == {"0", "2"}
-    for k in before:
-        assert rel_err(after[k], before[k] / (1 + DAMPING)) < 1e-12, k
+    _assert_damped(after, before, before)
     assert len(_warnings(caplog)) == 2
 
 
@@ -272,11 +270,9 @@ def test_micro_batches_compare_against_the_last_backward_without_a_warning(caplo
     before = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
     seng.step(loss_scale=0.5)
     assert _warnings(caplog) == []
+    after = {k: p.grad for k, p in model.named_parameters()}
     for layer in ("0", "2"):
-        names = [f"{layer}.weight", f"{layer}.bias"]
-        ref = _layer_direction(model, x[N:], y[N:], names, before)
-        for k in names:
-            assert rel_err(dict(model.named_parameters())[k].grad, ref[k]) < 1e-10, k
+        _assert_exact(after, model, x[N:], y[N:], [f"{layer}.weight", f"{layer}.bias"], before)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
