@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import sketch
+from . import fused, sketch
 from .axes import AxisProbe, BatchSources, ProbedAxes, ProbeResult, declared_axis, declared_inputs, declaring_modules
 from .coverage import Coverage, CoverageRow, pending_route
 from .distributed import Communicator
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 LOSS_REDUCTIONS = ("mean", "sum")
 LayerFilter = Optional[Sequence[Union[str, type]]]
 BatchAxis = Union[int, Callable[[tuple, dict], int]]
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_int(key: str, value, minimum: int, allow_none: bool = False) -> Optional[int]:
@@ -274,7 +277,8 @@ class SENG:
                  skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, batch_shortcut: bool = True,
                  relative_damping: bool = False, column_sample_size: Optional[int] = None,
                  stats_every: Optional[int] = None,
-                 comm: Optional[Communicator] = None, log_coverage: bool = True):
+                 comm: Optional[Communicator] = None, log_coverage: bool = True,
+                 compile_step: Union[bool, str] = False):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module (got {type(model).__name__})")
         if comm is not None and not isinstance(comm, Communicator):
@@ -298,6 +302,14 @@ class SENG:
         self.skip_nonfinite = skip_nonfinite
         self.batch_axis = checked["batch_axis"]
         self.stats_every = check_int("stats_every", stats_every, 1, allow_none=True)
+        if isinstance(compile_step, str):
+            check_choice("compile_step", compile_step, COMPILE_MODES)
+        elif not isinstance(compile_step, bool):
+            raise ValueError(f"compile_step must be True, False or a torch.compile mode, one of {list(COMPILE_MODES)} "
+                             f"(got {compile_step!r})")
+        self.compile_step = "default" if compile_step is True else (compile_step or None)
+        self._run_plan = fused.runner(self.compile_step)
+        self._plan: Optional[fused.StepPlan] = None
         self.model = model
         self.comm = comm if comm is not None else Communicator()
         if isinstance(self.damping_schedule, LevenbergMarquardt) and type(self.comm) is not Communicator:
@@ -508,6 +520,7 @@ class SENG:
         self._claimed = []
         self._feedback = None
         self._probe_inputs = None  # the model's inputs of a refresh step that never stepped
+        self._plan = None
         self.removed = True
 
     def __deepcopy__(self, memo: dict):
@@ -703,11 +716,15 @@ class SENG:
     def _step_in_place(self, with_grad: List[tuple], damping: float, checked: bool) -> None:
         """A step that records no statistics (one process, ``skip_nonfinite``): every direction is written into
         ``.grad`` in place. Unless the gradient is known to be finite (``checked``: a refresh step read it), a
-        non-finite one is handled on the device (all gradients times 0, then NaN/Inf to 0), so nothing is read
-        back to the host."""
+        non-finite one is handled on the device (all gradients zeroed), so nothing is read back to the host.
+        Between refreshes the layers with a plain route take the fused step (:mod:`lightning_seng.fused`)."""
         self._stats["damping"] = damping
         grads = [p.grad for _, p in with_grad]
         if not grads:
+            return
+        plan = None if checked else self._step_plan(with_grad, damping)
+        if plan is not None:
+            self._fused_step(plan, damping)
             return
         finite = None if checked else self._finite(grads)
         for name, layer in self.layers.items():
@@ -723,6 +740,54 @@ class SENG:
             for g in grads:
                 g.nan_to_num_(0.0, 0.0, 0.0)
             self._finite_flags.append(finite)
+
+    def _step_plan(self, with_grad: List[tuple], damping: float) -> Optional[fused.StepPlan]:
+        """The fused step's plan for this step: kept while the curvatures, the damping, the trainable parameters
+        and the parameters with a gradient stay what they were when it was built; else built again (``None``
+        when no layer has a plain route: the per-layer path)."""
+        key = (damping, tuple(id(p) for _, p in with_grad), tuple(p.requires_grad for _, p in with_grad),
+               tuple(id(layer.curvature) for layer in self.layers.values()))
+        plan = self._plan
+        if plan is not None and plan.key == key:
+            return plan
+        self._plan = None
+        usable, without = [], []
+        for name, layer in self.layers.items():
+            cur = layer.curvature
+            if (cur is None or layer.trainable() != cur.mask or layer.falls_back_whole()
+                    or any(p.grad is None for p in layer.trainable_params(cur.mask))):
+                if layer.falls_back_whole() or cur is None or layer.trainable() != cur.mask:
+                    without += [p for p in self._without_curvature(name, layer) if p.grad is not None]
+                    continue
+                return None  # a gradient missing: the per-layer path decides
+            usable.append((name, layer))
+        without += self._other_grads(with_grad)
+        plan = fused.build_plan(usable, without, damping, 1.0 + damping)
+        if plan is not None:
+            # the curvatures kept alive with the plan: their ids in the key cannot be taken by new ones
+            plan.key, plan.curvatures = key, [layer.curvature for layer in self.layers.values()]
+            self._plan = plan
+        return plan
+
+    def _fused_step(self, plan: "fused.StepPlan", damping: float) -> None:
+        """The step between refreshes through ``plan``: the fused tensor work, then the layers that keep their own
+        path; the non-finite guard inside the fused work where no layer keeps its own path, else after them."""
+        grads = [p.grad for p in plan.params] + [p.grad for p in plan.rest_params]
+        eager = self.compile_step is None
+        us = None
+        if eager:  # U g' from the Linear layers' own batch, where that is exactly their gradient and cheaper
+            us = [layer.batch_u_dot(layer.curvature, layer.grad_parts(layer.curvature.mask, layer.curvature.gram.dtype))
+                  for _, layer in plan.layers[len(plan.layers) - len(plan.linears):]]
+        guard = not plan.rest  # else after the rest have written theirs
+        found = self._run_plan(*plan.arguments(grads, us), guard=guard)
+        for name, layer in plan.rest:
+            if not layer.direction_(damping):
+                for p in self._without_curvature(name, layer):
+                    if p.grad is not None:
+                        p.grad.div_(1.0 + damping)
+        if not guard:
+            fused.clear_nonfinite_(grads, found)
+        self._finite_flags.append(found[0] == 0)
 
     @staticmethod
     def _finite(grads: List[Tensor]) -> Tensor:

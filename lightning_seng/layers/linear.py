@@ -240,9 +240,14 @@ class LinearLayer(MatrixLayer):
         return b.grad.to(dtype), b.x.to(dtype)
 
     def _u_dot(self, cur: Curvature, parts: List[Tensor]) -> Tensor:
+        u = self.batch_u_dot(cur, parts)
+        return super()._u_dot(cur, parts) if u is None else u
+
+    def batch_u_dot(self, cur: Curvature, parts: List[Tensor]) -> Optional[Tensor]:
+        """``U g'`` from this step's batch where :meth:`batch_factors` allows it, else ``None``."""
         batch = self.batch_factors(cur)
         if batch is None:
-            return super()._u_dot(cur, parts)
+            return None
         G, X = cur.route.plain()
         bias = cur.route.options["bias"]
         if self.batch.row_scale is not None:
