@@ -317,6 +317,42 @@ def resnet_refresh(batch: int, reps: int) -> dict:
                 routes=" ".join(f"{k[7:]}:{v}" for k, v in seng.seng.stats.items() if k.startswith("layers/") and v))
 
 
+def launch_bound(rounds: int, layers: int = 8, width: int = 64, batch: int = 5) -> dict:
+    """A model where dispatch, not arithmetic, sets the cost: ``layers`` Linear layers ``width`` wide, batch
+    ``batch``. Medians of ``seng.step()`` between refreshes and of a foreach SGD step (momentum), each timed alone
+    after the same forward and backward, the two models stepped in turn."""
+    torch.manual_seed(0)
+
+    def make():
+        mods: List[nn.Module] = []
+        for _ in range(layers):
+            mods += [nn.Linear(width, width), nn.ReLU()]
+        return nn.Sequential(*mods[:-1])
+    sgd_model, seng_model = make(), make()
+    sgd_opt = torch.optim.SGD(sgd_model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    seng_opt = torch.optim.SGD(seng_model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    seng = SENG(seng_model, damping=0.5, update_freq=10, stats_every=50, log_coverage=False)
+    x, y = torch.randn(batch, width), torch.randint(0, width, (batch,))
+    times: dict = {"sgd": [], "seng": []}
+    for i in range(rounds + 20):
+        for label, model, opt in (("sgd", sgd_model, sgd_opt), ("seng", seng_model, seng_opt)):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            refresh = label == "seng" and seng.will_refresh
+            t0 = time.perf_counter()
+            if label == "seng":
+                seng.step()
+            else:
+                opt.step()
+            dt = time.perf_counter() - t0
+            if label == "seng":
+                opt.step()
+            if i >= 20 and not refresh and not (label == "seng" and seng.step_count % 50 == 1):
+                times[label].append(dt)
+    sgd, step = statistics.median(times["sgd"]), statistics.median(times["seng"])
+    return dict(sgd_ms=1000 * sgd, seng_ms=1000 * step, ratio=step / sgd)
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops dispatched while active, by name; views (ops whose outputs alias an input without
     writing it: ``view``, ``t``, ``select``, ...) are left out, as they launch no kernel."""
@@ -365,6 +401,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", default=",".join(PROBLEMS))
     parser.add_argument("--resnet", action="store_true", help="also the ResNet-18-shaped refresh at batch 256")
+    parser.add_argument("--launch", action="store_true",
+                        help="also the launch-bound MLP: seng.step() between refreshes against a foreach SGD step")
     parser.add_argument("--ops", action="store_true",
                         help="also count the aten ops of seng.step() (views excluded) on the models and a ResNet-50")
     parser.add_argument("--peak", help=argparse.SUPPRESS)  # internal: one model's refresh peak, printed as JSON
@@ -398,6 +436,10 @@ def main() -> None:
         cost, share = result["identities"]
         print(f"{name:12} {'identities':14} the runtime identities' cost per refresh (update_freq=1 against the same "
               f"with them taken out): {cost:+.3f}x SGD, {100 * share:+.1f} % of the refresh step", flush=True)
+    if args.launch:
+        r = launch_bound(max(args.rounds, 200))
+        print(f"launch-bound MLP (8 x Linear(64, 64), batch 5): seng.step() between refreshes {r['seng_ms']:.3f} ms, "
+              f"foreach SGD step {r['sgd_ms']:.3f} ms, ratio {r['ratio']:.2f} (target <= 2.00)", flush=True)
     if args.ops:
         for name in args.models.split(","):
             problem = PROBLEMS[name]

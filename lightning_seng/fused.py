@@ -10,14 +10,18 @@ plain route need, and :func:`step_tensors` does the whole step for them:
 - ``U g``: explicit routes' column blocks in one ``_foreach_mm``, the parts of one layer added in one
   ``_foreach_add_``; plain Linear Gram routes ``rowsum((G W) ∘ X) + G b`` (or, eagerly, the batch's cheaper
   form, :meth:`~lightning_seng.layers.linear.LinearLayer._u_dot`);
-- ``w/λ = (K + λI)^{-1} U g / λ``: one ``_foreach_mm`` with the inverses formed after the refresh, one
-  ``_foreach_mul_``;
-- ``g/λ`` for those layers and ``g/(1 + λ)`` for the parameters without curvature: one ``_foreach_mul_``;
-- ``− Uᵀ(w/λ)``: one in-place ``addmv_`` per explicit block (``addmm_`` and ``addmv_`` per Linear), the only
-  operations per tensor;
-- where the gradient was not finite, every gradient zeroed (``skip_nonfinite``) by two multi-tensor operations
-  on the device (``g ← g^f · f`` with ``f`` 1 or 0: ``x¹ = x`` exactly, ``x⁰ = 1`` for NaN and ±Inf too), nothing
-  read back to the host.
+- ``g/λ`` for those layers and ``g/(1 + λ)`` for the parameters without curvature in the same pass as the check
+  (one per distinct λ; float64 gradients by one ``_foreach_mul_`` after it, as that kernel's scale is float32), so
+  that ``U g/λ`` and ``w/λ = (K + λI)^{-1} U g/λ`` (one ``_foreach_mm`` with the inverses formed after the
+  refresh) come scaled;
+- ``− Uᵀ(w/λ)``: for the explicit blocks up to :data:`SMALL_BLOCK` columns one ``_foreach_mm`` and one
+  ``_foreach_sub_``; one in-place ``addmv_`` per larger block, and ``addmm_`` and ``addmv_`` per large Linear: the
+  only operations per tensor, where the arithmetic outweighs a launch;
+- where the gradient was not finite, every gradient zeroed (``skip_nonfinite``) on the device by one multi-tensor
+  product of its bits, seen as integers, with 0 or 1, nothing read back to the host.
+
+A plain Linear Gram route with a small ``U`` (:data:`SMALL_U` elements) is applied as an explicit one: its ``U`` is
+built from ``G`` and ``X`` once per plan.
 
 :func:`step_tensors` takes tensors and lists of tensors only, has static shapes and reads nothing back to the
 host, so ``torch.compile(fullgraph=True)`` traces it whole (``SENG(compile_step=True)``). It computes what the
@@ -33,9 +37,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import sketch
 from .layers.base import Curvature, LayerCurvature
 from .layers.linear import LinearLayer
 from .layers.routes import ExplicitRoute, GramRoute
+
+
+# A plain Linear Gram route whose U has at most this many elements is applied as an explicit one between refreshes
+# (U built once from G and X at the plan: its products join the others' multi-tensor operations).
+SMALL_U = 1 << 18
+# Explicit blocks of at most this many columns are stacked with those of the same shape (a copy, kept by the plan)
+# and applied by batched products (through a temporary); larger ones by their own in-place ``addmm_``, which reads
+# the gradient once.
+SMALL_BLOCK = 1 << 16
 
 
 @dataclass
@@ -46,22 +60,33 @@ class StepPlan:
     (their blocks' order), those of the Linear layers, then the parameters without curvature (``g/(1 + λ)``).
     Every other layer (a route that is not plain, a gradient that is no view of its part) keeps its own path:
     ``rest``; the gradients :func:`step_tensors` takes are ``params``' then ``rest_params``' (it checks them all
-    for finiteness and writes only the former)."""
+    for finiteness and writes only the former).
+
+    Blocks of the same shape (up to :data:`SMALL_BLOCK` columns) are stacked, ``(L, N, d)``, and applied by one
+    batched product each way; the inverses of the layers that share ``N`` likewise."""
 
     params: List[nn.Parameter]
-    blocks: List[Tensor]  # explicit routes: U's column block of each part, (N, d_p)
-    block_grad: List[int]  # the index in params of each block's gradient
-    block_layer: List[int]  # the plan layer of each block
+    block_grad: List[int]  # per block of U (one per part of an explicit layer): the index of its gradient
+    block_layer: List[int]  # its plan layer
+    layer_block: List[int]  # the first block of each explicit layer
     firsts: List[int]  # per extra part of a layer: the index of the layer's first block, ...
     seconds: List[int]  # ... and of the extra block (their U g parts are added)
+    shape_groups: List[List[int]]  # blocks of one shape, ...
+    stacks: List[Tensor]  # ... stacked: (L, N, d)
+    large: List[int]  # the blocks applied one by one, ...
+    large_blocks: List[Tensor]  # ... (N, d) each
     linears: List[Tuple[Tensor, Tensor, int, int]]  # (G (N, d_out), X (N, d_in), weight index or -1, bias or -1)
-    inverses: List[Tensor]  # (K + λI)^{-1} per plan layer (explicit ones first, then Linear), (N, N)
-    inv_damping: List[Tensor]  # 1/λ_l per plan layer, 0-dim
-    grad_scales: List[Tensor]  # per parameter: 1/λ_l of its layer, or 1/(1 + λ)
-    groups: List[List[int]]  # indices in params by dtype and device (one finiteness check each)
-    layers: List[Tuple[str, LayerCurvature]]  # the plan layers, explicit first, then Linear
+    solve_groups: List[List[int]]  # plan layers (explicit ones first, then Linear) that share N, ...
+    inverse_stacks: List[Tensor]  # ... their (K + λI)^{-1} stacked, (L, N, N)
+    inv_damping: List[Tensor]  # 1/λ_l per plan layer, 0-dim (for a U g computed by the caller)
+    groups: List[List[int]]  # indices in params + rest_params by device, dtype and scale: one check each, ...
+    group_scales: List[Tensor]  # ... which also multiplies them by this (float32, one element): 1/λ_l, 1/(1 + λ), 1
+    post: List[int]  # indices of float64 parameters, scaled after the check (a float32 scale would round)
+    post_scales: List[Tensor]  # their scales, 0-dim float64
+    layers: List[Tuple[str, LayerCurvature]]  # the plan layers: explicit first (built U included), then Linear
     rest: List[Tuple[str, LayerCurvature]]  # the other layers with curvature: their own path
     rest_params: List[nn.Parameter]  # their parameters with a gradient: checked and guarded with the others
+    built_bytes: int = 0  # what the plan holds besides the curvatures' own tensors (stacks, U built from G and X)
     key: tuple = ()
     curvatures: list = field(default_factory=list)
 
@@ -69,42 +94,59 @@ class StepPlan:
         """The arguments of :func:`step_tensors` for these gradients (``us``: Linear layers' ``U g`` computed
         by the caller, ``None`` where :func:`step_tensors` computes it from the gradient)."""
         us = [None] * len(self.linears) if us is None else us
-        return (grads, self.blocks, self.block_grad, self.block_layer, self.firsts, self.seconds, self.linears, us,
-                self.inverses, self.inv_damping, self.grad_scales, self.groups)
+        return (grads, self.block_grad, self.block_layer, self.layer_block, self.firsts, self.seconds,
+                self.shape_groups, self.stacks, self.large, self.large_blocks, self.linears, us, self.solve_groups,
+                self.inverse_stacks, self.inv_damping, self.groups, self.group_scales, self.post, self.post_scales)
 
 
-def step_tensors(grads: List[Tensor], blocks: List[Tensor], block_grad: List[int], block_layer: List[int],
-                 firsts: List[int], seconds: List[int], linears: List[Tuple[Tensor, Tensor, int, int]],
-                 us: List[Optional[Tensor]], inverses: List[Tensor], inv_damping: List[Tensor],
-                 grad_scales: List[Tensor], groups: List[List[int]], guard: bool = True) -> Tensor:
+def step_tensors(grads: List[Tensor], block_grad: List[int], block_layer: List[int], layer_block: List[int],
+                 firsts: List[int], seconds: List[int], shape_groups: List[List[int]], stacks: List[Tensor],
+                 large: List[int], large_blocks: List[Tensor], linears: List[Tuple[Tensor, Tensor, int, int]],
+                 us: List[Optional[Tensor]], solve_groups: List[List[int]], inverse_stacks: List[Tensor],
+                 inv_damping: List[Tensor], groups: List[List[int]], group_scales: List[Tensor], post: List[int],
+                 post_scales: List[Tensor], guard: bool = True) -> Tensor:
     """Write the directions of a :class:`StepPlan` into ``grads`` (its parameters' gradients, in its order);
     returns a 1-element float32 tensor, nonzero where a gradient held NaN or ±Inf before the step. With ``guard``
-    every gradient is then zeroed on the device where it did; without, the caller decides."""
+    every gradient is then zeroed on the device where it did; without, the caller decides.
+
+    The gradients are first scaled, ``g' = g/λ`` (``g/(1 + λ)`` without curvature), in the pass that checks them;
+    then ``w' = (K + λI)^{-1} U g'`` and ``g' − Uᵀw'`` is the direction. Everything is a row: ``g'ᵀ`` ``(1, d)``,
+    ``(U g')ᵀ = g'ᵀ Uᵀ`` and ``w'ᵀ`` ``(1, N)`` (``K`` is symmetric), ``(Uᵀw')ᵀ = w'ᵀ U``."""
     found = grads[0].new_zeros(1, dtype=torch.float32)
-    one = grads[0].new_ones(1, dtype=torch.float32)
-    for group in groups:
-        torch._amp_foreach_non_finite_check_and_unscale_([grads[i] for i in group], found, one)
-    u_all = torch.ops.aten._foreach_mm(blocks, [grads[i].view(-1, 1) for i in block_grad]) if blocks else []
+    for group, scale in zip(groups, group_scales):
+        torch._amp_foreach_non_finite_check_and_unscale_([grads[i] for i in group], found, scale)
+    if post:
+        torch._foreach_mul_([grads[i] for i in post], post_scales)
+    rows = [grads[i].view(1, -1) for i in block_grad]
+    u_parts: List[Tensor] = list(rows)  # replaced below by each block's (U g')ᵀ, (1, N)
+    for members, stack in zip(shape_groups, stacks):
+        u = torch.bmm(torch.stack([rows[i] for i in members]), stack.transpose(1, 2))
+        for i, part in zip(members, u.unbind(0)):
+            u_parts[i] = part
+    if large:
+        for i, part in zip(large, torch.ops.aten._foreach_mm([rows[i] for i in large],
+                                                              [b.T for b in large_blocks])):
+            u_parts[i] = part
     if firsts:
-        torch._foreach_add_([u_all[i] for i in firsts], [u_all[i] for i in seconds])
-    u_layers: List[Tensor] = []
-    last = -1
-    for i, layer in enumerate(block_layer):
-        if layer != last:
-            u_layers.append(u_all[i])
-            last = layer
-    for (G, X, wi, bi), u in zip(linears, us):
+        torch._foreach_add_([u_parts[i] for i in firsts], [u_parts[i] for i in seconds])
+    u_layers = [u_parts[i] for i in layer_block]
+    first = len(layer_block)
+    for k, ((G, X, wi, bi), u) in enumerate(zip(linears, us)):
         if u is None:
-            u = _linear_u_dot(G, X, None if wi < 0 else grads[wi], None if bi < 0 else grads[bi])
-        u_layers.append(u.view(-1, 1))
-    ws = torch.ops.aten._foreach_mm(inverses, u_layers) if u_layers else []
-    if ws:
-        torch._foreach_mul_(ws, inv_damping)
-    if grad_scales:
-        torch._foreach_mul_(grads[:len(grad_scales)], grad_scales)
-    for block, i, layer in zip(blocks, block_grad, block_layer):
-        grads[i].view(-1).addmv_(block.T, ws[layer].view(-1), alpha=-1)
-    first = len(inverses) - len(linears)
+            u = sketch.linear_u_dot(G, X, None if wi < 0 else grads[wi], None if bi < 0 else grads[bi])
+        else:  # U g from the unscaled gradient
+            u = u * inv_damping[first + k]
+        u_layers.append(u.view(1, -1))
+    ws: List[Tensor] = list(u_layers)
+    for members, inverses in zip(solve_groups, inverse_stacks):
+        w = torch.bmm(torch.stack([u_layers[k] for k in members]), inverses)
+        for k, row in zip(members, w.unbind(0)):
+            ws[k] = row
+    for members, stack in zip(shape_groups, stacks):
+        products = torch.bmm(torch.stack([ws[block_layer[i]] for i in members]), stack)
+        torch._foreach_sub_([rows[i] for i in members], products.unbind(0))
+    for i, block in zip(large, large_blocks):
+        rows[i].addmm_(ws[block_layer[i]], block, alpha=-1)
     for k, (G, X, wi, bi) in enumerate(linears):
         w = ws[first + k].view(-1)
         if wi >= 0:
@@ -117,25 +159,19 @@ def step_tensors(grads: List[Tensor], blocks: List[Tensor], block_grad: List[int
     return found
 
 
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def clear_nonfinite_(grads: List[Tensor], found: Tensor) -> None:
-    """Every gradient zeroed where ``found`` is nonzero, left as it is otherwise, on the device: ``g ← g^f · f``,
-    ``f = 1 − found`` (two multi-tensor operations per dtype; ``x¹ = x`` and ``x⁰ = 1`` exactly, NaN and ±Inf
-    included)."""
-    by_dtype: Dict[torch.dtype, List[Tensor]] = {}
+    """Every gradient zeroed where ``found`` is nonzero, left bit for bit as it is otherwise, on the device: the
+    gradients' bits, seen as integers, times ``1 − found`` (one multi-tensor product per element size; integers
+    have no NaN, and all-zero bits are +0.0)."""
+    by_size: Dict[int, List[Tensor]] = {}
     for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for dtype, group in by_dtype.items():
-        f = (1 - found[0]).to(dtype)
-        # as a list of views: a single 0-dim exponent would be read back to the host as a number
-        torch._foreach_pow_(group, [f.expand(g.shape) for g in group])
-        torch._foreach_mul_(group, f)
-
-
-def _linear_u_dot(G: Tensor, X: Tensor, Ww: Optional[Tensor], Wb: Optional[Tensor]) -> Tensor:
-    u = None if Ww is None else torch.linalg.vecdot(G @ Ww, X)
-    if Wb is not None:
-        u = G @ Wb if u is None else torch.addmv(u, G, Wb)
-    return u
+        by_size.setdefault(g.element_size(), []).append(g)
+    for size, group in by_size.items():
+        keep = (found[0] == 0).to(_BITS[size])
+        torch._foreach_mul_([g.view(_BITS[size]) for g in group], keep)
 
 
 def _inverse(cur: Curvature, damping: float) -> Optional[Tensor]:
@@ -179,25 +215,32 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
         inverse = _inverse(cur, lam)
         parts = None if inverse is None else _views(layer, cur)
         if parts is not None and type(route) is ExplicitRoute and "index" not in route.tensors:
-            explicit.append((name, layer, cur, lam, inverse))
+            explicit.append((name, layer, cur, lam, inverse, _explicit_blocks(route)))
         elif (parts is not None and type(route) is GramRoute and isinstance(layer, LinearLayer)
               and route.plain() is not None):
-            linear.append((name, layer, cur, lam, inverse))
+            G, X = route.plain()
+            # (not while its U g' comes from the batch: the layer is watched only where that saves much more)
+            if (G.shape[0] * (G.shape[1] * (X.shape[1] * cur.mask[0] + route.options["bias"])) <= SMALL_U
+                    and layer.batch is None):
+                explicit.append((name, layer, cur, lam, inverse, _built_blocks(G, X, cur.mask[0],
+                                                                              route.options["bias"])))
+            else:
+                linear.append((name, layer, cur, lam, inverse))
         else:
             rest.append((name, layer))
     if not explicit and not linear:
         return None
     params: List[nn.Parameter] = []
-    blocks, block_grad, block_layer, firsts, seconds, linears = [], [], [], [], [], []
-    inverses, inv_damping, grad_scales = [], [], []
-    for k, (_, layer, cur, lam, inverse) in enumerate(explicit):
-        U = cur.route.tensors["U"]
-        first = len(blocks)
-        for j, (cols, p) in enumerate(zip(cur.route._blocks(), layer.trainable_params(cur.mask))):
+    blocks, block_grad, block_layer, layer_block, firsts, seconds, linears = [], [], [], [], [], [], []
+    built = 0
+    for k, (_, layer, cur, lam, inverse, layer_blocks) in enumerate(explicit):
+        layer_block.append(len(blocks))
+        built += sum(b.numel() * b.element_size() for b in layer_blocks) if type(cur.route) is GramRoute else 0
+        for j, (block, p) in enumerate(zip(layer_blocks, layer.trainable_params(cur.mask))):
             if j:
-                firsts.append(first)
+                firsts.append(layer_block[-1])
                 seconds.append(len(blocks))
-            blocks.append(U[:, cols])
+            blocks.append(block)
             block_grad.append(len(params))
             block_layer.append(k)
             params.append(p)
@@ -212,21 +255,53 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
             bi = len(params)
             params.append(trainable[-1])
         linears.append((G, X, wi, bi))
-    for _, layer, cur, lam, inverse in explicit + linear:
+    by_shape: Dict[tuple, List[int]] = {}
+    large = []
+    for i, b in enumerate(blocks):
+        if b.shape[1] <= SMALL_BLOCK:
+            by_shape.setdefault((tuple(b.shape), b.dtype, b.device), []).append(i)
+        else:
+            large.append(i)
+    stacks = [torch.stack([blocks[i] for i in members]) for members in by_shape.values()]
+    built += sum(t.numel() * t.element_size() for t in stacks)
+    inverses, inv_damping, scales = [], [], []
+    for _, layer, cur, lam, inverse, *_ in explicit + linear:
         inverses.append(inverse)
         inv_damping.append(torch.tensor(1.0 / lam, dtype=inverse.dtype, device=inverse.device))
-        scale = inv_damping[-1]
-        grad_scales += [scale] * len(layer.trainable_params(cur.mask))
-    for p in without:
-        params.append(p)
-        grad_scales.append(torch.tensor(1.0 / one_plus, dtype=p.dtype, device=p.device))
+        scales += [1.0 / lam] * len(layer.trainable_params(cur.mask))
+    by_n: Dict[tuple, List[int]] = {}
+    for k, inverse in enumerate(inverses):
+        by_n.setdefault((inverse.shape[0], inverse.dtype, inverse.device), []).append(k)
+    inverse_stacks = [torch.stack([inverses[k] for k in members]) for members in by_n.values()]
+    params += without
+    scales += [1.0 / one_plus] * len(without)
     rest_params = [p for _, layer in rest for p in layer.trainable_params(layer.curvature.mask) if p.grad is not None]
-    groups: Dict[tuple, List[int]] = {}
-    for i, p in enumerate(params + rest_params):
-        groups.setdefault((p.device, p.dtype), []).append(i)
-    return StepPlan(params, blocks, block_grad, block_layer, firsts, seconds, linears, inverses, inv_damping,
-                    grad_scales, list(groups.values()), [(n, layer) for n, layer, *_ in explicit + linear], rest,
-                    rest_params)
+    scales += [1.0] * len(rest_params)
+    by_key: Dict[tuple, List[int]] = {}
+    post, post_scales = [], []
+    for i, (p, scale) in enumerate(zip(params + rest_params, scales)):
+        if p.dtype == torch.float64 and scale != 1.0:
+            post.append(i)
+            post_scales.append(torch.tensor(scale, dtype=p.dtype, device=p.device))
+            scale = 1.0
+        by_key.setdefault((p.device, p.dtype, scale), []).append(i)
+    group_scales = [torch.full((1,), scale, dtype=torch.float32, device=device) for device, _, scale in by_key]
+    return StepPlan(params, block_grad, block_layer, layer_block, firsts, seconds, list(by_shape.values()), stacks,
+                    large, [blocks[i] for i in large], linears, list(by_n.values()), inverse_stacks, inv_damping,
+                    list(by_key.values()), group_scales, post, post_scales,
+                    [(n, layer) for n, layer, *_ in explicit + linear], rest, rest_params, built)
+
+
+def _explicit_blocks(route: ExplicitRoute) -> List[Tensor]:
+    U = route.tensors["U"]
+    return [U[:, cols] for cols in route._blocks()]
+
+
+def _built_blocks(G: Tensor, X: Tensor, weight: bool, bias: bool) -> List[Tensor]:
+    """U's blocks of a plain Linear from its Gram factors: ``G[n] ⊗ X[n]`` flattened as the weight is (row-major
+    ``(d_out, d_in)``), and ``G`` for the bias."""
+    blocks = [(G[:, :, None] * X[:, None, :]).reshape(G.shape[0], -1)] if weight else []
+    return blocks + ([G] if bias else [])
 
 
 def runner(compile_mode: Optional[str]) -> Callable[..., Tensor]:
