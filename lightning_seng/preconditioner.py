@@ -268,6 +268,30 @@ class SENG:
             ``tr(UUᵀ)/N`` (the mean squared per-sample gradient norm over ``N``), taken at each refresh: one
             setting for layers and problems whose gradients differ in scale. Layers without curvature keep
             ``g / (1 + damping)``.
+        fisher: ``"empirical"`` (the paper's): ``U``'s rows are per-sample gradients of the training loss at the true
+            labels. ``"mc"``: on refresh steps they are per-sample gradients of the negative log-likelihood at targets
+            drawn from the model's predictive distribution (:mod:`lightning_seng.fisher`), one draw per sample (per
+            position for outputs with positions, whose loss the sample's positions sum); the gradient preconditioned
+            stays ``.grad``. The draw comes from ``seed``'s generator (:attr:`sampled_targets` shows it). In the output
+            module's forward hook SENG forms the sampled loss ``L = mean_n ℓ_n`` (``"sum"``: ``Σ_n ℓ_n``) and runs one
+            ``torch.autograd.grad(L, <the captured layer outputs>)``, which reaches the layer outputs only, not the
+            parameters: about a backward without the weight gradients per refresh. Every route builds its rows from
+            those output gradients. The runtime identities are checked on the user's backward (they show that the
+            per-sample decomposition of each layer is exact for this usage; the sampled rows go through the same
+            decomposition). A layer the sampled loss does not reach (computed after the output module), a forward
+            that runs again inside that backward (gradient checkpointing) and an output the likelihood cannot read
+            fall back with a WARNING. Tensor hooks of your own on the layer outputs also see the sampled backward.
+        likelihood: with ``fisher="mc"``: ``"categorical"`` (logits ``(N, C, ...)``, the classes on axis 1 as
+            ``F.cross_entropy`` takes them; ``fisher.Categorical(class_axis=-1)`` for ``(N, T, V)``), ``"gaussian"``
+            (unit variance, ``ŷ = f + ε``, ``F.mse_loss``), ``"bernoulli"`` (logits, ``F.binary_cross_entropy_with_logits``),
+            a :class:`~lightning_seng.fisher.Likelihood`, or a callable ``(outputs, generator) -> ℓ (N,)`` whose
+            ``mean_n ℓ_n`` (``"sum"``: ``Σ_n ℓ_n``) is the loss on the training loss's scale. The built-in losses are
+            torch's defaults for each likelihood, reduced as ``loss_reduction`` says, so the sampled rows are on the
+            empirical rows' scale and ``damping`` means the same for both (for ``F.mse_loss``, ``‖ŷ − f‖²``, both
+            have mean ``4·JᵀJ`` per output element at a correct unit-variance model). The samples are on axis 0 of
+            the output (checked with the structural probe where it runs).
+        output_module: with ``fisher="mc"``: the name of the submodule (``model.named_modules()``) whose output the
+            likelihood reads; ``None``: the model itself.
         stats_every: record ``grad_norm``, ``direction_norm`` and ``cosine`` on every ``stats_every``-th step
             (``None``: on refresh steps). Recording costs passes over the gradients and the directions; the
             Lightning callback sets it to its logging interval.
