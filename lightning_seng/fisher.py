@@ -156,7 +156,7 @@ def make_likelihood(value: LikelihoodLike) -> Union[Likelihood, Callable]:
         table = {"categorical": Categorical, "gaussian": Gaussian, "bernoulli": Bernoulli}
         if value in table:
             return table[value]()
-    elif isinstance(value, Likelihood) or callable(value):
+    elif isinstance(value, Likelihood) or (callable(value) and not isinstance(value, type)):
         return value
     raise ValueError(f"likelihood must be one of {list(LIKELIHOODS)}, a lightning_seng.fisher.Likelihood, or a "
                      f"callable (outputs, generator) -> per-sample loss (N,) (got {value!r})")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_seng import SENG
 from lightning_seng.callback import SENGCallback
-from lightning_seng.fisher import Bernoulli, Categorical, Gaussian
+from lightning_seng.fisher import Categorical
 
 from .lightning_modules import ClassifierSteps, for_package
 from .reference import dense_direction, per_sample_gradients, rel_err
@@ -499,6 +499,7 @@ def test_outputs_with_the_samples_off_axis_zero_fall_back(caplog):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(fisher="true"), "fisher must be one of ['empirical', 'mc'] (got 'true')"),
     (dict(likelihood="poisson"), "likelihood must be one of ['categorical', 'gaussian', 'bernoulli']"),
+    (dict(likelihood=Categorical), "likelihood must be one of"),
     (dict(output_module=3), "output_module must be None"),
     (dict(output_module="hed"), "output_module must name a submodule of the model"),
 ])
