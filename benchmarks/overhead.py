@@ -26,6 +26,11 @@ measured in a fresh subprocess per model (Linux) as the growth of the peak resid
 through ``/proc/self/clear_refs``) over a refresh step, after plain forward and backward passes allocated the
 gradients. It includes what the refresh then keeps.
 
+``fisher=mc``: a runner refreshing on every step with ``fisher="mc"`` (the likelihood of the problem's loss), round
+robin with the others: its step against the empirical ``update_freq=1`` step and SGD's, i.e. what the sampled
+loss's backward to the layer outputs (and building ``U`` from its output gradients beside the identities' factors)
+adds to a refresh.
+
 Also: the refresh step of a ResNet-18-shaped network at quarter width (32x32, batch 256) as a ratio to
 SGD's step (``--resnet``).
 
@@ -212,7 +217,10 @@ def _make_runner(problem: Problem, label: str, batch: int) -> Runner:
             "update_freq=1": lambda: SENG(model, damping=0.5, update_freq=1, stats_every=50),
             "samples=B/4": lambda: SENG(model, damping=0.5, update_freq=10, curvature_samples=batch // 4,
                                         stats_every=50),
-            "unchecked": lambda: _unchecked(SENG(model, damping=0.5, update_freq=1, stats_every=50))}[label]
+            "unchecked": lambda: _unchecked(SENG(model, damping=0.5, update_freq=1, stats_every=50)),
+            # every step a refresh with the Monte-Carlo Fisher: the likelihood of the problem's loss
+            "mc": lambda: SENG(model, damping=0.5, update_freq=1, stats_every=50, fisher="mc",
+                               likelihood="gaussian" if problem.loss == "mse" else "categorical")}[label]
     return Runner(label, model, opt, seng() if seng else None)
 
 
@@ -247,7 +255,7 @@ def _step(r: Runner, problem: Problem, x, y) -> None:
 def measure(name: str, batch: int, rounds: int, warmup: int) -> dict:
     problem = PROBLEMS[name]
     xs, ys = _data(problem, batch)
-    labels = ["sgd", "exact", "update_freq=1", "samples=B/4", "unchecked"]
+    labels = ["sgd", "exact", "update_freq=1", "samples=B/4", "unchecked", "mc"]
     if _linear_only(problem.model()):
         labels += ["floor", "floor B/4"]
     runners = [_make_runner(problem, label, batch) for label in labels]
@@ -277,8 +285,10 @@ def measure(name: str, batch: int, rounds: int, warmup: int) -> dict:
                          target=TARGETS[r.label].get(name), kept_mib=sum(kept.values()) / 2 ** 20,
                          routes=" ".join(f"{k[7:]}:{v}" for k, v in r.seng.stats.items()
                                          if k.startswith("layers/") and v)))
-    checked, unchecked = (statistics.median(r.times) / sgd for r in runners if r.label in ("update_freq=1", "unchecked"))
-    return dict(sgd_ms=1000 * sgd, rows=rows, identities=(checked - unchecked, (checked - unchecked) / checked))
+    steps = {r.label: statistics.median(r.times) / sgd for r in runners if r.label in ("update_freq=1", "unchecked", "mc")}
+    checked, unchecked = steps["update_freq=1"], steps["unchecked"]
+    return dict(sgd_ms=1000 * sgd, rows=rows, identities=(checked - unchecked, (checked - unchecked) / checked),
+                mc=(steps["mc"], checked))
 
 
 def refresh_peak(name: str, batch: int) -> float:
@@ -436,6 +446,10 @@ def main() -> None:
         cost, share = result["identities"]
         print(f"{name:12} {'identities':14} the runtime identities' cost per refresh (update_freq=1 against the same "
               f"with them taken out): {cost:+.3f}x SGD, {100 * share:+.1f} % of the refresh step", flush=True)
+        mc, empirical = result["mc"]
+        print(f"{name:12} {'fisher=mc':14} refresh step (update_freq=1) {mc:.2f}x SGD against the empirical "
+              f"{empirical:.2f}x SGD: {mc - empirical:+.2f}x SGD, {100 * (mc - empirical) / empirical:+.1f} % of the "
+              "empirical refresh step (the sampled loss's backward to the layer outputs)", flush=True)
     if args.launch:
         r = launch_bound(max(args.rounds, 200))
         print(f"launch-bound MLP (8 x Linear(64, 64), batch 5): seng.step() between refreshes {r['seng_ms']:.3f} ms, "

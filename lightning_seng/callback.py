@@ -94,6 +94,14 @@ class SENGCallback(*callback_bases()):
             gradient (see SENG).
         relative_damping: each layer's damping times the mean eigenvalue of its UUᵀ (see SENG).
         column_sample_size: the SENG authors' column sample size s instead of sketch_size (see SENG).
+        fisher: "empirical" (the paper's: U from the training loss at the true labels) or "mc" (U from the
+            negative log-likelihood at targets drawn from the model's predictive distribution, see SENG).
+        likelihood: with fisher="mc": "categorical" (logits (N, C, ...), classes on axis 1 as F.cross_entropy
+            takes them), "gaussian" (unit variance, F.mse_loss), "bernoulli" (logits,
+            F.binary_cross_entropy_with_logits), a lightning_seng.fisher.Likelihood (e.g. Categorical(class_axis=-1)),
+            or a callable (outputs, generator) -> per-sample loss (N,).
+        output_module: with fisher="mc": the name of the submodule whose output the likelihood reads (e.g. "net"
+            when training_step calls self.net(x)); None = the LightningModule itself (its forward must then run).
         optimizers: indices into trainer.optimizers whose steps are preconditioned.
         log_every_n_steps: log seng/* statistics every this many optimizer steps; None follows
             Trainer(log_every_n_steps=...); 0 disables logging.
@@ -121,6 +129,9 @@ class SENGCallback(*callback_bases()):
         batch_shortcut: bool = True,
         relative_damping: bool = False,
         column_sample_size: int | None = None,
+        fisher: str = "empirical",
+        likelihood: str | Any = "categorical",
+        output_module: str | None = None,
         optimizers: Sequence[int] = (0,),
         log_every_n_steps: int | None = None,
         log_prog_bar: bool = False,
@@ -134,7 +145,7 @@ class SENGCallback(*callback_bases()):
             implicit_threshold=implicit_threshold, loss_reduction=loss_reduction, include=include, exclude=exclude,
             route=route, curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite,
             batch_axis=batch_axis, batch_shortcut=batch_shortcut, relative_damping=relative_damping,
-            column_sample_size=column_sample_size)
+            column_sample_size=column_sample_size, fisher=fisher, likelihood=likelihood, output_module=output_module)
         if isinstance(optimizers, int) and not isinstance(optimizers, bool):
             optimizers = (optimizers,)
         optimizers = tuple(optimizers)

@@ -131,3 +131,19 @@ class DeclaredHook(_LiveHook):
         seng = self.seng()
         if seng is not None and seng.capturing:
             seng._declared(self.name, module, args, kwargs)
+
+
+class OutputHook(_LiveHook):
+    """Forward hook (with kwargs) on the output module under ``fisher="mc"``: on refresh steps, the sampled loss
+    from its output and its backward to the captured layer outputs (:meth:`~lightning_seng.SENG._sample`)."""
+
+    __slots__ = ("seng",)
+
+    def __init__(self, seng: "SENG"):
+        self.seng = weakref.ref(seng)
+
+    @torch._dynamo.disable
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        seng = self.seng()
+        if seng is not None and seng.capturing:
+            seng._sample(output)

@@ -31,7 +31,8 @@ from . import fused, sketch
 from .axes import AxisProbe, BatchSources, ProbedAxes, ProbeResult, declared_axis, declared_inputs, declaring_modules
 from .coverage import Coverage, CoverageRow, pending_route
 from .distributed import Communicator
-from .hooks import DeclaredHook, ForwardHook, ForwardPreHook, InputHook, remove_handles
+from .fisher import FISHERS, Likelihood, LikelihoodLike, SampledPass, make_likelihood
+from .hooks import DeclaredHook, ForwardHook, ForwardPreHook, InputHook, OutputHook, remove_handles
 from .layers import ROUTE_RULES, ROUTES, LayerCurvature, MatrixLayer, NotExact, RouteSettings, build_layers
 from .layers import identity
 from .layers.base import Curvature, sample_scale
@@ -159,7 +160,9 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
                    include: LayerFilter = None, exclude: LayerFilter = None, route: str = "auto",
                    curvature_dtype: Union[torch.dtype, str, None] = None, seed: int = 0,
                    skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, batch_shortcut: bool = True,
-                   relative_damping: bool = False, column_sample_size: Optional[int] = None) -> dict:
+                   relative_damping: bool = False, column_sample_size: Optional[int] = None,
+                   fisher: str = "empirical", likelihood: LikelihoodLike = "categorical",
+                   output_module: Optional[str] = None) -> dict:
     """Validate SENG's settings (all but the model and ``comm``) and return them normalised.
 
     Raises ``ValueError`` naming the key, the value and what is allowed. ``curvature_dtype`` may also
@@ -181,6 +184,10 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
         raise ValueError(f"batch_shortcut must be True or False (got {batch_shortcut!r})")
     if not isinstance(relative_damping, bool):
         raise ValueError(f"relative_damping must be True or False (got {relative_damping!r})")
+    make_likelihood(likelihood)
+    if output_module is not None and not isinstance(output_module, str):
+        raise ValueError(f"output_module must be None (the model itself) or the name of a submodule, as "
+                         f"model.named_modules() gives it (got {output_module!r})")
     if sketch_size is not None and column_sample_size is not None:
         raise ValueError(f"sketch_size and column_sample_size are two ways of sizing the same sketch: set one, the "
                          f"other None (got sketch_size={sketch_size!r}, column_sample_size={column_sample_size!r})")
@@ -202,6 +209,9 @@ def check_settings(damping: DampingLike = 0.5, update_freq: int = 10, sketch_siz
         batch_shortcut=batch_shortcut,
         relative_damping=relative_damping,
         column_sample_size=check_int("column_sample_size", column_sample_size, 1, allow_none=True),
+        fisher=check_choice("fisher", fisher, FISHERS),
+        likelihood=likelihood,
+        output_module=output_module,
     )
 
 
@@ -261,6 +271,30 @@ class SENG:
             ``tr(UUᵀ)/N`` (the mean squared per-sample gradient norm over ``N``), taken at each refresh: one
             setting for layers and problems whose gradients differ in scale. Layers without curvature keep
             ``g / (1 + damping)``.
+        fisher: ``"empirical"`` (the paper's): ``U``'s rows are per-sample gradients of the training loss at the true
+            labels. ``"mc"``: on refresh steps they are per-sample gradients of the negative log-likelihood at targets
+            drawn from the model's predictive distribution (:mod:`lightning_seng.fisher`), one draw per sample (per
+            position for outputs with positions, whose loss the sample's positions sum); the gradient preconditioned
+            stays ``.grad``. The draw comes from ``seed``'s generator (:attr:`sampled_targets` shows it). In the output
+            module's forward hook SENG forms the sampled loss ``L = mean_n ℓ_n`` (``"sum"``: ``Σ_n ℓ_n``) and runs one
+            ``torch.autograd.grad(L, <the captured layer outputs>)``, which reaches the layer outputs only, not the
+            parameters: about a backward without the weight gradients per refresh. Every route builds its rows from
+            those output gradients. The runtime identities are checked on the user's backward (they show that the
+            per-sample decomposition of each layer is exact for this usage; the sampled rows go through the same
+            decomposition). A layer the sampled loss does not reach (computed after the output module), a forward
+            that runs again inside that backward (gradient checkpointing) and an output the likelihood cannot read
+            fall back with a WARNING. Tensor hooks of your own on the layer outputs also see the sampled backward.
+        likelihood: with ``fisher="mc"``: ``"categorical"`` (logits ``(N, C, ...)``, the classes on axis 1 as
+            ``F.cross_entropy`` takes them; ``fisher.Categorical(class_axis=-1)`` for ``(N, T, V)``), ``"gaussian"``
+            (unit variance, ``ŷ = f + ε``, ``F.mse_loss``), ``"bernoulli"`` (logits, ``F.binary_cross_entropy_with_logits``),
+            a :class:`~lightning_seng.fisher.Likelihood`, or a callable ``(outputs, generator) -> ℓ (N,)`` whose
+            ``mean_n ℓ_n`` (``"sum"``: ``Σ_n ℓ_n``) is the loss on the training loss's scale. The built-in losses are
+            torch's defaults for each likelihood, reduced as ``loss_reduction`` says, so the sampled rows are on the
+            empirical rows' scale and ``damping`` means the same for both (for ``F.mse_loss``, ``‖ŷ − f‖²``, both
+            have mean ``4·JᵀJ`` per output element at a correct unit-variance model). The samples are on axis 0 of
+            the output (checked with the structural probe where it runs).
+        output_module: with ``fisher="mc"``: the name of the submodule (``model.named_modules()``) whose output the
+            likelihood reads; ``None``: the model itself.
         stats_every: record ``grad_norm``, ``direction_norm`` and ``cosine`` on every ``stats_every``-th step
             (``None``: on refresh steps). Recording costs passes over the gradients and the directions; the
             Lightning callback sets it to its logging interval.
@@ -276,7 +310,8 @@ class SENG:
                  route: str = "auto", curvature_dtype: Optional[torch.dtype] = None, seed: int = 0,
                  skip_nonfinite: bool = True, batch_axis: BatchAxis = 0, batch_shortcut: bool = True,
                  relative_damping: bool = False, column_sample_size: Optional[int] = None,
-                 stats_every: Optional[int] = None,
+                 fisher: str = "empirical", likelihood: LikelihoodLike = "categorical",
+                 output_module: Optional[str] = None, stats_every: Optional[int] = None,
                  comm: Optional[Communicator] = None, log_coverage: bool = True,
                  compile_step: Union[bool, str] = False):
         if not isinstance(model, nn.Module):
@@ -288,7 +323,8 @@ class SENG:
                                  loss_reduction=loss_reduction, include=include, exclude=exclude, route=route,
                                  curvature_dtype=curvature_dtype, seed=seed, skip_nonfinite=skip_nonfinite,
                                  batch_axis=batch_axis, batch_shortcut=batch_shortcut,
-                                 relative_damping=relative_damping, column_sample_size=column_sample_size)
+                                 relative_damping=relative_damping, column_sample_size=column_sample_size,
+                                 fisher=fisher, likelihood=likelihood, output_module=output_module)
         self.relative_damping = checked["relative_damping"]
         self.damping_schedule = make_damping(checked["damping"])
         self.settings = RouteSettings(route=checked["route"], sketch_size=checked["sketch_size"],
@@ -311,6 +347,15 @@ class SENG:
         self._run_plan = fused.runner(self.compile_step)
         self._plan: Optional[fused.StepPlan] = None
         self.model = model
+        self.fisher = checked["fisher"]
+        self.likelihood = make_likelihood(checked["likelihood"])
+        self.output_module = checked["output_module"]
+        modules = dict(model.named_modules())
+        if self.output_module is not None and self.output_module not in modules:
+            names = [k for k in modules if k][:8]
+            raise ValueError(f"output_module must name a submodule of the model, as model.named_modules() gives it, "
+                             f"or be None for the model itself (got {self.output_module!r}; its submodules include "
+                             f"{names})")
         self.comm = comm if comm is not None else Communicator()
         if isinstance(self.damping_schedule, LevenbergMarquardt) and type(self.comm) is not Communicator:
             raise ValueError("damping=LevenbergMarquardt(...) needs the whole model's curvature in one process; "
@@ -335,6 +380,7 @@ class SENG:
             and not (exclude and _matches(name, module, exclude)))
         for layer in self.layers.values():
             layer.note_attached()
+            layer.sampled_fisher = self.fisher == "mc"
         self._covered = {id(p) for layer in self.layers.values() for p in layer.parameters()}
         # id -> weak reference: an id alone could be reused by a parameter created after this one is freed
         self._attached = {id(p): weakref.ref(p) for p in params}
@@ -354,9 +400,17 @@ class SENG:
         declared = declaring_modules(model)
         self._handles += [module.register_forward_pre_hook(DeclaredHook(self, name), with_kwargs=True)
                           for name, module in declared.items()]
+        # fisher="mc": the sampled loss is drawn from the output module's output (fisher.py)
+        self._sampled = SampledPass()
+        self._output_axis: Any = 0  # the probe's sample axis of the output module's output (0 where unprobed)
+        watched_output = {}
+        if self.fisher == "mc":
+            out_name = self.output_module or ""
+            self._handles.append(modules[out_name].register_forward_hook(OutputHook(self), with_kwargs=True))
+            watched_output = {out_name: modules[out_name]}
         names = {id(m): n for n, m in model.named_modules()}
         self._probe = AxisProbe(model, {**{names.get(id(m), lname): m for lname, layer in self.layers.items()
-                                           for m in layer.modules()}, **declared}, declared)
+                                           for m in layer.modules()}, **declared, **watched_output}, declared)
         self._probe_inputs: Optional[tuple] = None  # (args, kwargs) of the model's forward on this refresh step
         self._claimed = list(model.modules())
         for module in self._claimed:
@@ -394,11 +448,102 @@ class SENG:
         """Body of every layer's forward hook (:class:`~lightning_seng.hooks.ForwardHook`)."""
         if self._in_step or not torch.is_grad_enabled() or _transformed():
             return
+        if self._sampled.running:  # a forward recomputed inside the sampled backward: its calls are not the batch's
+            self._sampled.failure = (f"the forward of '{layer.name}' ran again during the sampled loss's backward "
+                                     "(gradient checkpointing recomputes the forward inside backward), so the "
+                                     "captured calls are not one forward's")
+            return
         if self.will_refresh:
-            layer.capture(args, kwargs, output)
+            edges = layer.capture(args, kwargs, output)
+            if edges:
+                self._sampled.edges += edges
             layer.watch_gradients(_one_process())
         if self._observe and _one_process():
             layer.observe(args, kwargs, output)
+
+    def _sample(self, output: Any) -> None:
+        """Body of the output module's forward hook on refresh steps under ``fisher="mc"``
+        (:class:`~lightning_seng.hooks.OutputHook`): targets drawn from the likelihood of ``output``, the sampled
+        loss ``L = mean_n ℓ_n`` (``"sum"``: ``Σ_n ℓ_n``) and one ``torch.autograd.grad(L, <the captured calls'
+        output edges>)``, which reaches the layer outputs only (not the parameters): the calls' tensor hooks keep
+        its gradients in their sampled slot (:class:`~lightning_seng.layers.base.GradKeeper`)."""
+        state = self._sampled
+        if state.running or state.failure is not None:
+            return
+        state.ran = True
+        likelihood = self.likelihood
+        try:
+            generator = self._draw_generator(output)
+            if isinstance(likelihood, Likelihood):
+                why = likelihood.check(output)
+                if why is not None:
+                    state.failure = f"likelihood={likelihood!r} cannot read the output module's output: {why}"
+                    return
+                targets = likelihood.sample(output, generator)
+                losses = likelihood.per_sample(output, targets, self.loss_reduction)
+                state.shape, state.targets = tuple(output.shape), targets
+            else:
+                losses = likelihood(output, generator)
+        except Exception as err:  # noqa: BLE001: the likelihood's own failure is the reason to fall back
+            state.failure = f"the sampled loss could not be formed from the output module's output ({err!r})"
+            return
+        if not isinstance(losses, Tensor) or losses.dim() != 1 or not losses.requires_grad:
+            what = (f"a tensor of shape {tuple(losses.shape)}" + ("" if losses.requires_grad else " without grad")
+                    if isinstance(losses, Tensor) else type(losses).__name__)
+            state.failure = (f"the likelihood gave {what}, not a per-sample loss (N,) that depends on the output")
+            return
+        state.rows = losses.shape[0]
+        if not state.edges:
+            return
+        total = losses.mean() if self.loss_reduction == "mean" else losses.sum()
+        state.running = True
+        for layer in self.layers.values():
+            layer.sampling = True
+        try:
+            torch.autograd.grad(total, state.edges, retain_graph=True, allow_unused=True)
+        finally:
+            state.running = False
+            for layer in self.layers.values():
+                layer.sampling = False
+
+    def _draw_generator(self, output: Any) -> torch.Generator:
+        """The generator of this refresh's draw: SENG's own on the CPU; on another device one of that device,
+        seeded from SENG's (so the draws follow ``seed`` and the state saved by :meth:`state_dict`)."""
+        first = next(_tensors(output), None)
+        device = first.device if first is not None else torch.device("cpu")
+        if device.type == "cpu":
+            return self.generator
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=self.generator))
+        return torch.Generator(device).manual_seed(seed)
+
+    @property
+    def sampled_targets(self) -> Any:
+        """The targets drawn by a built-in likelihood on the last refresh step with ``fisher="mc"`` (``None``
+        otherwise, and for a callable likelihood)."""
+        return self._sampled.targets
+
+    def _sampled_failure(self, n: Optional[int]) -> Optional[str]:
+        """Why this refresh has no Monte-Carlo rows for any layer (``None`` if it has them where the sampled loss
+        reached): the pass failed or did not run, or its samples are not the batch's."""
+        state, name = self._sampled, repr(self.output_module or "the model")
+        if state.failure is not None:
+            return state.failure
+        if not state.ran:
+            return (f"the output module ({name}) did not run on this refresh step with grad enabled; set "
+                    "output_module to the module whose output the loss reads (e.g. the network a LightningModule's "
+                    "training_step calls)")
+        if n is None or state.rows is None:
+            return None
+        if state.rows != n:
+            return (f"the sampled loss has {state.rows} per-sample losses for a batch of {n} samples (the samples "
+                    f"are on axis 0 of the output of {name}, of shape {state.shape})")
+        axis = self._output_axis
+        if state.shape is not None and axis != 0:
+            where = {None: "no axis", "ambiguous": "several axes", "merged": "no axis of its own"}.get(axis, f"axis {axis}")
+            return (f"the output of {name}, of shape {state.shape}, holds the samples on {where} (found by resizing "
+                    "the batch in a shape-only forward), not on axis 0 as the built-in likelihoods read it; pass "
+                    "a callable likelihood")
+        return None
 
     def _check_attached(self, what: str) -> None:
         if self.removed:
@@ -407,6 +552,9 @@ class SENG:
 
     def _observe_input(self, args: tuple, kwargs: dict) -> None:
         """Body of the model's forward pre-hook on refresh steps (:class:`~lightning_seng.hooks.InputHook`)."""
+        if self._sampled.running:
+            return
+        self._sampled = SampledPass()  # a new forward: the sampled loss of the last one is gone with its calls
         self._probe_inputs = (args, kwargs)
         self._sources.new_forward(*self._read_batch_size(args, kwargs))
 
@@ -450,6 +598,7 @@ class SENG:
         names the sources and the settings that fix it, and no layer gets curvature from this refresh (those
         with none are listed as falling back for that reason)."""
         n, disagreement = self._sources.take()
+        self._output_axis = 0
         if disagreement is not None:
             disagreement = "its sources disagree: " + disagreement
         inputs, self._probe_inputs = self._probe_inputs, None
@@ -469,6 +618,7 @@ class SENG:
                                 + disagreement)
             else:
                 probed = {name: self._probed(result, layer) for name, layer in self.layers.items()}
+                self._output_axis = self._probed_output_axis(result)
         for name, layer in self.layers.items():
             layer.probed = probed[name]
         if disagreement is None:
@@ -483,6 +633,16 @@ class SENG:
                         "first input that counts the samples (batch_axis=1 for (T, N, ...) inputs, or a callable "
                         "(args, kwargs) -> N), or batch_first on the modules to the layout they are fed")
         return None, False
+
+    def _probed_output_axis(self, result: ProbeResult) -> Any:
+        """The probe's sample axis of the output module's output (``fisher="mc"``, built-in likelihoods); 0 where
+        the probe did not see that shape."""
+        shape = self._sampled.shape
+        if self.fisher != "mc" or shape is None:
+            return 0
+        module = dict(self.model.named_modules())[self.output_module or ""]
+        found = result.axes.get(id(module))
+        return found.shapes.get(shape, 0) if found is not None else 0
 
     @staticmethod
     def _probed(result: ProbeResult, layer: LayerCurvature) -> ProbedAxes:
@@ -521,6 +681,7 @@ class SENG:
         self._feedback = None
         self._probe_inputs = None  # the model's inputs of a refresh step that never stepped
         self._plan = None
+        self._sampled = SampledPass(targets=self._sampled.targets)
         self.removed = True
 
     def __deepcopy__(self, memo: dict):
@@ -572,6 +733,7 @@ class SENG:
             self._step(loss_scale)
         finally:
             self._in_step = False
+            self._sampled.edges = []  # the graph's nodes: not held past the step
             for layer in self.layers.values():
                 layer.release()
                 layer.watch.stop()
@@ -941,7 +1103,15 @@ class SENG:
         mismatch = None if weights is None or n is None else identity.reduction_mismatch(
             weights, loss_scale, n, self.loss_reduction)
         factors = {}
+        failure = self._sampled_failure(n) if self.fisher == "mc" and agreed else None
+        self._sampled = SampledPass(targets=self._sampled.targets)  # read: the next refresh starts afresh
         for name, layer in self.layers.items():
+            if failure is not None:  # no Monte-Carlo rows from this refresh: layers with a gradient fall back
+                layer.clear()
+                factors[name] = None
+                if any(p.grad is not None for p in layer.trainable_params(layer.trainable())):
+                    self._fall_back(name, failure)
+                continue
             try:
                 factors[name] = layer.take_factors(loss_scale, self.curvature_dtype, pick, n)
             except NotExact as reason:
@@ -984,7 +1154,7 @@ class SENG:
             for name, cur in built.items():
                 self.layers[name].curvature = cur
                 self._reasons.pop(name, None)
-                if pick is None:  # U's rows are this step's samples, all of them
+                if pick is None and self.fisher == "empirical":  # U's rows are this step's samples, all of them
                     self.layers[name].refreshed_from_batch(sample_scale(cur.gram.shape[0], self.loss_reduction))
         else:
             self.skipped_refreshes += 1
@@ -1215,4 +1385,6 @@ class SENG:
         s = self.settings
         return (f"SENG(layers={len(self.layers)}, damping={self.damping_schedule!r}, update_freq={s.update_freq}, "
                 f"sketch_size={s.sketch_size}, column_sample_size={s.column_sample_size}, curvature_samples={self.curvature_samples}, svd_rank={s.svd_rank}, route={s.route!r}, "
-                f"loss_reduction={self.loss_reduction!r})")
+                f"loss_reduction={self.loss_reduction!r}, fisher={self.fisher!r}"
+                + (f", likelihood={self.likelihood!r}, output_module={self.output_module!r}" if self.fisher == "mc" else "")
+                + ")")

@@ -185,3 +185,18 @@ def test_bad_value_in_the_seng_group_names_the_group():
     with pytest.raises(ValueError, match=r"^seng: update_freq must be an int >= 1 \(got 0\)$"):
         main(["--config", str(EXAMPLES / "digits_mlp.yaml"), "--trainer.callbacks=[]", "--seng.enabled=true",
               "--seng.update_freq=0"], run=False)
+
+
+def test_seng_group_passes_the_monte_carlo_fisher(pl_package, tmp_path):
+    cli = main([*tiny_run(pl_package, tmp_path), "--trainer.callbacks=[]", "--seng.enabled=true",
+                "--seng.fisher=mc", "--seng.likelihood=categorical", "--seng.output_module=net"], run=False,
+               package=pl_package.__name__)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SENGCallback)]
+    kwargs = callback.seng_kwargs
+    assert (kwargs["fisher"], kwargs["likelihood"], kwargs["output_module"]) == ("mc", "categorical", "net")
+
+
+def test_bad_fisher_in_the_seng_group_names_the_key_and_the_choices():
+    with pytest.raises(ValueError, match=r"^seng: fisher must be one of \['empirical', 'mc'\] \(got 'exact'\)$"):
+        main(["--config", str(EXAMPLES / "digits_mlp.yaml"), "--trainer.callbacks=[]", "--seng.enabled=true",
+              "--seng.fisher=exact"], run=False)

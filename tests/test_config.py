@@ -93,6 +93,27 @@ def test_cli_overrides_reach_the_preconditioner():
     assert seng.step_count == 2
 
 
+def test_monte_carlo_fisher_overrides_reach_the_preconditioner():
+    cfg = _compose(["seng.fisher=mc", "seng.likelihood=categorical", "baseline.enabled=false", *FAST])
+    ((_, seng_cfg, opt_cfg),) = plan_runs(cfg)
+    module, datamodule, trainer = build(cfg, seng_cfg, opt_cfg)
+    trainer.fit(module, datamodule=datamodule)
+    (callback,) = [c for c in trainer.callbacks if isinstance(c, SENGCallback)]
+    seng = callback.seng
+    assert seng.fisher == "mc" and seng.likelihood.name == "categorical" and seng.output_module is None
+    assert seng.sampled_targets is not None and not seng._reasons
+
+
+def test_a_likelihood_object_from_its_target():
+    cfg = _compose(["seng.fisher=mc", "seng.likelihood={_target_: lightning_seng.fisher.Categorical, class_axis: -1}",
+                    "baseline.enabled=false", *FAST])
+    from lightning_seng.mixin import build_seng_callback
+
+    ((_, seng_cfg, _),) = plan_runs(cfg)
+    callback = build_seng_callback(OmegaConf.to_container(seng_cfg))
+    assert repr(callback.seng_kwargs["likelihood"]) == "Categorical(class_axis=-1)"
+
+
 def test_seng_none_trains_without_the_callback():
     cfg = _compose(["seng=none", *FAST])
     ((label, seng_cfg, opt_cfg),) = plan_runs(cfg)

@@ -57,6 +57,7 @@ COMMANDS = {
     f"{PROGRAM} optimizer=adamw optimizer.lr=3e-3 scheduler=none": Entry(runs=("SENG+AdamW", "AdamW")),
     f"{PROGRAM} {EXP_DAMPING}": Entry(),
     f"{PROGRAM} scheduler=poly scheduler.power=6 scheduler.warmup_epochs=1 scheduler.warmup_start_lr=0.01": Entry(),
+    f"{PROGRAM} seng.fisher=mc seng.likelihood=categorical": Entry(),
     f"{PROGRAM} seng=none": Entry(runs=("SGD",)),
     f"{PROGRAM} baseline.enabled=false": Entry(runs=("SENG+SGD",)),
     # a quarter of the optimizer steps in the same 10 epochs

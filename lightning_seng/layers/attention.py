@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Call, Factors, Mask, MatrixLayer, NotExact, find_sample_axis
+from .base import Call, Factors, Mask, MatrixLayer, NotExact, find_sample_axis, not_reached
 from .linear import LinearLayer
 
 _FORWARD = inspect.signature(nn.MultiheadAttention.forward)
@@ -195,11 +195,12 @@ class AttentionLayer(MatrixLayer):
     def output_tensors(self, output: Any) -> List[Tensor]:
         return [output[0]]  # attn_output; the attention weights are not a path to the parameters' use
 
-    def capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+    def capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> List[Any]:
         last = self._calls[-1] if self._calls else None
-        super().capture(args, kwargs, output)
+        edges = super().capture(args, kwargs, output)
         if self._calls and self._calls[-1] is not last:
             self._calls[-1].inputs["output"] = output[0].detach()
+        return edges
 
     def clear(self) -> None:
         super().clear()
@@ -218,10 +219,16 @@ class AttentionLayer(MatrixLayer):
             for sub in self.feeds:
                 sub.fail(f"its input is computed inside '{self.name}', which has no exact curvature now ({reason})")
             raise
-        for call, (ctx, grad) in recomputed:
+        for call, (ctx, grad, sampled) in recomputed:
             for sub in self.feeds:
-                sub.feed(ctx, grad)
+                sub.feed(ctx, grad, sampled)
         return [call for call, _ in recomputed]
+
+    def sampled_calls(self, calls: List[Call]) -> List[Call]:
+        """``fisher="mc"``: the recomputed calls' parts from the sampled loss's output gradient."""
+        if any(call.inputs.get("sampled") is None for call in calls):
+            raise not_reached()
+        return [Call(call.inputs["sampled"], []) for call in calls]
 
     def _projections(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool) -> Tuple[Tensor, ...]:
         """``(q', k', v')`` as the module computes them (one packed product for self-attention)."""
@@ -237,8 +244,9 @@ class AttentionLayer(MatrixLayer):
             w_q, w_k, w_v = (w.detach() for w in (m.q_proj_weight, m.k_proj_weight, m.v_proj_weight))
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
-    def _recompute(self, call: Call) -> Tuple[Call, Tuple[Tensor, Tensor]]:
-        """One call recomputed: ``(Call(parts), (ctx, G_out))``, all batch first ``(N, T, ·)``."""
+    def _recompute(self, call: Call) -> Tuple[Call, Tuple[Tensor, Tensor, Optional[Tensor]]]:
+        """One call recomputed: ``(Call(parts), (ctx, G_out, sampled G_out or None))``, all batch first
+        ``(N, T, ·)``; with ``fisher="mc"`` the parts hold those of the sampled output gradient at ``"sampled"``."""
         m, a = self.module, call.inputs
         query, key, value = a["query"], a["key"], a["value"]
         if query.dim() != 3:
@@ -273,13 +281,24 @@ class AttentionLayer(MatrixLayer):
             out = F.linear(ctx, weight_o, bias_o)
             _check_reproduced(out.detach(), seq_first(a["output"]))
             grad_out = seq_first(call.grads[0])
-            grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+            # fisher="mc": the sampled loss's output gradient through the same recomputation (None where it
+            # did not reach the call: its layers fall back)
+            sampled = None
+            if self.sampled_fisher and call.sampled is not None and call.sampled[0] is not None:
+                sampled = seq_first(call.sampled[0])
+            grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), retain_graph=sampled is not None)
+            grads_s = torch.autograd.grad(out, leaves, sampled.to(out.dtype)) if sampled is not None else None
         batch_first = (lambda t: t.transpose(0, 1))
-        parts = dict(shape=tuple(query.shape), self_attention=a["self_attention"],
-                     inputs=[batch_first(seq_first(t)) for t in (query, key, value)],
-                     grads=[batch_first(g) for g in grads[:3]],
-                     extra=[g[0] for g in grads[3:]])  # bias_k, bias_v: (N, E)
-        return Call(parts, []), (batch_first(ctx.detach()), batch_first(grad_out))
+
+        def parts_of(grads):
+            return dict(shape=tuple(query.shape), self_attention=a["self_attention"],
+                        inputs=[batch_first(seq_first(t)) for t in (query, key, value)],
+                        grads=[batch_first(g) for g in grads[:3]],
+                        extra=[g[0] for g in grads[3:]])  # bias_k, bias_v: (N, E)
+        parts = parts_of(grads)
+        parts["sampled"] = None if grads_s is None else parts_of(grads_s)
+        return Call(parts, []), (batch_first(ctx.detach()), batch_first(grad_out),
+                                 None if sampled is None else batch_first(sampled))
 
     def sample_first(self, call: Call, n: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """``(X (N, groups, D, P), G (N, groups, d_out, P))`` of one recomputed call."""
@@ -348,8 +367,8 @@ class OutProjection(LinearLayer):
         self._fed: List[Call] = []
         self._failure: Optional[str] = None
 
-    def feed(self, ctx: Tensor, grad: Tensor) -> None:
-        self._fed.append(_FedCall(ctx, [grad]))
+    def feed(self, ctx: Tensor, grad: Tensor, sampled: Optional[Tensor] = None) -> None:
+        self._fed.append(_FedCall(ctx, [grad], None if sampled is None else [sampled]))
         self.captured = True  # for SENG: the module's calls are seen, though its own hooks never fire
 
     def fail(self, reason: str) -> None:

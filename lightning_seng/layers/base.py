@@ -89,10 +89,13 @@ def roundoff(tensors: List[Tensor]) -> float:
 @dataclass
 class Call:
     """One captured forward call: what the layer keeps of its inputs, and the gradient of the loss with
-    respect to each tensor output (summed over backward passes; ``None`` until one arrives)."""
+    respect to each tensor output (summed over backward passes; ``None`` until one arrives). With
+    ``fisher="mc"``, ``sampled`` holds the gradient of the sampled loss with respect to each output (its own
+    backward, to the outputs only), ``None`` until it arrives (and for an output it does not reach)."""
 
     inputs: Any
     grads: List[Optional[Tensor]]
+    sampled: Optional[List[Optional[Tensor]]] = None
 
     @property
     def done(self) -> bool:
@@ -116,6 +119,12 @@ class GradKeeper:
 
     def __call__(self, grad: Tensor) -> None:
         call, layer = self.call, self.layer
+        if layer.sampling:  # the backward of the sampled loss (fisher="mc"): its own slot, the call stays pending
+            if call.sampled is None:
+                call.sampled = [None] * len(call.grads)
+            old = call.sampled[self.index]
+            call.sampled[self.index] = grad.detach() if old is None else old + grad.detach()
+            return
         fresh = not call.done
         # Several backward passes through one forward (retain_graph) add up, as .grad does.
         old = call.grads[self.index]
@@ -221,6 +230,21 @@ class Curvature:
                    scale=float(state.get("scale", 1.0)), fresh=False)
 
 
+def not_reached() -> NotExact:
+    """Why a layer has no Monte-Carlo rows: the sampled loss's backward did not reach its calls."""
+    return NotExact("its output did not reach the sampled loss (fisher='mc'): it is computed after the output "
+                    "module or outside what that module's output depends on, or the output module did not run on "
+                    "this refresh step")
+
+
+def sampled_grads(call: Call) -> List[Optional[Tensor]]:
+    """The sampled loss's gradient for each output of ``call`` (zeros where it did not reach an output the
+    backward reached); :class:`NotExact` if it reached none (see :meth:`LayerCurvature.sampled_calls`)."""
+    if call.sampled is None or all(s is None for s in call.sampled):
+        raise not_reached()
+    return [s if s is not None or g is None else torch.zeros_like(g) for s, g in zip(call.sampled, call.grads)]
+
+
 def sample_scale(n: int, loss_reduction: str) -> float:
     """Factor from a hook's per-sample gradient ``J_n`` to the row of ``U``: ``√N`` for a mean-reduced
     loss (``J_n = ∇ℓ_n / N``), ``1/√N`` for a sum-reduced one (``J_n = ∇ℓ_n``)."""
@@ -233,6 +257,12 @@ class LayerCurvature:
     kind = ""
     # the sample axes the preconditioner's structural probe found for this refresh (None: not probed)
     probed: Optional[ProbedAxes] = None
+    # fisher="mc": U from the sampled loss's output gradients (Call.sampled), the runtime identities on the user's
+    sampled_fisher = False
+    # while the sampled loss's backward runs: the output gradients that reach the calls go to Call.sampled
+    sampling = False
+    # the runtime identity is checked on the captured calls themselves, not on the factors (factor_sums is None)
+    checks_own_uses = False
 
     def __init__(self, name: str, module: nn.Module):
         self.name = name
@@ -322,8 +352,10 @@ class LayerCurvature:
         """The outputs whose gradients the layer needs. Default: the output, which must be one tensor."""
         return [output] if isinstance(output, Tensor) else []
 
-    def capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
-        """Forward hook body: keep the inputs, and hook the outputs for their gradients.
+    def capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> List[Any]:
+        """Forward hook body: keep the inputs, and hook the outputs for their gradients. Returns the gradient
+        edges of the hooked outputs (empty when nothing was captured): where the sampled loss's backward must
+        reach (``fisher="mc"``), taken now, before any in-place operation on an output moves its edge.
 
         Calls before any backward accumulate (a module used twice in one forward); a forward after a
         completed backward (the next micro-batch) starts afresh, so the last micro-batch wins. Output
@@ -332,10 +364,10 @@ class LayerCurvature:
         """
         outputs = [t for t in self.output_tensors(output) if t.requires_grad]
         if not outputs:
-            return
+            return []
         inputs = self.keep(args, kwargs)
         if inputs is None:
-            return
+            return []
         self.captured = True
         live = self._calls
         if live and all(c.done for c in live):
@@ -348,6 +380,7 @@ class LayerCurvature:
         self._refs.append(weakref.ref(call))
         for index, out in enumerate(outputs):
             out.register_hook(GradKeeper(self, call, index))
+        return [torch.autograd.graph.get_gradient_edge(out) for out in outputs] if self.sampled_fisher else []
 
     @property
     def _calls(self) -> List[Call]:
@@ -402,16 +435,36 @@ class LayerCurvature:
         calls, mask = taken
         eps = roundoff([t for call in calls for t in pytree.tree_leaves((call.inputs, call.grads))
                         if isinstance(t, Tensor)] + [torch.empty(0, dtype=dtype)])
-        pairs = [self.sample_first(call, n, dtype) for call in calls]
-        factors = self._factors(pairs, mask)
-        factors.mask = mask
-        self.check_sums(factors, eps, loss_scale)  # on all samples: the identity holds for the whole batch
+        if self.sampled_fisher:
+            # the runtime identities on the factors of the user's backward (they check that the per-sample
+            # decomposition is exact for this usage); U from the sampled loss's output gradients, through the same
+            # decomposition. The sampled loss carried no loss scale.
+            checked = Factors(torch.empty(0), None)
+            if not self.checks_own_uses:
+                checked = self._factors([self.sample_first(call, n, dtype) for call in calls], mask)
+                checked.mask = mask
+                self.check_sums(checked, eps, loss_scale)
+            factors = self._factors([self.sample_first(call, n, dtype) for call in self.sampled_calls(calls)], mask)
+            factors.mask, factors.identity, factors.eps, factors.direct = mask, checked.identity, checked.eps, checked.direct
+            scale = 1.0
+        else:
+            pairs = [self.sample_first(call, n, dtype) for call in calls]
+            factors = self._factors(pairs, mask)
+            factors.mask = mask
+            self.check_sums(factors, eps, loss_scale)  # on all samples: the identity holds for the whole batch
+            scale = loss_scale
         chosen = pick(n) if pick is not None else None
         if chosen is not None:
             factors = factors.rows(*chosen)
-        if loss_scale != 1.0:
-            factors.grad_side = factors.grad_side / loss_scale
+        if scale != 1.0:
+            factors.grad_side = factors.grad_side / scale
         return factors
+
+    def sampled_calls(self, calls: List[Call]) -> List[Call]:
+        """``fisher="mc"``: the calls with the sampled loss's output gradients in place of the backward's (zero for an
+        output the sampled loss did not reach while others of the call it did); :class:`NotExact` for a call the
+        sampled loss did not reach at all."""
+        return [type(call)(call.inputs, sampled_grads(call)) for call in calls]
 
     def check_sums(self, factors: Factors, eps: float, loss_scale: float) -> None:
         """Put on ``factors`` the terms of the runtime identities (:mod:`.identity`) for the preconditioner to read

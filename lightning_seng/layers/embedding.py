@@ -131,6 +131,7 @@ class EmbeddingLayer(LayerCurvature):
     """
 
     keeps_others_when_replaced = False  # a weight shared over modules: one replaced breaks the tie
+    checks_own_uses = True  # _check_uses
 
     def __init__(self, name: str, modules: Sequence[nn.Module]):
         super().__init__(name, modules[0])
@@ -150,8 +151,8 @@ class EmbeddingLayer(LayerCurvature):
         return list(self._modules)
 
     # ----------------------------------------------------------------- capture
-    def capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
-        super().capture(args, kwargs, output)
+    def capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> List[Any]:
+        edges = super().capture(args, kwargs, output)
         weight = self.module.weight
         # (not under torch.func.functional_call, where the module holds a plain tensor instead)
         if self._calls and self._probe is None and isinstance(weight, nn.Parameter) and weight.requires_grad:
@@ -167,6 +168,7 @@ class EmbeddingLayer(LayerCurvature):
                     probe["gc"] = gc if probe["gc"] is None else probe["gc"] + gc
             probe["handle"] = probe["node"].register_prehook(keep_projection)
             self._probe = probe
+        return edges
 
     def clear(self) -> None:
         super().clear()

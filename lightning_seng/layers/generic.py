@@ -120,10 +120,10 @@ class GenericLayer(LayerCurvature):
             return None
 
     # ----------------------------------------------------------------- capture
-    def capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
+    def capture(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> List[Any]:
         self._output = output
         try:
-            super().capture(args, kwargs, output)
+            return super().capture(args, kwargs, output)
         finally:
             self._output = None
 
@@ -159,11 +159,18 @@ class GenericLayer(LayerCurvature):
         self._check_all_used(J, names)
         factors = Factors(J, None, mask)
         self.check_sums(factors, max(call.inputs.roundoff for call in calls), loss_scale)
+        scale = loss_scale
+        if self.sampled_fisher:  # U from the sampled loss (no loss scale), the identities checked on the backward's
+            J = 0
+            for call in self.sampled_calls(calls):
+                J = J + self._per_sample(call, n, dtype, names)
+            factors = Factors(J, None, mask, factors.identity, factors.eps, factors.direct)
+            scale = 1.0
         chosen = pick(n) if pick is not None else None
         if chosen is not None:
             factors = factors.rows(*chosen)
-        if loss_scale != 1.0:
-            factors.grad_side = factors.grad_side / loss_scale
+        if scale != 1.0:
+            factors.grad_side = factors.grad_side / scale
         return factors
 
     def _per_sample(self, call: Call, n: int, dtype: torch.dtype, names: List[str]) -> Tensor:

@@ -34,9 +34,10 @@ def test_overhead_table_has_a_row_per_configuration_and_the_measured_floor():
                           "--models", "autoencoder", "--batch-size", "32"], cwd=ROOT, capture_output=True,
                          text=True, check=True, timeout=300).stdout
     lines = [line for line in out.splitlines() if line.startswith("autoencoder")]
-    rows = [line.split() for line in lines if line.split()[1] != "identities"]
+    rows = [line.split() for line in lines if line.split()[1] not in ("identities", "fisher=mc")]
     assert [r[1] for r in rows] == ["exact", "update_freq=1", "samples=B/4"]
     assert sum(line.split()[1] == "identities" and "% of the refresh step" in line for line in lines) == 1
+    assert sum(line.split()[1] == "fisher=mc" and "% of the empirical refresh step" in line for line in lines) == 1
     assert all(float(r[3]) > 0 for r in rows)
     assert rows[0][5] != "-" and rows[2][5] != "-" and rows[1][5] == "-"  # measured floor; none for update_freq=1
 
