@@ -148,7 +148,7 @@ def train_to_target(optimizer: str, point: dict, seed: int, batch_size: int, tra
     checkpoints = eval_steps(max_steps, int(cfg.evals_per_octave))
     target = float(cfg.target)
     block = with_knobs(cfg.optim[optimizer], point)
-    if optimizer == "seng":
+    if optimizer in ("seng", "seng_mc"):
         block = OmegaConf.merge(block, {"curvature_samples": curvature_samples(batch_size, cfg)})
         block.pop("curvature_samples_max", None)
     torch.manual_seed(seed)
@@ -466,7 +466,7 @@ def run(cfg: DictConfig) -> dict:
             trials = [train_to_target(name, p, int(cfg.search_seed), bs, train, val, cfg)
                       for p in points]
             best = min(range(len(trials)), key=lambda i: _trial_key(trials[i], target))
-            samples = curvature_samples(bs, cfg) if name == "seng" else None
+            samples = curvature_samples(bs, cfg) if name in ("seng", "seng_mc") else None
             for i, (p, t) in enumerate(zip(points, trials)):
                 steps, wall = t.to_target(target)
                 trial_rows.append(dict(batch_size=bs, optimizer=name, trial=i,

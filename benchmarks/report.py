@@ -10,9 +10,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"seng": "#d62728", "sgd": "#1f77b4", "adamw": "#2ca02c", "kfac": "#9467bd",
-          "shampoo": "#ff7f0e", "soap": "#8c564b"}
+          "shampoo": "#ff7f0e", "soap": "#8c564b", "seng_mc": "#e377c2", "asdl_seng": "#17becf"}
 LABELS = {"seng": "SENG", "sgd": "SGD+momentum", "adamw": "AdamW", "kfac": "K-FAC (asdl)",
-          "shampoo": "Shampoo (pytorch-optimizer ScalableShampoo)", "soap": "SOAP (pytorch-optimizer)"}
+          "shampoo": "Shampoo (pytorch-optimizer ScalableShampoo)", "soap": "SOAP (pytorch-optimizer)",
+          "seng_mc": "SENG (MC Fisher)", "asdl_seng": "SENG (asdl)"}
 METRIC_LABELS = {"test_acc": "test accuracy", "test_recon": "test reconstruction error"}
 
 

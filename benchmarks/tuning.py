@@ -6,7 +6,7 @@ of those lists: all of them when the product has exactly ``trials`` points, othe
 points drawn uniformly without replacement (random search on the grid), with a seed made from
 ``seed`` and the optimizer's name so that every run of the benchmark draws the same points.
 
-Knobs: ``lr`` for every optimizer; ``damping`` (SENG, K-FAC); ``weight_decay`` (any optimizer
+Knobs: ``lr`` for every optimizer; ``damping`` (SENG, SENG MC, K-FAC, ASDL's SENG); ``weight_decay`` (any optimizer
 whose recipe has one). A knob that is not searched keeps the value of the optimizer's block.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Mapping
 from omegaconf import DictConfig, OmegaConf
 
 KNOBS = ("lr", "damping", "weight_decay")
-NEEDS_DAMPING = ("seng", "kfac")
+NEEDS_DAMPING = ("seng", "seng_mc", "kfac", "asdl_seng")
 
 
 def trial_points(optimizer: str, search: Mapping[str, list], trials: int, seed: int) -> list[dict]:
