@@ -150,7 +150,7 @@ class Sizes:
     shape: str
 
 
-def sizes(case: str, tiny: bool) -> Sizes:
+def sizes(case: str, tiny: bool, context: Optional[int] = None) -> Sizes:
     if case.startswith("resnet50"):
         batch, side, classes = (4, 8, 10) if tiny else (64, 224, 1000)
 
@@ -164,7 +164,8 @@ def sizes(case: str, tiny: bool) -> Sizes:
 
         blocks = "[1, 1, 1, 1], 3x3 stem" if tiny else "[3, 4, 6, 3]"
         return Sizes(model, data, f"bottleneck {blocks}, batch {batch}, {side}x{side}, {classes} classes")
-    vocab, context, width, heads, layers, batch = (512, 32, 64, 4, 2, 4) if tiny else (50257, 1024, 768, 12, 12, 8)
+    vocab, t, width, heads, layers, batch = (512, 32, 64, 4, 2, 4) if tiny else (50257, 1024, 768, 12, 12, 8)
+    context = context or t
 
     def data(g):
         tokens = torch.randint(0, vocab, (batch, context + 1), generator=g)
@@ -332,7 +333,7 @@ def _free(*runners: Runner) -> None:
 
 
 def run_case(case: str, args, device: torch.device, deadline: float, cases_left: int, say: Progress) -> dict:
-    size = sizes(case, args.tiny)
+    size = sizes(case, args.tiny, args.context)
     g = torch.Generator().manual_seed(0)
     batches = [tuple(t.to(device) for t in size.data(g)) for _ in range(4)]
     say(f"{case}: {size.shape}")
@@ -458,6 +459,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default: update_freq; tiny: 1)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 3·update_freq; tiny: "
                                                                    "update_freq)")
+    parser.add_argument("--context", type=int, default=None, help="the decoder's context (default 1024; tiny: 32)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="seconds for all cases together")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gpu_check"))
