@@ -1,7 +1,7 @@
 """Counting the aten ops a piece of code dispatches, views excluded (they launch no kernel), in torch only.
 
-``benchmarks/overhead.py`` has the same counter; this module imports nothing beyond torch, so that scripts meant
-for a bare GPU machine (``benchmarks/gpu_check.py``) can use it.
+Used by ``benchmarks/overhead.py --ops`` and ``benchmarks/gpu_check.py``; it imports nothing beyond torch, so that
+scripts meant for a bare GPU machine can use it.
 """
 
 from __future__ import annotations

@@ -54,9 +54,9 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.opcount import OpCounter  # noqa: E402
 from benchmarks.problems import _autoencoder  # noqa: E402
 from lightning_seng import SENG  # noqa: E402
 
@@ -361,21 +361,6 @@ def launch_bound(rounds: int, layers: int = 8, width: int = 64, batch: int = 5) 
                 times[label].append(dt)
     sgd, step = statistics.median(times["sgd"]), statistics.median(times["seng"])
     return dict(sgd_ms=1000 * sgd, seng_ms=1000 * step, ratio=step / sgd)
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched while active, by name; views (ops whose outputs alias an input without
-    writing it: ``view``, ``t``, ``select``, ...) are left out, as they launch no kernel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
-            self.counts[func.__name__] += 1
-        return out
 
 
 def count_step_ops(model: nn.Module, loss_of: Callable[[], torch.Tensor], update_freq: int = 10) -> dict:

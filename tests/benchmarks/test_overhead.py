@@ -64,7 +64,7 @@ def test_the_unchecked_runner_takes_the_runtime_identities_out_and_nothing_else(
 
 
 def test_op_counter_counts_kernels_by_name_and_leaves_views_out():
-    from benchmarks.overhead import OpCounter
+    from benchmarks.opcount import OpCounter
 
     x = torch.randn(4, 3)
     with OpCounter() as counter:
