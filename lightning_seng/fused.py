@@ -7,26 +7,28 @@ plain route need, and :func:`step_tensors` does the whole step for them:
 
 - whether the gradient is finite: one multi-tensor check per dtype (``_amp_foreach_non_finite_check_and_unscale_``,
   the kernel AMP's GradScaler uses), before anything is written;
-- ``U g``: explicit routes' column blocks in one ``_foreach_mm``, the parts of one layer added in one
-  ``_foreach_add_``; plain Linear Gram routes ``rowsum((G W) ∘ X) + G b`` (or, eagerly, the batch's cheaper
-  form, :meth:`~lightning_seng.layers.linear.LinearLayer._u_dot`);
+- ``U g``: explicit routes' small column blocks of one shape stacked, one batched product per shape, the large
+  ones in one ``_foreach_mm``, the parts of one layer added in one ``_foreach_add_``; plain Linear Gram routes
+  ``rowsum((G W) ∘ X) + G b`` (or, eagerly, the batch's cheaper form,
+  :meth:`~lightning_seng.layers.linear.LinearLayer.batch_u_dot`);
 - ``g/λ`` for those layers and ``g/(1 + λ)`` for the parameters without curvature in the same pass as the check
   (one per distinct λ; float64 gradients by one ``_foreach_mul_`` after it, as that kernel's scale is float32), so
-  that ``U g/λ`` and ``w/λ = (K + λI)^{-1} U g/λ`` (one ``_foreach_mm`` with the inverses formed after the
-  refresh) come scaled;
-- ``− Uᵀ(w/λ)``: for the explicit blocks up to :data:`SMALL_BLOCK` columns one ``_foreach_mm`` and one
-  ``_foreach_sub_``; one in-place ``addmv_`` per larger block, and ``addmm_`` and ``addmv_`` per large Linear: the
-  only operations per tensor, where the arithmetic outweighs a launch;
+  that ``U g/λ`` and ``w/λ = (K + λI)^{-1} U g/λ`` (one batched product per ``N`` with the inverses formed after
+  the refresh) come scaled;
+- ``− Uᵀ(w/λ)``: per shape of small blocks one batched product and one ``_foreach_sub_``; one in-place ``addmm_``
+  per large block, and ``addmm_`` and ``addmv_`` per large Linear: the only operations per tensor, where the
+  arithmetic outweighs a launch;
 - where the gradient was not finite, every gradient zeroed (``skip_nonfinite``) on the device by one multi-tensor
   product of its bits, seen as integers, with 0 or 1, nothing read back to the host.
 
 A plain Linear Gram route with a small ``U`` (:data:`SMALL_U` elements) is applied as an explicit one: its ``U`` is
-built from ``G`` and ``X`` once per plan.
+built from ``G`` and ``X`` once per plan. What the plan keeps besides the curvatures shows in
+:meth:`SENG.kept_bytes` as ``"(step plan)"``.
 
 :func:`step_tensors` takes tensors and lists of tensors only, has static shapes and reads nothing back to the
 host, so ``torch.compile(fullgraph=True)`` traces it whole (``SENG(compile_step=True)``). It computes what the
-per-layer path computes, in another order: ``g·(1/λ) − Uᵀ(w·(1/λ))`` instead of ``(g − Uᵀw)·(1/λ)`` fused in
-one BLAS call, which moves float32 results by a few units in the last place.
+per-layer path computes, in another order: ``g·(1/λ) − Uᵀ((K + λI)^{-1} U g·(1/λ))`` instead of ``(g − Uᵀw)·(1/λ)``
+fused in one BLAS call, which moves float32 results by a few units in the last place.
 """
 
 from __future__ import annotations
@@ -43,13 +45,12 @@ from .layers.linear import LinearLayer
 from .layers.routes import ExplicitRoute, GramRoute
 
 
-# A plain Linear Gram route whose U has at most this many elements is applied as an explicit one between refreshes
-# (U built once from G and X at the plan: its products join the others' multi-tensor operations).
+# Blocks of U with at most this many elements (1 MiB in float32) are stacked with those of the same shape (a copy,
+# kept by the plan) and applied by batched products, through a temporary; larger ones, whose arithmetic outweighs a
+# launch, by one product each way (U g in one ``_foreach_mm``, Uᵀw by their own in-place ``addmm_``, which reads the
+# gradient once). A plain Linear Gram route whose U is that small is applied as an explicit one between refreshes
+# (U built once from G and X for the plan).
 SMALL_U = 1 << 18
-# Explicit blocks of at most this many columns are stacked with those of the same shape (a copy, kept by the plan)
-# and applied by batched products (through a temporary); larger ones by their own in-place ``addmm_``, which reads
-# the gradient once.
-SMALL_BLOCK = 1 << 16
 
 
 @dataclass
@@ -62,7 +63,7 @@ class StepPlan:
     ``rest``; the gradients :func:`step_tensors` takes are ``params``' then ``rest_params``' (it checks them all
     for finiteness and writes only the former).
 
-    Blocks of the same shape (up to :data:`SMALL_BLOCK` columns) are stacked, ``(L, N, d)``, and applied by one
+    Blocks of the same shape (up to :data:`SMALL_U` elements) are stacked, ``(L, N, d)``, and applied by one
     batched product each way; the inverses of the layers that share ``N`` likewise."""
 
     params: List[nn.Parameter]
@@ -258,7 +259,7 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
     by_shape: Dict[tuple, List[int]] = {}
     large = []
     for i, b in enumerate(blocks):
-        if b.shape[1] <= SMALL_BLOCK:
+        if b.numel() <= SMALL_U:
             by_shape.setdefault((tuple(b.shape), b.dtype, b.device), []).append(i)
         else:
             large.append(i)

@@ -1277,8 +1277,13 @@ class SENG:
 
     def kept_bytes(self) -> Dict[str, int]:
         """Bytes each layer keeps between refreshes (its committed curvature: factors or ``U``, ``UUᵀ`` and its
-        Cholesky factor), by layer name; layers without curvature keep none. Sum it for the total."""
-        return {name: 0 if layer.curvature is None else layer.curvature.nbytes for name, layer in self.layers.items()}
+        Cholesky factor), by layer name; layers without curvature keep none; under ``"(step plan)"`` what the
+        fused step between refreshes keeps besides (:mod:`lightning_seng.fused`: stacked blocks, ``U`` built from
+        small Gram factors). Sum it for the total."""
+        kept = {name: 0 if layer.curvature is None else layer.curvature.nbytes for name, layer in self.layers.items()}
+        if self._plan is not None:
+            kept["(step plan)"] = self._plan.built_bytes
+        return kept
 
     def _route_label(self, name: str, layer: LayerCurvature) -> str:
         if not self.comm.owns(name):
