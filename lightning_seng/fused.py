@@ -63,27 +63,31 @@ class StepPlan:
     ``rest``; the gradients :func:`step_tensors` takes are ``params``' then ``rest_params``' (it checks them all
     for finiteness and writes only the former).
 
-    Blocks of the same shape (up to :data:`SMALL_U` elements) are stacked, ``(L, N, d)``, and applied by one
-    batched product each way; the inverses of the layers that share ``N`` likewise."""
+    The plan layers that share ``N`` (and dtype and device) form a solve group: their ``(U g)ᵀ`` rows are gathered
+    in one ``(L, 1, N)`` tensor, solved by one batched product with their stacked inverses. Blocks of U of one shape
+    (up to :data:`SMALL_U` elements) are stacked, ``(L, N, d)``: one batched product each way for all of them."""
 
     params: List[nn.Parameter]
     block_grad: List[int]  # per block of U (one per part of an explicit layer): the index of its gradient
-    block_layer: List[int]  # its plan layer
-    layer_block: List[int]  # the first block of each explicit layer
-    firsts: List[int]  # per extra part of a layer: the index of the layer's first block, ...
-    seconds: List[int]  # ... and of the extra block (their U g parts are added)
     shape_groups: List[List[int]]  # blocks of one shape, ...
     stacks: List[Tensor]  # ... stacked: (L, N, d)
+    shape_rows: List[Tensor]  # ... their layers' rows in their solve group (int64), ...
+    shape_whole: List[bool]  # ... (those rows being the whole solve group in order, ...)
+    shape_solve: List[int]  # ... and that group
     large: List[int]  # the blocks applied one by one, ...
-    large_blocks: List[Tensor]  # ... (N, d) each
+    large_blocks: List[Tensor]  # ... (N, d) each, ...
+    large_rows: List[Tensor]  # ... their layer's row (a one-element int64 tensor) ...
+    large_solve: List[int]  # ... in this solve group
     linears: List[Tuple[Tensor, Tensor, int, int]]  # (G (N, d_out), X (N, d_in), weight index or -1, bias or -1)
-    solve_groups: List[List[int]]  # plan layers (explicit ones first, then Linear) that share N, ...
-    inverse_stacks: List[Tensor]  # ... their (K + λI)^{-1} stacked, (L, N, N)
-    inv_damping: List[Tensor]  # 1/λ_l per plan layer, 0-dim (for a U g computed by the caller)
+    linear_rows: List[Tensor]  # the Linear layers' rows (one-element int64) ...
+    linear_solve: List[int]  # ... in these solve groups
+    inverse_stacks: List[Tensor]  # per solve group, (K + λI)^{-1} of its layers, (L, N, N)
+    linear_inv_damping: List[Tensor]  # 1/λ per Linear layer, 0-dim (for a U g computed by the caller)
     groups: List[List[int]]  # indices in params + rest_params by device, dtype and scale: one check each, ...
     group_scales: List[Tensor]  # ... which also multiplies them by this (float32, one element): 1/λ_l, 1/(1 + λ), 1
     post: List[int]  # indices of float64 parameters, scaled after the check (a float32 scale would round)
     post_scales: List[Tensor]  # their scales, 0-dim float64
+    unstacked: List[int]  # the gradients no stack holds (guarded one by one)
     layers: List[Tuple[str, LayerCurvature]]  # the plan layers: explicit first (built U included), then Linear
     rest: List[Tuple[str, LayerCurvature]]  # the other layers with curvature: their own path
     rest_params: List[nn.Parameter]  # their parameters with a gradient: checked and guarded with the others
@@ -95,17 +99,19 @@ class StepPlan:
         """The arguments of :func:`step_tensors` for these gradients (``us``: Linear layers' ``U g`` computed
         by the caller, ``None`` where :func:`step_tensors` computes it from the gradient)."""
         us = [None] * len(self.linears) if us is None else us
-        return (grads, self.block_grad, self.block_layer, self.layer_block, self.firsts, self.seconds,
-                self.shape_groups, self.stacks, self.large, self.large_blocks, self.linears, us, self.solve_groups,
-                self.inverse_stacks, self.inv_damping, self.groups, self.group_scales, self.post, self.post_scales)
+        return (grads, self.block_grad, self.shape_groups, self.stacks, self.shape_rows, self.shape_whole,
+                self.shape_solve, self.large, self.large_blocks, self.large_rows, self.large_solve, self.linears, us,
+                self.linear_rows, self.linear_solve, self.inverse_stacks, self.linear_inv_damping, self.groups,
+                self.group_scales, self.post, self.post_scales, self.unstacked)
 
 
-def step_tensors(grads: List[Tensor], block_grad: List[int], block_layer: List[int], layer_block: List[int],
-                 firsts: List[int], seconds: List[int], shape_groups: List[List[int]], stacks: List[Tensor],
-                 large: List[int], large_blocks: List[Tensor], linears: List[Tuple[Tensor, Tensor, int, int]],
-                 us: List[Optional[Tensor]], solve_groups: List[List[int]], inverse_stacks: List[Tensor],
-                 inv_damping: List[Tensor], groups: List[List[int]], group_scales: List[Tensor], post: List[int],
-                 post_scales: List[Tensor], guard: bool = True) -> Tensor:
+def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[List[int]], stacks: List[Tensor],
+                 shape_rows: List[Tensor], shape_whole: List[bool], shape_solve: List[int], large: List[int],
+                 large_blocks: List[Tensor], large_rows: List[Tensor], large_solve: List[int],
+                 linears: List[Tuple[Tensor, Tensor, int, int]], us: List[Optional[Tensor]], linear_rows: List[Tensor],
+                 linear_solve: List[int], inverse_stacks: List[Tensor], linear_inv_damping: List[Tensor],
+                 groups: List[List[int]], group_scales: List[Tensor], post: List[int], post_scales: List[Tensor],
+                 unstacked: List[int], guard: bool = True) -> Tensor:
     """Write the directions of a :class:`StepPlan` into ``grads`` (its parameters' gradients, in its order);
     returns a 1-element float32 tensor, nonzero where a gradient held NaN or ±Inf before the step. With ``guard``
     every gradient is then zeroed on the device where it did; without, the caller decides.
@@ -119,44 +125,54 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], block_layer: List[i
     if post:
         torch._foreach_mul_([grads[i] for i in post], post_scales)
     rows = [grads[i].view(1, -1) for i in block_grad]
-    u_parts: List[Tensor] = list(rows)  # replaced below by each block's (U g')ᵀ, (1, N)
-    for members, stack in zip(shape_groups, stacks):
-        u = torch.bmm(torch.stack([rows[i] for i in members]), stack.transpose(1, 2))
-        for i, part in zip(members, u.unbind(0)):
-            u_parts[i] = part
+    u: List[Optional[Tensor]] = [None] * len(inverse_stacks)  # (U g')ᵀ per layer, (L, 1, N) per solve group
+
+    def add(j: int, at: Tensor, whole: bool, part: Tensor) -> None:
+        if u[j] is None:
+            if whole:
+                u[j] = part
+                return
+            inverse = inverse_stacks[j]
+            u[j] = inverse.new_zeros(inverse.shape[0], 1, inverse.shape[1])
+        if whole:
+            u[j].add_(part)
+        else:
+            u[j].index_add_(0, at, part)
+    stacked = []
+    for members, stack, at, whole, j in zip(shape_groups, stacks, shape_rows, shape_whole, shape_solve):
+        g = torch.stack([rows[i] for i in members])  # (L, 1, d)
+        stacked.append(g)
+        add(j, at, whole, torch.bmm(g, stack.transpose(1, 2)))
     if large:
-        for i, part in zip(large, torch.ops.aten._foreach_mm([rows[i] for i in large],
-                                                              [b.T for b in large_blocks])):
-            u_parts[i] = part
-    if firsts:
-        torch._foreach_add_([u_parts[i] for i in firsts], [u_parts[i] for i in seconds])
-    u_layers = [u_parts[i] for i in layer_block]
-    first = len(layer_block)
-    for k, ((G, X, wi, bi), u) in enumerate(zip(linears, us)):
-        if u is None:
-            u = sketch.linear_u_dot(G, X, None if wi < 0 else grads[wi], None if bi < 0 else grads[bi])
+        parts = torch.ops.aten._foreach_mm([rows[i] for i in large], [b.T for b in large_blocks])
+        for part, at, j in zip(parts, large_rows, large_solve):
+            add(j, at, False, part.unsqueeze(0))
+    for (G, X, wi, bi), given, at, j, inv in zip(linears, us, linear_rows, linear_solve, linear_inv_damping):
+        if given is None:
+            given = sketch.linear_u_dot(G, X, None if wi < 0 else grads[wi], None if bi < 0 else grads[bi])
         else:  # U g from the unscaled gradient
-            u = u * inv_damping[first + k]
-        u_layers.append(u.view(1, -1))
-    ws: List[Tensor] = list(u_layers)
-    for members, inverses in zip(solve_groups, inverse_stacks):
-        w = torch.bmm(torch.stack([u_layers[k] for k in members]), inverses)
-        for k, row in zip(members, w.unbind(0)):
-            ws[k] = row
-    for members, stack in zip(shape_groups, stacks):
-        products = torch.bmm(torch.stack([ws[block_layer[i]] for i in members]), stack)
-        torch._foreach_sub_([rows[i] for i in members], products.unbind(0))
-    for i, block in zip(large, large_blocks):
-        rows[i].addmm_(ws[block_layer[i]], block, alpha=-1)
-    for k, (G, X, wi, bi) in enumerate(linears):
-        w = ws[first + k].view(-1)
+            given = given * inv
+        add(j, at, False, given.view(1, 1, -1))
+    # (w')ᵀ per layer; a solve group no layer reached (every gradient missing) stays zero
+    w = [torch.bmm(uj, inverse) if uj is not None else inverse.new_zeros(inverse.shape[0], 1, inverse.shape[1])
+         for uj, inverse in zip(u, inverse_stacks)]
+    keep = (found == 0) if guard else None
+    for members, stack, g, at, whole, j in zip(shape_groups, stacks, stacked, shape_rows, shape_whole, shape_solve):
+        g.baddbmm_(w[j] if whole else w[j].index_select(0, at), stack, alpha=-1)
+        if keep is not None:  # zeroed here, before it is copied back, where the gradient was not finite
+            _keep_bits_([g], keep)
+        torch._foreach_copy_([rows[i] for i in members], g.unbind(0))
+    for i, block, at, j in zip(large, large_blocks, large_rows, large_solve):
+        rows[i].addmm_(w[j].index_select(0, at)[0], block, alpha=-1)
+    for (G, X, wi, bi), at, j in zip(linears, linear_rows, linear_solve):
+        wl = w[j].index_select(0, at).view(-1)
         if wi >= 0:
-            left, right = (G * w[:, None], X) if G.shape[1] <= X.shape[1] else (G, X * w[:, None])
+            left, right = (G * wl[:, None], X) if G.shape[1] <= X.shape[1] else (G, X * wl[:, None])
             grads[wi].addmm_(left.T, right, alpha=-1)
         if bi >= 0:
-            grads[bi].addmv_(G.T, w, alpha=-1)
-    if guard:
-        clear_nonfinite_(grads, found)
+            grads[bi].addmv_(G.T, wl, alpha=-1)
+    if keep is not None:
+        _keep_bits_([grads[i] for i in unstacked], keep)
     return found
 
 
@@ -167,12 +183,16 @@ def clear_nonfinite_(grads: List[Tensor], found: Tensor) -> None:
     """Every gradient zeroed where ``found`` is nonzero, left bit for bit as it is otherwise, on the device: the
     gradients' bits, seen as integers, times ``1 − found`` (one multi-tensor product per element size; integers
     have no NaN, and all-zero bits are +0.0)."""
+    _keep_bits_(grads, found == 0)
+
+
+def _keep_bits_(tensors: List[Tensor], keep: Tensor) -> None:
+    """``tensors`` times ``keep`` (a one-element bool tensor) bit for bit: their bits as integers times 1 or 0."""
     by_size: Dict[int, List[Tensor]] = {}
-    for g in grads:
-        by_size.setdefault(g.element_size(), []).append(g)
+    for t in tensors:
+        by_size.setdefault(t.element_size(), []).append(t)
     for size, group in by_size.items():
-        keep = (found[0] == 0).to(_BITS[size])
-        torch._foreach_mul_([g.view(_BITS[size]) for g in group], keep)
+        torch._foreach_mul_([t.view(_BITS[size]) for t in group], keep[0].to(_BITS[size]))
 
 
 def _inverse(cur: Curvature, damping: float) -> Optional[Tensor]:
@@ -232,15 +252,11 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
     if not explicit and not linear:
         return None
     params: List[nn.Parameter] = []
-    blocks, block_grad, block_layer, layer_block, firsts, seconds, linears = [], [], [], [], [], [], []
+    blocks, block_grad, block_layer, linears = [], [], [], []
     built = 0
     for k, (_, layer, cur, lam, inverse, layer_blocks) in enumerate(explicit):
-        layer_block.append(len(blocks))
         built += sum(b.numel() * b.element_size() for b in layer_blocks) if type(cur.route) is GramRoute else 0
-        for j, (block, p) in enumerate(zip(layer_blocks, layer.trainable_params(cur.mask))):
-            if j:
-                firsts.append(layer_block[-1])
-                seconds.append(len(blocks))
+        for block, p in zip(layer_blocks, layer.trainable_params(cur.mask)):
             blocks.append(block)
             block_grad.append(len(params))
             block_layer.append(k)
@@ -256,24 +272,42 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
             bi = len(params)
             params.append(trainable[-1])
         linears.append((G, X, wi, bi))
-    by_shape: Dict[tuple, List[int]] = {}
-    large = []
-    for i, b in enumerate(blocks):
-        if b.numel() <= SMALL_U:
-            by_shape.setdefault((tuple(b.shape), b.dtype, b.device), []).append(i)
-        else:
-            large.append(i)
-    stacks = [torch.stack([blocks[i] for i in members]) for members in by_shape.values()]
-    built += sum(t.numel() * t.element_size() for t in stacks)
-    inverses, inv_damping, scales = [], [], []
+    inverses, scales = [], []
     for _, layer, cur, lam, inverse, *_ in explicit + linear:
         inverses.append(inverse)
-        inv_damping.append(torch.tensor(1.0 / lam, dtype=inverse.dtype, device=inverse.device))
         scales += [1.0 / lam] * len(layer.trainable_params(cur.mask))
     by_n: Dict[tuple, List[int]] = {}
     for k, inverse in enumerate(inverses):
         by_n.setdefault((inverse.shape[0], inverse.dtype, inverse.device), []).append(k)
+    solve_of, row_of = {}, {}  # plan layer -> its solve group and row there
+    for j, members in enumerate(by_n.values()):
+        for r, k in enumerate(members):
+            solve_of[k], row_of[k] = j, r
     inverse_stacks = [torch.stack([inverses[k] for k in members]) for members in by_n.values()]
+
+    def rows_tensor(layer_ids: List[int], device) -> Tensor:
+        return torch.tensor([row_of[k] for k in layer_ids], dtype=torch.long, device=device)
+
+    by_shape: Dict[tuple, List[int]] = {}
+    large = []
+    for i, b in enumerate(blocks):
+        if b.numel() <= SMALL_U:
+            by_shape.setdefault((tuple(b.shape), b.dtype, b.device, solve_of[block_layer[i]]), []).append(i)
+        else:
+            large.append(i)
+    shape_groups = list(by_shape.values())
+    stacks = [torch.stack([blocks[i] for i in members]) for members in shape_groups]
+    built += sum(t.numel() * t.element_size() for t in stacks)
+    shape_rows = [rows_tensor([block_layer[i] for i in members], blocks[members[0]].device) for members in shape_groups]
+    shape_solve = [solve_of[block_layer[members[0]]] for members in shape_groups]
+    sizes = [len(members) for members in by_n.values()]
+    shape_whole = [[row_of[block_layer[i]] for i in members] == list(range(sizes[j]))
+                   for members, j in zip(shape_groups, shape_solve)]
+    large_rows = [rows_tensor([block_layer[i]], blocks[i].device) for i in large]
+    first = len(explicit)
+    linear_rows = [rows_tensor([first + k], G.device) for k, (G, *_) in enumerate(linears)]
+    linear_inv_damping = [torch.tensor(1.0 / lam, dtype=inverse.dtype, device=inverse.device)
+                          for _, _, _, lam, inverse in linear]
     params += without
     scales += [1.0 / one_plus] * len(without)
     rest_params = [p for _, layer in rest for p in layer.trainable_params(layer.curvature.mask) if p.grad is not None]
@@ -287,9 +321,12 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
             scale = 1.0
         by_key.setdefault((p.device, p.dtype, scale), []).append(i)
     group_scales = [torch.full((1,), scale, dtype=torch.float32, device=device) for device, _, scale in by_key]
-    return StepPlan(params, block_grad, block_layer, layer_block, firsts, seconds, list(by_shape.values()), stacks,
-                    large, [blocks[i] for i in large], linears, list(by_n.values()), inverse_stacks, inv_damping,
-                    list(by_key.values()), group_scales, post, post_scales,
+    in_stacks = {block_grad[i] for members in shape_groups for i in members}
+    unstacked = [i for i in range(len(params) + len(rest_params)) if i not in in_stacks]
+    return StepPlan(params, block_grad, shape_groups, stacks, shape_rows, shape_whole, shape_solve, large,
+                    [blocks[i] for i in large], large_rows, [solve_of[block_layer[i]] for i in large], linears,
+                    linear_rows, [solve_of[first + k] for k in range(len(linears))], inverse_stacks,
+                    linear_inv_damping, list(by_key.values()), group_scales, post, post_scales, unstacked,
                     [(n, layer) for n, layer, *_ in explicit + linear], rest, rest_params, built)
 
 

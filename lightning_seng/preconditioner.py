@@ -427,7 +427,10 @@ class SENG:
         self.epoch = 0
         self.skipped_refreshes = 0
         self._nonfinite_steps = 0
-        self._finite_flags: List[Tensor] = []  # between refreshes: whether each step's gradient was finite
+        self._finite_flags: List[Tensor] = []  # between refreshes: whether each step's gradient was finite (see
+        # _count_nonfinite)
+        self._walk: List[tuple] = []  # (prefix, module) of model.named_modules(), and ...
+        self._walk_key: Optional[tuple] = None  # ... the ids of their children when it was taken (_with_grad)
         self._stats: Dict[str, Any] = {"skipped_refreshes": 0, "nonfinite_steps": 0}
         self._coverage_cached: tuple = (None, 0.0)  # (what the percentage depends on, the percentage)
         self._written_cached: tuple = (None, set())  # (ids of the parameters with a gradient, _written of them)
@@ -802,7 +805,7 @@ class SENG:
     def _step(self, loss_scale: float) -> None:
         damping = self.damping
         refresh = self.will_refresh
-        with_grad = [(name, p) for name, p in self.model.named_parameters() if p.grad is not None]
+        with_grad = self._with_grad()
         params = [p for _, p in with_grad]
         every = self.stats_every
         records = refresh if every is None else self.step_count % every == 0
@@ -863,6 +866,23 @@ class SENG:
         else:
             self._write_where_finite(pairs, others, finite, damping)
         self.step_count += 1
+
+    def _with_grad(self) -> List[tuple]:
+        """``(name, parameter)`` of every parameter with a gradient, as ``model.named_parameters()`` gives them (each
+        shared parameter once, under its first name). The walk over the module tree is kept, and taken again
+        whenever a module's children are not the ones they were (a module added or put in place of another); the
+        parameters are read from each module afresh, so one put in place of another is seen at once."""
+        key = tuple(id(c) for _, m in self._walk for c in m._modules.values())
+        if key != self._walk_key or not self._walk:
+            self._walk = list(self.model.named_modules())
+            self._walk_key = tuple(id(c) for _, m in self._walk for c in m._modules.values())
+        seen, out = set(), []
+        for prefix, m in self._walk:
+            for k, p in m._parameters.items():
+                if p is not None and p.grad is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((f"{prefix}.{k}" if prefix else k, p))
+        return out
 
     def _without_curvature(self, name: str, layer: LayerCurvature) -> List[nn.Parameter]:
         """The trainable parameters of a layer that has no usable curvature this step (they get
@@ -949,7 +969,7 @@ class SENG:
                         p.grad.div_(1.0 + damping)
         if not guard:
             fused.clear_nonfinite_(grads, found)
-        self._finite_flags.append(found[0] == 0)
+        self._finite_flags.append(found)
 
     @staticmethod
     def _finite(grads: List[Tensor]) -> Tensor:
@@ -1071,7 +1091,9 @@ class SENG:
     def _count_nonfinite(self) -> None:
         """Fold the non-refresh steps' device-side count of non-finite gradients into the counter."""
         flags, self._finite_flags = self._finite_flags, []
-        pending = int((~torch.stack(flags)).sum()) if flags else 0
+        # a bool flag: whether the step's gradient was finite; the fused step's float flag: nonzero where it was not
+        pending = int(torch.stack([(~f if f.dtype == torch.bool else f.reshape(()) != 0) for f in flags]).sum()) \
+            if flags else 0
         if pending:
             self._nonfinite_steps += pending
             self._warn_once("grad", f"SENG: non-finite gradient on {pending} step(s) between curvature refreshes; "
