@@ -202,3 +202,37 @@ def test_compile_step_is_validated_and_runs():
     with pytest.raises(ValueError, match="compile_step must be True, False or a torch.compile mode"):
         SENG(mlp(), compile_step=1, log_coverage=False)
     assert SENG(mlp(), compile_step=True, log_coverage=False).compile_step == "default"
+
+
+def test_the_parameters_with_a_gradient_are_named_parameters_after_any_change_to_the_model():
+    """``SENG._with_grad`` keeps the module walk between steps: it must still give ``named_parameters()``'s names
+    and order (shared parameters once) after a module is added, replaced, or a parameter put in place of another."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.body = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.body(self.emb(x)))
+
+    model = Tied()
+    seng = SENG(model, log_coverage=False)
+
+    def check():
+        model(torch.randint(0, 7, (5,))).sum().backward()
+        want = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+        got = seng._with_grad()
+        assert [n for n, _ in got] == [n for n, _ in want]
+        assert all(a is b for (_, a), (_, b) in zip(got, want))
+    check()
+    model.body.append(nn.Linear(4, 4))  # a module added inside a child
+    check()
+    model.body[0] = nn.Linear(4, 4)  # a module put in place of another
+    check()
+    model.body[2].weight = nn.Parameter(torch.randn(4, 4))  # a parameter put in place of another
+    check()
+    model.extra = nn.Parameter(torch.ones(()))  # a parameter of the root (no gradient: not listed)
+    check()
