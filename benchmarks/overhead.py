@@ -327,10 +327,11 @@ def resnet_refresh(batch: int, reps: int) -> dict:
                 routes=" ".join(f"{k[7:]}:{v}" for k, v in seng.seng.stats.items() if k.startswith("layers/") and v))
 
 
-def launch_bound(rounds: int, layers: int = 8, width: int = 64, batch: int = 5) -> dict:
+def launch_bound(rounds: int, layers: int = 8, width: int = 64, batch: int = 5, compile_step: bool = False) -> dict:
     """A model where dispatch, not arithmetic, sets the cost: ``layers`` Linear layers ``width`` wide, batch
     ``batch``. Medians of ``seng.step()`` between refreshes and of a foreach SGD step (momentum), each timed alone
-    after the same forward and backward, the two models stepped in turn."""
+    after the same forward and backward, the two models stepped in turn (``compile_step``: SENG's step compiled,
+    :mod:`lightning_seng.fused`; the compilation falls in the warm-up)."""
     torch.manual_seed(0)
 
     def make():
@@ -341,7 +342,8 @@ def launch_bound(rounds: int, layers: int = 8, width: int = 64, batch: int = 5) 
     sgd_model, seng_model = make(), make()
     sgd_opt = torch.optim.SGD(sgd_model.parameters(), lr=0.01, momentum=0.9, foreach=True)
     seng_opt = torch.optim.SGD(seng_model.parameters(), lr=0.01, momentum=0.9, foreach=True)
-    seng = SENG(seng_model, damping=0.5, update_freq=10, stats_every=50, log_coverage=False)
+    seng = SENG(seng_model, damping=0.5, update_freq=10, stats_every=50, log_coverage=False,
+                compile_step=compile_step)
     x, y = torch.randn(batch, width), torch.randint(0, width, (batch,))
     times: dict = {"sgd": [], "seng": []}
     for i in range(rounds + 20):
@@ -398,6 +400,8 @@ def main() -> None:
     parser.add_argument("--resnet", action="store_true", help="also the ResNet-18-shaped refresh at batch 256")
     parser.add_argument("--launch", action="store_true",
                         help="also the launch-bound MLP: seng.step() between refreshes against a foreach SGD step")
+    parser.add_argument("--launch-compiled", action="store_true",
+                        help="with --launch: also SENG(compile_step=True) (compiling takes about a minute)")
     parser.add_argument("--ops", action="store_true",
                         help="also count the aten ops of seng.step() (views excluded) on the models and a ResNet-50")
     parser.add_argument("--peak", help=argparse.SUPPRESS)  # internal: one model's refresh peak, printed as JSON
@@ -439,6 +443,10 @@ def main() -> None:
         r = launch_bound(max(args.rounds, 200))
         print(f"launch-bound MLP (8 x Linear(64, 64), batch 5): seng.step() between refreshes {r['seng_ms']:.3f} ms, "
               f"foreach SGD step {r['sgd_ms']:.3f} ms, ratio {r['ratio']:.2f} (target <= 2.00)", flush=True)
+        if args.launch_compiled:
+            r = launch_bound(max(args.rounds, 200), compile_step=True)
+            print(f"launch-bound MLP compiled (SENG(compile_step=True)): seng.step() {r['seng_ms']:.3f} ms, foreach SGD "
+                  f"step {r['sgd_ms']:.3f} ms, ratio {r['ratio']:.2f}", flush=True)
     if args.ops:
         for name in args.models.split(","):
             problem = PROBLEMS[name]
