@@ -45,6 +45,17 @@ def test_patch_gram_and_products_match_explicit_U(shape, bias):
     torch.testing.assert_close(got, (g - U.T @ v) / 0.7, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [5, 127, 128, 130, 257])
+def test_self_gram_is_the_full_product_and_exactly_symmetric(n):
+    """Row blocks whose products are mirrored: every entry against the dense product (the blocks' edges included,
+    for ``n`` not a multiple of four), and the result symmetric to the bit."""
+    A = torch.randn(n, 37, dtype=D)
+    K = sketch.self_gram(A)
+    reference = torch.stack([torch.stack([torch.dot(a, b) for b in A]) for a in A])
+    torch.testing.assert_close(K, reference, rtol=1e-12, atol=1e-12)
+    assert torch.equal(K, K.T)
+
+
 def test_products_with_a_projected_bias_row_match_explicit_U():
     """The implicit route's bias row ``xb`` is an ordinary input row: same products as appending it to X."""
     G, X = _factors(P=4)

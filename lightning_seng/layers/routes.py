@@ -84,15 +84,14 @@ class ExplicitRoute(Route):
         """``U[:, index]``, gathered once per refresh (not per step) and kept beside ``U``."""
         cols = getattr(self, "_columns", None)
         if cols is None:
-            cols = self._columns = self.tensors["U"][:, self.tensors["index"]]
+            cols = self._columns = self.tensors["U"].index_select(1, self.tensors["index"])
         return cols
 
     def gram(self, generator) -> Tensor:
         U, index = self.tensors["U"], self.tensors.get("index")
         if index is None:
-            return U @ U.T
-        Us = self._sampled_columns()
-        return (Us @ Us.T) * (U.shape[1] / index.numel())
+            return sketch.self_gram(U)
+        return sketch.self_gram(self._sampled_columns()).mul_(U.shape[1] / index.numel())
 
     def u_dot(self, parts: Sequence[Tensor]) -> Tensor:
         U, index = self.tensors["U"], self.tensors.get("index")
