@@ -378,9 +378,12 @@ class SENG:
         self.layers, self._fallbacks, shared = build_layers(
             model, lambda name, module: (not include or _matches(name, module, include))
             and not (exclude and _matches(name, module, exclude)))
+        # factors gathered to an owner rank (DDP's global mode) are not those a rank checks: no per-sample reuse there
+        local = type(self.comm).gather_factors is Communicator.gather_factors
         for layer in self.layers.values():
             layer.note_attached()
             layer.sampled_fisher = self.fisher == "mc"
+            layer.route_settings = self.settings if local else None
         self._covered = {id(p) for layer in self.layers.values() for p in layer.parameters()}
         # id -> weak reference: an id alone could be reused by a parameter created after this one is freed
         self._attached = {id(p): weakref.ref(p) for p in params}

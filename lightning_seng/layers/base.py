@@ -150,6 +150,10 @@ class Factors:
     identity: Optional[Tensor] = None
     eps: float = 0.0
     direct: bool = False  # identity terms against .grad (both identities at once), else against g_prod
+    # ``(grad_side, J)``: the per-sample gradients ``J (N, d)`` a layer built from ``grad_side`` for the identity's
+    # ``Σ_n J_n``, which its explicit route may take over (scaled in place) instead of building them again; valid
+    # only while ``grad_side`` is still that tensor
+    per_sample: Optional[Tuple[Tensor, Tensor]] = None
 
     def to(self, dtype: torch.dtype) -> "Factors":
         """The factors in ``dtype`` (floating tensors only)."""
@@ -158,12 +162,24 @@ class Factors:
             input_side = input_side.to(dtype)
         return Factors(self.grad_side.to(dtype), input_side, self.mask, self.identity, self.eps, self.direct)
 
+    def _kept_rows(self) -> Optional[Tensor]:
+        """``J`` of :attr:`per_sample` while it belongs to ``grad_side``, else ``None``."""
+        kept = self.per_sample
+        return kept[1] if kept is not None and kept[0] is self.grad_side else None
+
     def rows(self, rows: Tensor, factor: float) -> "Factors":
         """Samples ``rows`` only, the output-gradient side times ``factor`` (the per-sample gradient is linear in it)."""
         rows = rows.to(self.grad_side.device)
         input_side = None if self.input_side is None else self.input_side.index_select(0, rows)
-        return Factors(self.grad_side.index_select(0, rows) * factor, input_side, self.mask, self.identity, self.eps,
-                       self.direct)
+        grad_side, J = self.grad_side.index_select(0, rows) * factor, self._kept_rows()
+        return Factors(grad_side, input_side, self.mask, self.identity, self.eps, self.direct,
+                       None if J is None else (grad_side, J.index_select(0, rows).mul_(factor)))
+
+    def unscaled(self, loss_scale: float) -> "Factors":
+        """The factors of the loss before it was scaled by ``loss_scale``: the output-gradient side over it."""
+        grad_side, J = self.grad_side / loss_scale, self._kept_rows()
+        return Factors(grad_side, self.input_side, self.mask, self.identity, self.eps, self.direct,
+                       None if J is None else (grad_side, J.div_(loss_scale)))
 
     @property
     def n(self) -> int:
@@ -263,6 +279,10 @@ class LayerCurvature:
     sampling = False
     # the runtime identity is checked on the captured calls themselves, not on the factors (factor_sums is None)
     checks_own_uses = False
+    # the preconditioner's route settings where this layer builds its curvature from the factors it checks (one
+    # process, or DDP's local mode): then it may build an explicit route's per-sample gradients once, for the
+    # identity's sum and the route (Factors.per_sample); None: never
+    route_settings: Optional[RouteSettings] = None
 
     def __init__(self, name: str, module: nn.Module):
         self.name = name
@@ -457,7 +477,7 @@ class LayerCurvature:
         if chosen is not None:
             factors = factors.rows(*chosen)
         if scale != 1.0:
-            factors.grad_side = factors.grad_side / scale
+            factors = factors.unscaled(scale)
         return factors
 
     def sampled_calls(self, calls: List[Call]) -> List[Call]:

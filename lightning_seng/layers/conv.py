@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import sketch
 from .base import Factors, Mask, MatrixLayer
-from .routes import ExplicitRoute, Route, RouteSettings, build_route, choose_route
+from .routes import EXPLICIT_MAX_ELEMENTS, ExplicitRoute, Route, RouteSettings, build_route, choose_route
 
 
 def unfold_patches(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
@@ -85,30 +86,56 @@ class ConvLayer(MatrixLayer):
         if factors.input_side.dim() != 5:
             return super()._route(factors, scale, settings, generator)
         m, mask = self.module, factors.mask
-        x, G = factors.input_side[:, 0], factors.grad_side * scale
+        x, G = factors.input_side[:, 0], factors.grad_side
         n, groups, d_out, P = G.shape
         self.positions = P
+        kept, factors.per_sample = factors._kept_rows(), None  # taken over at most once: it is scaled in place
+        if self._explicit(n, P, mask, settings):
+            U = kept.mul_(scale) if kept is not None else self._explicit_rows(x, G * scale, mask)
+            return ExplicitRoute.build(U, self._blocks(mask), settings.coordinates, generator)
         pad = m._reversed_padding_repeated_twice
-        d_in = (m.in_channels // groups * m.kernel_size[0] * m.kernel_size[1] if mask[0] else 0) + mask[1]
-        if (mask[0] and choose_route(n, groups, d_out, d_in, P, settings) == "explicit"
-                and P >= 2 * max(m.in_channels, m.out_channels) // groups):
-            # per-sample weight gradients from the weight-gradient convolution, the samples as groups
+        X = unfold_patches(x, m.kernel_size, m.stride, m.dilation, (pad[2], pad[0])).reshape(n, groups, -1, P)
+        return build_route(G * scale, X if mask[0] else X[:, :, :0], mask[1], settings, generator)
+
+    def _dims(self, mask: Mask) -> Tuple[int, int]:
+        """``(d_out, d_in)`` per group of the trainable parameters (the bias a row of ``d_in``)."""
+        m = self.module
+        d_in = (m.in_channels // self.groups * m.kernel_size[0] * m.kernel_size[1] if mask[0] else 0) + mask[1]
+        return m.out_channels // self.groups, d_in
+
+    def _blocks(self, mask: Mask) -> List[int]:
+        d_out, d_in = self._dims(mask)
+        d_w = self.groups * d_out * (d_in - mask[1])
+        return ([d_w] if mask[0] else []) + ([self.groups * d_out] if mask[1] else [])
+
+    def _explicit(self, n: int, P: int, mask: Mask, settings: RouteSettings) -> bool:
+        """Whether the route of an input kept as it is, with a trainable weight, is explicit ``U``."""
+        d_out, d_in = self._dims(mask)
+        return mask[0] and choose_route(n, self.groups, d_out, d_in, P, settings) == "explicit"
+
+    def _explicit_rows(self, x: Tensor, G: Tensor, mask: Mask) -> Tensor:
+        """``U``'s rows ``J_n`` ``(N, d)`` (weight block, then the bias block while trainable) of an input ``x``
+        ``(N, c_in, H, W)`` kept as it is and output gradients ``G (N, groups, d_out, P)``: from the
+        weight-gradient convolution with the samples as groups where the positions are many for the channels
+        (``P ≥ 2·max(c_in, c_out)/groups``), else from the patches and one batched product."""
+        m = self.module
+        n, groups, d_out, P = G.shape
+        pad = m._reversed_padding_repeated_twice
+        if P >= 2 * max(m.in_channels, m.out_channels) // groups:
             w = torch.nn.grad.conv2d_weight(
                 x.reshape(1, n * m.in_channels, *x.shape[2:]), (n * m.out_channels, *m.weight.shape[1:]),
                 G.reshape(1, n * m.out_channels, *self._output_size(x)), stride=m.stride,
                 padding=(pad[2], pad[0]), dilation=m.dilation, groups=n * groups)
             U = w.reshape(n, -1)
-            blocks = [U.shape[1]]
-            if mask[1]:
-                U = torch.cat([U, G.sum(3).reshape(n, -1)], dim=1)
-                blocks.append(groups * d_out)
-            return ExplicitRoute.build(U, blocks, settings.coordinates, generator)
+            return torch.cat([U, G.sum(3).reshape(n, -1)], dim=1) if mask[1] else U
         X = unfold_patches(x, m.kernel_size, m.stride, m.dilation, (pad[2], pad[0])).reshape(n, groups, -1, P)
-        return build_route(G, X if mask[0] else X[:, :, :0], mask[1], settings, generator)
+        return sketch.per_sample_grads(G, X, mask[1])
 
     def factor_sums(self, factors: Factors) -> Optional[Tuple[List[Tensor], Tensor]]:
-        """As :meth:`MatrixLayer.factor_sums`; an input kept as it is gives the weight's sum from the convolution's
-        weight-gradient kernel and each patch's norm from a convolution of the squared input with ones."""
+        """As :meth:`MatrixLayer.factor_sums`; an input kept as it is gives each patch's norm from a convolution of the
+        squared input with ones, and the sums from the convolution's weight-gradient kernel or, where the route will
+        be explicit ``U`` (:attr:`route_settings`, ``N·d`` under the explicit route's memory cap), from ``U``'s own rows,
+        built here once and kept on ``factors`` for the route."""
         if factors.input_side.dim() != 5:
             return super().factor_sums(factors)
         m, mask = self.module, factors.mask
@@ -116,11 +143,23 @@ class ConvLayer(MatrixLayer):
         n, groups, d_out, P = G.shape
         pad = m._reversed_padding_repeated_twice
         padding = (pad[2], pad[0])
-        parts = []
+        settings, blocks = self.route_settings, self._blocks(mask)
+        # (with fisher="mc" the factors checked are not those U is built from: nothing to reuse)
+        if (settings is not None and not self.sampled_fisher and self._explicit(n, P, mask, settings)
+                and n * sum(blocks) <= EXPLICIT_MAX_ELEMENTS):
+            J = self._explicit_rows(x, G, mask)
+            factors.per_sample = (G, J)
+            sums = J.sum(0).split(blocks)
+            parts = [sums[0].reshape(groups, d_out, -1)] + ([sums[1].reshape(groups, d_out)] if mask[1] else [])
+        else:
+            parts = []
+            if mask[0]:
+                w = torch.nn.grad.conv2d_weight(x, m.weight.shape, G.reshape(n, groups * d_out, *self._output_size(x)),
+                                                stride=m.stride, padding=padding, dilation=m.dilation, groups=groups)
+                parts.append(w.reshape(groups, d_out, -1))
+            if mask[1]:
+                parts.append(G.sum(dim=(0, 3)))
         if mask[0]:
-            w = torch.nn.grad.conv2d_weight(x, m.weight.shape, G.reshape(n, groups * d_out, *self._output_size(x)),
-                                            stride=m.stride, padding=padding, dilation=m.dilation, groups=groups)
-            parts.append(w.reshape(groups, d_out, -1))
             squares = x.square().reshape(n, groups, -1, *x.shape[2:]).sum(2)
             ones = squares.new_ones(groups, 1, *m.kernel_size)
             x_norm = F.conv2d(squares, ones, stride=m.stride, padding=padding, dilation=m.dilation,
@@ -128,7 +167,6 @@ class ConvLayer(MatrixLayer):
         else:
             x_norm = G.new_zeros(n, groups, P)
         if mask[1]:
-            parts.append(G.sum(dim=(0, 3)))
             x_norm = x_norm + 1
         # the squares summed by hand: vector_norm over a middle axis is an order of magnitude slower on a CPU
         return parts, (G.square().sum(2).sqrt() * x_norm.clamp_min(0).sqrt()).sum()

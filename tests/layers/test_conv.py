@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_seng import SENG, sketch
 from lightning_seng.layers.conv import unfold_patches
 from tests.layers._seng_run import DAMPING, seng_direction
 from tests.reference import layerwise_dense_directions, rel_err
@@ -117,3 +118,46 @@ def test_few_positions_for_many_channels_keep_the_patches(monkeypatch):
     x = torch.randn(5, 8, 4, 4, dtype=torch.float64)  # P = 16 < 2 * 12
     _assert_exact(nn.Conv2d(8, 12, 3, padding=1), x, route="explicit")
     assert 5 not in calls  # never with the samples as groups (the runtime identity's sum uses groups=1)
+
+
+@pytest.mark.parametrize("shape", [dict(channels=(2, 3), size=12), dict(channels=(8, 12), size=4)],
+                         ids=["weight-gradient-convolution", "patches"])
+def test_explicit_rows_are_built_once_for_the_identity_and_the_route(shape, monkeypatch):
+    """Where the route is explicit ``U``, the identity's ``Σ_n J_n`` is summed from ``U``'s own rows, built once a
+    refresh (the batch-sum convolution, groups=1, never runs) and taken over by the route: still exact."""
+    calls = []
+    real_conv, real_rows = torch.nn.grad.conv2d_weight, sketch.per_sample_grads
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(k["groups"]) or real_conv(*a, **k))
+    monkeypatch.setattr(sketch, "per_sample_grads",  # the conv's patches (P > 1), not the Linear head's
+                        lambda G, *a, **k: (G.shape[3] > 1 and calls.append("patches")) or real_rows(G, *a, **k))
+    c_in, c_out = shape["channels"]
+    x = torch.randn(5, c_in, shape["size"], shape["size"], dtype=torch.float64)
+    _assert_exact(nn.Conv2d(c_in, c_out, 3, padding=1), x, route="explicit")
+    assert calls == ([5] if shape["size"] == 12 else ["patches"])
+
+
+def _conv_directions(x, y, reuse: bool, loss_scale: float = 1.0, **kwargs):
+    torch.manual_seed(0)
+    model = _net(nn.Conv2d(3, 4, 3, padding=1), 4 * 36)
+    seng = SENG(model, damping=DAMPING, update_freq=1, route="explicit", **kwargs)
+    if not reuse:
+        for layer in seng.layers.values():
+            layer.route_settings = None
+    (F.cross_entropy(model(x), y) * loss_scale).backward()
+    for p in model.parameters():
+        p.grad /= loss_scale
+    seng.step(loss_scale=loss_scale)
+    assert seng.layers["0"].curvature.route.name == "explicit"
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("kwargs", [dict(curvature_samples=4, seed=3), dict(loss_scale=8.0)],
+                         ids=["curvature_samples", "loss_scale"])
+def test_explicit_rows_taken_over_follow_the_picked_samples_and_the_loss_scale(kwargs):
+    """The rows built for the identity pass through the choice of samples (times N/m) and the loss scale
+    exactly as the output gradients do: the direction equals the one from rows built afresh by the route."""
+    x, y = torch.randn(7, 3, 6, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    got = _conv_directions(x, y, True, **kwargs)
+    ref = _conv_directions(x, y, False, **kwargs)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-12
