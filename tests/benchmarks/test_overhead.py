@@ -83,3 +83,11 @@ def test_step_op_counts_cover_a_refresh_and_a_steady_step_between():
     assert counted["tensors"] == 4
     assert "cholesky_inverse.default" not in counted["between"]  # formed once, on the first step after the refresh
     assert sum(counted["refresh"].values()) > sum(counted["between"].values()) > 0
+
+
+def test_the_resnet_refresh_uses_the_paper_cifar_preset_as_written():
+    """The sketch timed by ``--resnet`` is the preset's (read from its YAML), so that the figure follows the recipe."""
+    from benchmarks.overhead import paper_cifar_settings
+
+    assert paper_cifar_settings() == dict(damping=2.0, route="threshold", column_sample_size=256, svd_rank=16,
+                                          implicit_threshold=700000)
