@@ -20,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import sketch
 from .base import Factors, Mask, MatrixLayer
 from .routes import EXPLICIT_MAX_ELEMENTS, ExplicitRoute, Route, RouteSettings, build_route, choose_route
+
+# Elements of patches unfolded at once for explicit per-sample gradients (4 MiB in float32): small enough to be
+# reused from the allocator's free memory rather than mapped afresh.
+PATCH_CHUNK_ELEMENTS = 1 << 20
 
 
 def unfold_patches(x: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
@@ -117,7 +120,7 @@ class ConvLayer(MatrixLayer):
         """``U``'s rows ``J_n`` ``(N, d)`` (weight block, then the bias block while trainable) of an input ``x``
         ``(N, c_in, H, W)`` kept as it is and output gradients ``G (N, groups, d_out, P)``: from the
         weight-gradient convolution with the samples as groups where the positions are many for the channels
-        (``P ≥ 2·max(c_in, c_out)/groups``), else from the patches and one batched product."""
+        (``P ≥ 2·max(c_in, c_out)/groups``), else from the patches, a few samples at a time, and batched products."""
         m = self.module
         n, groups, d_out, P = G.shape
         pad = m._reversed_padding_repeated_twice
@@ -128,8 +131,17 @@ class ConvLayer(MatrixLayer):
                 padding=(pad[2], pad[0]), dilation=m.dilation, groups=n * groups)
             U = w.reshape(n, -1)
             return torch.cat([U, G.sum(3).reshape(n, -1)], dim=1) if mask[1] else U
-        X = unfold_patches(x, m.kernel_size, m.stride, m.dilation, (pad[2], pad[0])).reshape(n, groups, -1, P)
-        return sketch.per_sample_grads(G, X, mask[1])
+        # the patches a few samples at a time, into U's rows: a whole batch's patches would be a fresh allocation of
+        # N·c_in·k·P elements every refresh, whose first touch costs a CPU more than these products
+        d_in = m.in_channels // groups * m.kernel_size[0] * m.kernel_size[1]
+        U = G.new_empty(n, groups * d_out * d_in)
+        rows = max(1, PATCH_CHUNK_ELEMENTS // (groups * d_in * P))
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            X = unfold_patches(x[start:stop], m.kernel_size, m.stride, m.dilation, (pad[2], pad[0]))
+            torch.bmm(G[start:stop].reshape(-1, d_out, P), X.reshape(-1, d_in, P).transpose(1, 2),
+                      out=U[start:stop].view(-1, d_out, d_in))
+        return torch.cat([U, G.sum(3).reshape(n, -1)], dim=1) if mask[1] else U
 
     def factor_sums(self, factors: Factors) -> Optional[Tuple[List[Tensor], Tensor]]:
         """As :meth:`MatrixLayer.factor_sums`; an input kept as it is gives each patch's norm from a convolution of the

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_seng import SENG, sketch
-from lightning_seng.layers.conv import unfold_patches
+from lightning_seng import SENG
+from lightning_seng.layers import conv as conv_module
+from lightning_seng.layers.conv import ConvLayer, unfold_patches
 from tests.layers._seng_run import DAMPING, seng_direction
 from tests.reference import layerwise_dense_directions, rel_err
 
@@ -125,15 +126,22 @@ def test_few_positions_for_many_channels_keep_the_patches(monkeypatch):
 def test_explicit_rows_are_built_once_for_the_identity_and_the_route(shape, monkeypatch):
     """Where the route is explicit ``U``, the identity's ``Σ_n J_n`` is summed from ``U``'s own rows, built once a
     refresh (the batch-sum convolution, groups=1, never runs) and taken over by the route: still exact."""
-    calls = []
-    real_conv, real_rows = torch.nn.grad.conv2d_weight, sketch.per_sample_grads
-    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(k["groups"]) or real_conv(*a, **k))
-    monkeypatch.setattr(sketch, "per_sample_grads",  # the conv's patches (P > 1), not the Linear head's
-                        lambda G, *a, **k: (G.shape[3] > 1 and calls.append("patches")) or real_rows(G, *a, **k))
+    convs, builds = [], []
+    real_conv, real_rows = torch.nn.grad.conv2d_weight, ConvLayer._explicit_rows
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: convs.append(k["groups"]) or real_conv(*a, **k))
+    monkeypatch.setattr(ConvLayer, "_explicit_rows", lambda *a: builds.append(1) or real_rows(*a))
     c_in, c_out = shape["channels"]
     x = torch.randn(5, c_in, shape["size"], shape["size"], dtype=torch.float64)
     _assert_exact(nn.Conv2d(c_in, c_out, 3, padding=1), x, route="explicit")
-    assert calls == ([5] if shape["size"] == 12 else ["patches"])
+    assert builds == [1] and convs == ([5] if shape["size"] == 12 else [])
+
+
+@pytest.mark.parametrize("groups, bias", [(1, True), (2, False), (2, True)])
+def test_patches_a_few_samples_at_a_time_give_the_per_sample_gradients(groups, bias, monkeypatch):
+    """The patches unfolded in chunks of samples (here of two) fill ``U``'s rows as the whole batch's would."""
+    monkeypatch.setattr(conv_module, "PATCH_CHUNK_ELEMENTS", 2 * 4 // groups * 9 * 16)
+    x = torch.randn(5, 4, 4, 4, dtype=torch.float64)
+    _assert_exact(nn.Conv2d(4, 6, 3, padding=1, groups=groups, bias=bias), x, route="explicit")
 
 
 def _conv_directions(x, y, reuse: bool, loss_scale: float = 1.0, **kwargs):
