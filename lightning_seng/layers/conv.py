@@ -9,7 +9,9 @@ patches) until the route is chosen (on the rank that owns the layer, for all its
 implicit routes unfold it then, with the padding; the explicit route, where the positions are many for the
 channels (``P ≥ 2·max(c_in, c_out)/groups``), takes the per-sample gradients from the convolution's own
 weight-gradient kernel with the samples as groups, which on a CPU is 2–8× faster there than patches and a
-batched product (and slower on few positions with many channels, where the patches stay).
+batched product (and slower on few positions with many channels, where the patches stay, unfolded a few samples
+at a time). Where the route will be explicit, those rows are built once, in the runtime identity check, whose
+``Σ_n J_n`` they give, and the route takes them over (``Factors.per_sample``).
 """
 
 from __future__ import annotations
