@@ -438,6 +438,7 @@ def main() -> None:
                         help="with --launch: also SENG(compile_step=True) (compiling takes about a minute)")
     parser.add_argument("--ops", action="store_true",
                         help="also count the aten ops of seng.step() (views excluded) on the models and a ResNet-50")
+    parser.add_argument("--ops-batch", type=int, default=4, help="with --ops: the ResNet-50's batch (32x32 inputs)")
     parser.add_argument("--peak", help=argparse.SUPPRESS)  # internal: one model's refresh peak, printed as JSON
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -495,8 +496,9 @@ def main() -> None:
 
         torch.manual_seed(0)
         resnet = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=10)
-        x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
-        print(_op_line("resnet50", count_step_ops(resnet, lambda: F.cross_entropy(resnet(x), y))), flush=True)
+        b = args.ops_batch
+        x, y = torch.rand(b, 3, 32, 32), torch.randint(0, 10, (b,))
+        print(_op_line(f"resnet50/{b}", count_step_ops(resnet, lambda: F.cross_entropy(resnet(x), y))), flush=True)
     if args.resnet:
         r = resnet_refresh(256, args.resnet_reps)
         for label, what in (("update_freq=1", "exact"), ("paper_cifar", "paper_cifar sketch")):

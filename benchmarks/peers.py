@@ -179,14 +179,20 @@ class KfacStepper(Stepper):
 
     def train_step(self, x, y) -> float:
         self.opt.zero_grad(set_to_none=True)
-        dummy_out = self.maker.setup_model_call(self.model, x)
-        self.maker.setup_loss_call(self.loss_fn, dummy_out, y)
-        with warnings.catch_warnings():
-            # asdl registers non-full backward hooks; torch warns about them on every call.
-            warnings.simplefilter("ignore", FutureWarning)
-            _, loss = self.maker.forward_and_backward()
+        loss = _asdl_forward_backward(self.maker, self.model, self.loss_fn, x, y)
         self.opt.step()
         return float(loss.detach())
+
+
+def _asdl_forward_backward(maker, model, loss_fn, x, y):
+    """Forward and backward through an asdl gradient maker (it runs them itself); the loss."""
+    dummy_out = maker.setup_model_call(model, x)
+    maker.setup_loss_call(loss_fn, dummy_out, y)
+    with warnings.catch_warnings():
+        # asdl registers non-full backward hooks; torch warns about them on every call.
+        warnings.simplefilter("ignore", FutureWarning)
+        _, loss = maker.forward_and_backward()
+    return loss
 
 
 class AsdlSengStepper(Stepper):
@@ -219,11 +225,7 @@ class AsdlSengStepper(Stepper):
 
     def train_step(self, x, y) -> float:
         self.opt.zero_grad(set_to_none=True)
-        dummy_out = self.maker.setup_model_call(self.model, x)
-        self.maker.setup_loss_call(self.loss_fn, dummy_out, y)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # asdl's non-full backward hooks
-            _, loss = self.maker.forward_and_backward()
+        loss = _asdl_forward_backward(self.maker, self.model, self.loss_fn, x, y)
         with torch.no_grad():
             for p in self.uncovered:
                 if p.grad is not None:
