@@ -162,8 +162,11 @@ PROBLEMS = {
     "seqmlp": Problem(lambda: TokenMLP(nn.Linear, nn.RMSNorm), (16, 64), "ce", 1 + 1 / 3, 1 + 1 / 12),
     "generic": Problem(lambda: TokenMLP(AddmmLinear, CustomRMSNorm), (16, 64), "ce", 1 + 1 / 3, 1 + 1 / 12),
 }
-TARGETS = {"exact": {"mlp": 1.35, "autoencoder": 1.35, "cnn": 1.1}, "update_freq=1": {"mlp": 1.6},
-           "samples=B/4": {name: 1.15 for name in ("mlp", "cnn", "autoencoder", "block")}}
+# Between refreshes on the Linear-only models (MLP, autoencoder): within FLOOR_MARGIN x SGD of the floor measured
+# in the same run (issue 19); elsewhere the fixed targets below.
+FLOOR_MARGIN = 0.10
+TARGETS = {"exact": {"cnn": 1.1}, "update_freq=1": {"mlp": 1.6},
+           "samples=B/4": {name: 1.15 for name in ("cnn", "block")}}
 
 
 @dataclass
@@ -280,11 +283,12 @@ def measure(name: str, batch: int, rounds: int, warmup: int) -> dict:
         k = r.seng.settings.update_freq
         refresh = statistics.median(r.refresh_times) / sgd if r.refresh_times else between
         kept = r.seng.kept_bytes()
+        floor = measured.get("floor B/4" if r.label == "samples=B/4" else "floor")
+        target = floor + FLOOR_MARGIN if floor is not None and r.label != "update_freq=1" else TARGETS[r.label].get(name)
         rows.append(dict(model=name, config=r.label, between=between, refresh=refresh,
                          amortised=(refresh + (k - 1) * between) / k,
                          floor=problem.floor_quarter if r.label == "samples=B/4" else problem.floor_full,
-                         measured=measured.get("floor B/4" if r.label == "samples=B/4" else "floor"),
-                         target=TARGETS[r.label].get(name), kept_mib=sum(kept.values()) / 2 ** 20,
+                         measured=floor, target=target, kept_mib=sum(kept.values()) / 2 ** 20,
                          routes=" ".join(f"{k[7:]}:{v}" for k, v in r.seng.stats.items()
                                          if k.startswith("layers/") and v)))
     steps = {r.label: statistics.median(r.times) / sgd for r in runners if r.label in ("update_freq=1", "unchecked", "mc")}
@@ -498,7 +502,10 @@ def main() -> None:
         resnet = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=10)
         b = args.ops_batch
         x, y = torch.rand(b, 3, 32, 32), torch.randint(0, 10, (b,))
-        print(_op_line(f"resnet50/{b}", count_step_ops(resnet, lambda: F.cross_entropy(resnet(x), y))), flush=True)
+        counted = count_step_ops(resnet, lambda: F.cross_entropy(resnet(x), y))
+        per = sum(counted["between"].values()) / counted["tensors"]
+        print(_op_line(f"resnet50/{b}", counted) + f"; target <= 3.00 per tensor between refreshes: "
+              f"{'ok' if per <= 3 else 'MISS'}", flush=True)
     if args.resnet:
         r = resnet_refresh(256, args.resnet_reps)
         for label, what in (("update_freq=1", "exact"), ("paper_cifar", "paper_cifar sketch")):
