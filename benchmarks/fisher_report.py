@@ -14,6 +14,13 @@ A variant that missed the target on some seed has no answer (``-``); where SGD o
 against the other bounds the answer from above (``<=``: no, when below 1.5).
 
     python benchmarks/fisher_report.py --fisher benchmarks/results/fisher/poly --peers benchmarks/results
+
+With ``--large-batch`` the two directories are ``benchmarks/large_batch.py`` runs at one target (``runs.csv``):
+per batch size, each SENG variant's median steps to target against SGD's, AdamW's and K-FAC's, and its median
+wall time to target against K-FAC's (``step_ms`` there is each run's own, timed in turn, not round-robin).
+
+    python benchmarks/fisher_report.py --large-batch --fisher benchmarks/results/fisher/large_batch_0.74 \
+        --peers benchmarks/results/large_batch
 """
 from __future__ import annotations
 
@@ -111,6 +118,49 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def large_batch(fisher: Path, peers: Path) -> str:
+    """The large-batch table: per batch size present in both runs and SENG variant, median steps to target (``-``
+    where a seed missed it), the peers' medians, min(SGD, AdamW) / SENG, and wall time against K-FAC's."""
+    import statistics
+
+    runs = [r for r in read(fisher / "runs.csv") if r["optimizer"] in VARIANTS]
+    runs += [r for r in read(peers / "runs.csv") if r["optimizer"] in PEERS]
+    by: dict = {}
+    for r in runs:
+        by.setdefault((int(r["batch_size"]), r["optimizer"]), []).append(r)
+
+    def median(key, column) -> float:
+        rows = by.get(key, [])
+        values = [number(r[column]) for r in rows]
+        return statistics.median(values) if rows and not any(math.isnan(v) for v in values) else math.nan
+
+    def cell(x: float, fmt: str = "g") -> str:
+        return "-" if math.isnan(x) else format(x, fmt)
+    lines = ["| batch | SENG | steps to target | SGD | AdamW | K-FAC | min(SGD, AdamW) / SENG | >= 1.5x | wall s | "
+             "K-FAC wall s | less wall than K-FAC |", "|" + "---|" * 11]
+    batches = sorted({b for b, name in by if name in VARIANTS} & {b for b, name in by if name in PEERS})
+    for b in batches:
+        for name, label in VARIANTS.items():
+            if (b, name) not in by:
+                continue
+            mine = median((b, name), "steps_to_target")
+            sgd, adamw, kfac = (median((b, p), "steps_to_target") for p in PEERS)
+            reached = [x for x in (sgd, adamw) if not math.isnan(x)]
+            ratio = min(reached) / mine if reached and not math.isnan(mine) else math.nan
+            if math.isnan(ratio):
+                yes, shown = "-", "-"
+            elif len(reached) < 2:
+                yes, shown = ("no" if ratio < 1.5 else "-"), f"<= {ratio:.2f}"
+            else:
+                yes, shown = ("yes" if ratio >= 1.5 else "no"), f"{ratio:.2f}"
+            wall, kwall = median((b, name), "wall_to_target_s"), median((b, "kfac"), "wall_to_target_s")
+            less = "-" if math.isnan(wall) else ("yes (K-FAC missed)" if math.isnan(kwall) else
+                                                  ("yes" if wall < kwall else "no"))
+            lines.append(f"| {b} | {label} | {cell(mine)} | {cell(sgd)} | {cell(adamw)} | {cell(kfac)} | {shown} | "
+                         f"{yes} | {cell(wall, '.2f')} | {cell(kwall, '.2f')} | {less} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fisher", type=Path, required=True, help="compare.py's out_dir with seng and seng_mc")
@@ -118,7 +168,13 @@ def main() -> None:
     parser.add_argument("--schedule", default="poly", help="the schedule both runs used (constant | cosine | poly)")
     parser.add_argument("--rounds", type=int, default=5, help="step_time.py's rounds")
     parser.add_argument("--no-timing", action="store_true", help="reuse DIR/all/step_time.csv")
+    parser.add_argument("--large-batch", action="store_true", help="the directories are large_batch.py runs")
     args = parser.parse_args()
+    if args.large_batch:
+        text = large_batch(args.fisher, args.peers)
+        (args.fisher / "fisher.md").write_text(text + "\n")
+        print(text)
+        return
     out = args.fisher / "all"
     rows = merge(args.fisher, args.peers, out)
     optimizers = sorted({r["optimizer"] for r in rows})
