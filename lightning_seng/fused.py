@@ -156,11 +156,12 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
     # (w')ᵀ per layer; a solve group no layer reached (every gradient missing) stays zero
     w = [torch.bmm(uj, inverse) if uj is not None else inverse.new_zeros(inverse.shape[0], 1, inverse.shape[1])
          for uj, inverse in zip(u, inverse_stacks)]
-    keep = (found == 0) if guard else None
+    keep = (found[0] == 0) if guard else None
     for members, stack, g, at, whole, j in zip(shape_groups, stacks, stacked, shape_rows, shape_whole, shape_solve):
         g.baddbmm_(w[j] if whole else w[j].index_select(0, at), stack, alpha=-1)
         if keep is not None:  # zeroed here, before it is copied back, where the gradient was not finite
-            _keep_bits_([g], keep)
+            bits = _BITS[g.element_size()]
+            g.view(bits).mul_(keep.to(bits))
         torch._foreach_copy_([rows[i] for i in members], g.unbind(0))
     for i, block, at, j in zip(large, large_blocks, large_rows, large_solve):
         rows[i].addmm_(w[j].index_select(0, at)[0], block, alpha=-1)
@@ -171,7 +172,7 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
             grads[wi].addmm_(left.T, right, alpha=-1)
         if bi >= 0:
             grads[bi].addmv_(G.T, wl, alpha=-1)
-    if keep is not None:
+    if keep is not None and unstacked:
         _keep_bits_([grads[i] for i in unstacked], keep)
     return found
 
@@ -183,16 +184,16 @@ def clear_nonfinite_(grads: List[Tensor], found: Tensor) -> None:
     """Every gradient zeroed where ``found`` is nonzero, left bit for bit as it is otherwise, on the device: the
     gradients' bits, seen as integers, times ``1 − found`` (one multi-tensor product per element size; integers
     have no NaN, and all-zero bits are +0.0)."""
-    _keep_bits_(grads, found == 0)
+    _keep_bits_(grads, found[0] == 0)
 
 
 def _keep_bits_(tensors: List[Tensor], keep: Tensor) -> None:
-    """``tensors`` times ``keep`` (a one-element bool tensor) bit for bit: their bits as integers times 1 or 0."""
+    """``tensors`` times ``keep`` (a 0-dim bool tensor) bit for bit: their bits as integers times 1 or 0."""
     by_size: Dict[int, List[Tensor]] = {}
     for t in tensors:
         by_size.setdefault(t.element_size(), []).append(t)
     for size, group in by_size.items():
-        torch._foreach_mul_([t.view(_BITS[size]) for t in group], keep[0].to(_BITS[size]))
+        torch._foreach_mul_([t.view(_BITS[size]) for t in group], keep.to(_BITS[size]))
 
 
 def _inverse(cur: Curvature, damping: float) -> Optional[Tensor]:

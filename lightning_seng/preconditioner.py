@@ -432,8 +432,7 @@ class SENG:
         self._nonfinite_steps = 0
         self._finite_flags: List[Tensor] = []  # between refreshes: whether each step's gradient was finite (see
         # _count_nonfinite)
-        self._walk: List[tuple] = []  # (prefix, module) of model.named_modules(), and ...
-        self._walk_key: Optional[tuple] = None  # ... the ids of their children when it was taken (_with_grad)
+        self._walk: List[tuple] = []  # model.named_modules() as _with_grad keeps it
         self._stats: Dict[str, Any] = {"skipped_refreshes": 0, "nonfinite_steps": 0}
         self._coverage_cached: tuple = (None, 0.0)  # (what the percentage depends on, the percentage)
         self._written_cached: tuple = (None, set())  # (ids of the parameters with a gradient, _written of them)
@@ -873,18 +872,23 @@ class SENG:
     def _with_grad(self) -> List[tuple]:
         """``(name, parameter)`` of every parameter with a gradient, as ``model.named_parameters()`` gives them (each
         shared parameter once, under its first name). The walk over the module tree is kept, and taken again
-        whenever a module's children are not the ones they were (a module added or put in place of another); the
-        parameters are read from each module afresh, so one put in place of another is seen at once."""
-        key = tuple(id(c) for _, m in self._walk for c in m._modules.values())
-        if key != self._walk_key or not self._walk:
-            self._walk = list(self.model.named_modules())
-            self._walk_key = tuple(id(c) for _, m in self._walk for c in m._modules.values())
+        whenever a module's children or its number of parameters are not what they were (a module or parameter
+        added, a module put in place of another); the parameters are read from each module afresh, so one put in
+        place of another is seen at once."""
+        walk = self._walk
+        if not walk or any(len(m._parameters) != count or tuple(m._modules.values()) != kids
+                           for m, count, kids, _ in walk):
+            walk = self._walk = [(m, len(m._parameters), tuple(m._modules.values()),
+                                  [(f"{prefix}.{k}" if prefix else k, k) for k in m._parameters])
+                                 for prefix, m in self.model.named_modules()]
         seen, out = set(), []
-        for prefix, m in self._walk:
-            for k, p in m._parameters.items():
+        for m, _, _, names in walk:
+            params = m._parameters
+            for name, k in names:
+                p = params[k]
                 if p is not None and p.grad is not None and id(p) not in seen:
                     seen.add(id(p))
-                    out.append((f"{prefix}.{k}" if prefix else k, p))
+                    out.append((name, p))
         return out
 
     def _without_curvature(self, name: str, layer: LayerCurvature) -> List[nn.Parameter]:
