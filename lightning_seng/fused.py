@@ -34,7 +34,7 @@ fused in one BLAS call, which moves float32 results by a few units in the last p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -76,10 +76,10 @@ class StepPlan:
     shape_solve: List[int]  # ... and that group
     large: List[int]  # the blocks applied one by one, ...
     large_blocks: List[Tensor]  # ... (N, d) each, ...
-    large_rows: List[Tensor]  # ... their layer's row (a one-element int64 tensor) ...
+    large_rows: List[int]  # ... their layer's row ...
     large_solve: List[int]  # ... in this solve group
     linears: List[Tuple[Tensor, Tensor, int, int]]  # (G (N, d_out), X (N, d_in), weight index or -1, bias or -1)
-    linear_rows: List[Tensor]  # the Linear layers' rows (one-element int64) ...
+    linear_rows: List[int]  # the Linear layers' rows ...
     linear_solve: List[int]  # ... in these solve groups
     inverse_stacks: List[Tensor]  # per solve group, (K + λI)^{-1} of its layers, (L, N, N)
     linear_inv_damping: List[Tensor]  # 1/λ per Linear layer, 0-dim (for a U g computed by the caller)
@@ -107,8 +107,8 @@ class StepPlan:
 
 def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[List[int]], stacks: List[Tensor],
                  shape_rows: List[Tensor], shape_whole: List[bool], shape_solve: List[int], large: List[int],
-                 large_blocks: List[Tensor], large_rows: List[Tensor], large_solve: List[int],
-                 linears: List[Tuple[Tensor, Tensor, int, int]], us: List[Optional[Tensor]], linear_rows: List[Tensor],
+                 large_blocks: List[Tensor], large_rows: List[int], large_solve: List[int],
+                 linears: List[Tuple[Tensor, Tensor, int, int]], us: List[Optional[Tensor]], linear_rows: List[int],
                  linear_solve: List[int], inverse_stacks: List[Tensor], linear_inv_damping: List[Tensor],
                  groups: List[List[int]], group_scales: List[Tensor], post: List[int], post_scales: List[Tensor],
                  unstacked: List[int], guard: bool = True) -> Tensor:
@@ -127,7 +127,8 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
     rows = [grads[i].view(1, -1) for i in block_grad]
     u: List[Optional[Tensor]] = [None] * len(inverse_stacks)  # (U g')ᵀ per layer, (L, 1, N) per solve group
 
-    def add(j: int, at: Tensor, whole: bool, part: Tensor) -> None:
+    def add(j: int, at: Union[Tensor, int], whole: bool, part: Tensor) -> None:
+        """``part`` into the rows ``at`` (an index tensor, or one row) of solve group ``j``, all of them if ``whole``."""
         if u[j] is None:
             if whole:
                 u[j] = part
@@ -136,6 +137,8 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
             u[j] = inverse.new_zeros(inverse.shape[0], 1, inverse.shape[1])
         if whole:
             u[j].add_(part)
+        elif isinstance(at, int):
+            u[j][at].add_(part)
         else:
             u[j].index_add_(0, at, part)
     stacked = []
@@ -146,13 +149,13 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
     if large:
         parts = torch.ops.aten._foreach_mm([rows[i] for i in large], [b.T for b in large_blocks])
         for part, at, j in zip(parts, large_rows, large_solve):
-            add(j, at, False, part.unsqueeze(0))
+            add(j, at, False, part)
     for (G, X, wi, bi), given, at, j, inv in zip(linears, us, linear_rows, linear_solve, linear_inv_damping):
         if given is None:
             given = sketch.linear_u_dot(G, X, None if wi < 0 else grads[wi], None if bi < 0 else grads[bi])
         else:  # U g from the unscaled gradient
             given = given * inv
-        add(j, at, False, given.view(1, 1, -1))
+        add(j, at, False, given.view(1, -1))
     # (w')ᵀ per layer; a solve group no layer reached (every gradient missing) stays zero
     w = [torch.bmm(uj, inverse) if uj is not None else inverse.new_zeros(inverse.shape[0], 1, inverse.shape[1])
          for uj, inverse in zip(u, inverse_stacks)]
@@ -164,9 +167,9 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
             g.view(bits).mul_(keep.to(bits))
         torch._foreach_copy_([rows[i] for i in members], g.unbind(0))
     for i, block, at, j in zip(large, large_blocks, large_rows, large_solve):
-        rows[i].addmm_(w[j].index_select(0, at)[0], block, alpha=-1)
+        rows[i].addmm_(w[j][at], block, alpha=-1)
     for (G, X, wi, bi), at, j in zip(linears, linear_rows, linear_solve):
-        wl = w[j].index_select(0, at).view(-1)
+        wl = w[j][at].view(-1)
         if wi >= 0:
             left, right = (G * wl[:, None], X) if G.shape[1] <= X.shape[1] else (G, X * wl[:, None])
             grads[wi].addmm_(left.T, right, alpha=-1)
@@ -304,9 +307,9 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
     sizes = [len(members) for members in by_n.values()]
     shape_whole = [[row_of[block_layer[i]] for i in members] == list(range(sizes[j]))
                    for members, j in zip(shape_groups, shape_solve)]
-    large_rows = [rows_tensor([block_layer[i]], blocks[i].device) for i in large]
+    large_rows = [row_of[block_layer[i]] for i in large]
     first = len(explicit)
-    linear_rows = [rows_tensor([first + k], G.device) for k, (G, *_) in enumerate(linears)]
+    linear_rows = [row_of[first + k] for k in range(len(linears))]
     linear_inv_damping = [torch.tensor(1.0 / lam, dtype=inverse.dtype, device=inverse.device)
                           for _, _, _, lam, inverse in linear]
     params += without
