@@ -14,6 +14,7 @@ from benchmarks.lm_data import (file_hash, load_splits, random_windows, read_spl
                                 stdlib_root, tiled_windows)
 from benchmarks.lm_model import ByteLM, bits_per_byte, lm_loss
 from benchmarks.peers import missing_reason
+from benchmarks.report import LABELS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,7 +106,8 @@ def test_every_arm_runs_its_quick_path_and_writes_a_json_per_run(tmp_path, capsy
     run = json.loads((tmp_path / "runs" / "sgd_final0.json").read_text())
     assert run["steps"] == [0, 2, 4] and len(run["val_bpb"]) == 3
     table = (tmp_path / "lm.md").read_text()
-    assert "| SENG (asdl) |" in table and "× SGD step" in table
+    assert "× SGD step" in table
+    assert all(f"| {LABELS[n]} |" in table for n in names), table  # every arm that can run here (asdl: `bench`)
     # a second run reads every finished run back instead of training it again
     capsys.readouterr()
     again = lm.run(cfg)
