@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.modules import Conv1D, RMSNorm
@@ -61,3 +62,35 @@ def make_batch(n: int, seed: int = 1) -> Tuple[Tensor, Tensor]:
 
 def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def local_mode_reference(model: nn.Module, sengs: list, replicas: list, x: Tensor, y: Tensor, parts: list,
+                         steps: int, lr: float, before_step=None) -> list:
+    """``local`` mode built without any communication: per step, one single-process SENG per rank's batch (on
+    ``replicas`` of ``model``, batch slices ``parts``), each fed the global-batch gradient; the directions averaged
+    and the weights moved along them by ``lr``. Returns the averaged direction of each step (``before_step(k)`` is
+    called first)."""
+    total = sum(part.stop - part.start for part in parts)
+    out = []
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        grads = []
+        for m, part in zip(replicas, parts):
+            m.load_state_dict(model.state_dict())
+            m.zero_grad()
+            F.cross_entropy(m(x[part]), y[part]).backward()
+            grads.append([p.grad.clone() * (part.stop - part.start) / total for p in m.parameters()])
+        g = [sum(gs) for gs in zip(*grads)]
+        directions = []
+        for m, seng in zip(replicas, sengs):
+            for p, gp in zip(m.parameters(), g):
+                p.grad.copy_(gp)
+            seng.step()
+            directions.append([p.grad.clone() for p in m.parameters()])
+        d = [sum(ds) / len(parts) for ds in zip(*directions)]
+        out.append(d)
+        with torch.no_grad():
+            for p, dp in zip(model.parameters(), d):
+                p.sub_(lr * dp)
+    return out

@@ -13,7 +13,7 @@ from lightning_seng import SENG
 from lightning_seng.distributed import LocalComm
 
 from .dist_harness import run_on_ranks
-from .nets import make_batch, make_net, rel_err
+from .nets import local_mode_reference, make_batch, make_net, rel_err
 
 SIZES = (5, 3)
 STEPS = 3             # refresh, reuse of the stored curvature, refresh
@@ -33,27 +33,7 @@ def _reference(x, y):
     model = make_net()
     replicas = [copy.deepcopy(model) for _ in SIZES]
     sengs = [SENG(m, damping=DAMPING, update_freq=UPDATE_FREQ) for m in replicas]
-    out = []
-    for _ in range(STEPS):
-        grads = []
-        for m, part in zip(replicas, _local_slices()):
-            m.load_state_dict(model.state_dict())
-            m.zero_grad()
-            F.cross_entropy(m(x[part]), y[part]).backward()
-            grads.append([p.grad.clone() * (part.stop - part.start) / sum(SIZES) for p in m.parameters()])
-        g = [sum(gs) for gs in zip(*grads)]
-        directions = []
-        for m, seng in zip(replicas, sengs):
-            for p, gp in zip(m.parameters(), g):
-                p.grad.copy_(gp)
-            seng.step()
-            directions.append([p.grad.clone() for p in m.parameters()])
-        d = [sum(ds) / len(SIZES) for ds in zip(*directions)]
-        out.append(d)
-        with torch.no_grad():
-            for p, dp in zip(model.parameters(), d):
-                p.sub_(LR * dp)
-    return out
+    return local_mode_reference(model, sengs, replicas, x, y, _local_slices(), STEPS, LR)
 
 
 def _distributed(x, y, rank):

@@ -14,7 +14,7 @@ from lightning_seng import SENG
 from lightning_seng.distributed import GlobalComm, LocalComm
 
 from .dist_harness import run_on_ranks
-from .nets import make_batch, make_net, rel_err
+from .nets import local_mode_reference, make_batch, make_net, rel_err
 
 SIZES = (5, 3)
 STEPS = 3             # refresh, reuse of the stored curvature, refresh
@@ -95,27 +95,11 @@ def _local_equals_mean_of_single_process(rank, world_size):
         table = torch.stack([d if d is not None else torch.zeros(SIZES[r], dtype=torch.long) for d in everyone[r]])
         sengs.append(SENG(m, damping=DAMPING, update_freq=UPDATE_FREQ, fisher="mc",
                           likelihood=_fixed_targets(lambda: step_now["k"], table, slice(None))))
-    for step in range(STEPS):
-        step_now["k"] = step
-        grads = []
-        for m, part in zip(replicas, parts):
-            m.load_state_dict(model.state_dict())
-            m.zero_grad()
-            F.cross_entropy(m(x[part]), y[part]).backward()
-            grads.append([p.grad.clone() * (part.stop - part.start) / sum(SIZES) for p in m.parameters()])
-        g = [sum(gs) for gs in zip(*grads)]
-        directions = []
-        for m, seng in zip(replicas, sengs):
-            for p, gp in zip(m.parameters(), g):
-                p.grad.copy_(gp)
-            seng.step()
-            directions.append([p.grad.clone() for p in m.parameters()])
-        want = [sum(ds) / len(SIZES) for ds in zip(*directions)]
+    wants = local_mode_reference(model, sengs, replicas, x, y, parts, STEPS, LR,
+                                 before_step=lambda k: step_now.update(k=k))
+    for step, want in enumerate(wants):
         for gp, wp in zip(got[step], want):
             assert rel_err(gp, wp) < 1e-10, (step, rel_err(gp, wp))
-        with torch.no_grad():
-            for p, dp in zip(model.parameters(), want):
-                p.sub_(LR * dp)
 
 
 def test_local_mode_with_sampled_targets_equals_the_mean_of_per_rank_directions():
