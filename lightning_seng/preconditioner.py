@@ -872,13 +872,13 @@ class SENG:
     def _with_grad(self) -> List[tuple]:
         """``(name, parameter)`` of every parameter with a gradient, as ``model.named_parameters()`` gives them (each
         shared parameter once, under its first name). The walk over the module tree is kept, and taken again
-        whenever a module's children or its number of parameters are not what they were (a module or parameter
-        added, a module put in place of another); the parameters are read from each module afresh, so one put in
-        place of another is seen at once."""
+        whenever a module's children or the names of its parameters are not what they were (a module or parameter
+        added or deleted, a module put in place of another); the parameters are read from each module afresh, so
+        one put in place of another is seen at once."""
         walk = self._walk
-        if not walk or any(len(m._parameters) != count or tuple(m._modules.values()) != kids
-                           for m, count, kids, _ in walk):
-            walk = self._walk = [(m, len(m._parameters), tuple(m._modules.values()),
+        if not walk or any(tuple(m._parameters) != keys or tuple(m._modules.values()) != kids
+                           for m, keys, kids, _ in walk):
+            walk = self._walk = [(m, tuple(m._parameters), tuple(m._modules.values()),
                                   [(f"{prefix}.{k}" if prefix else k, k) for k in m._parameters])
                                  for prefix, m in self.model.named_modules()]
         seen, out = set(), []

@@ -236,3 +236,26 @@ def test_the_parameters_with_a_gradient_are_named_parameters_after_any_change_to
     check()
     model.extra = nn.Parameter(torch.ones(()))  # a parameter of the root (no gradient: not listed)
     check()
+
+
+def test_a_parameter_deleted_and_another_added_in_one_module_is_seen():
+    class Scales(nn.Module):  # multiplies by each of its parameters, whatever their names
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            for p in self._parameters.values():
+                x = x * p
+            return x
+
+    model = nn.Sequential(nn.Linear(3, 3), Scales())
+    seng = SENG(model, log_coverage=False)
+    model(torch.randn(4, 3)).sum().backward()
+    seng._with_grad()
+    del model[1].b  # the same number of parameters in that module, under another name
+    model[1].c = nn.Parameter(torch.ones(3))
+    model.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    want = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    assert [n for n, _ in seng._with_grad()] == [n for n, _ in want]
