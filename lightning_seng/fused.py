@@ -169,12 +169,9 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
     for i, block, at, j in zip(large, large_blocks, large_rows, large_solve):
         rows[i].addmm_(w[j][at], block, alpha=-1)
     for (G, X, wi, bi), at, j in zip(linears, linear_rows, linear_solve):
-        wl = w[j][at].view(-1)
-        if wi >= 0:
-            left, right = (G * wl[:, None], X) if G.shape[1] <= X.shape[1] else (G, X * wl[:, None])
-            grads[wi].addmm_(left.T, right, alpha=-1)
-        if bi >= 0:
-            grads[bi].addmv_(G.T, wl, alpha=-1)
+        # g' − Uᵀw': the per-layer path's in-place apply with λ = 1 (g' and w' already carry 1/λ)
+        sketch.linear_apply(G, X, w[j][at].view(-1), None if wi < 0 else grads[wi], None if bi < 0 else grads[bi],
+                            1.0, inplace=True)
     if keep is not None and unstacked:
         _keep_bits_([grads[i] for i in unstacked], keep)
     return found

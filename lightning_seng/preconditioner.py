@@ -917,10 +917,7 @@ class SENG:
             return
         finite = None if checked else self._finite(grads)
         for name, layer in self.layers.items():
-            if not layer.direction_(damping):
-                for p in self._without_curvature(name, layer):
-                    if p.grad is not None:
-                        p.grad.div_(1.0 + damping)
+            self._direction_(name, layer, damping)
         others = self._other_grads(with_grad)
         if others:
             torch._foreach_div_([p.grad for p in others], 1.0 + damping)
@@ -929,6 +926,13 @@ class SENG:
             for g in grads:
                 g.nan_to_num_(0.0, 0.0, 0.0)
             self._finite_flags.append(finite)
+
+    def _direction_(self, name: str, layer: LayerCurvature, damping: float) -> None:
+        """The layer's direction written into its ``.grad``; ``g / (1 + λ)`` where it has no usable curvature."""
+        if not layer.direction_(damping):
+            for p in self._without_curvature(name, layer):
+                if p.grad is not None:
+                    p.grad.div_(1.0 + damping)
 
     def _step_plan(self, with_grad: List[tuple], damping: float) -> Optional[fused.StepPlan]:
         """The fused step's plan for this step: kept while the curvatures, the damping, the trainable parameters
@@ -943,13 +947,12 @@ class SENG:
         usable, without = [], []
         for name, layer in self.layers.items():
             cur = layer.curvature
-            if (cur is None or layer.trainable() != cur.mask or layer.falls_back_whole()
-                    or any(p.grad is None for p in layer.trainable_params(cur.mask))):
-                if layer.falls_back_whole() or cur is None or layer.trainable() != cur.mask:
-                    without += [p for p in self._without_curvature(name, layer) if p.grad is not None]
-                    continue
+            if cur is None or layer.trainable() != cur.mask or layer.falls_back_whole():
+                without += [p for p in self._without_curvature(name, layer) if p.grad is not None]
+            elif any(p.grad is None for p in layer.trainable_params(cur.mask)):
                 return None  # a gradient missing: the per-layer path decides
-            usable.append((name, layer))
+            else:
+                usable.append((name, layer))
         without += self._other_grads(with_grad)
         plan = fused.build_plan(usable, without, damping, 1.0 + damping)
         if plan is not None:
@@ -970,10 +973,7 @@ class SENG:
         guard = not plan.rest  # else after the rest have written theirs
         found = self._run_plan(*plan.arguments(grads, us), guard=guard)
         for name, layer in plan.rest:
-            if not layer.direction_(damping):
-                for p in self._without_curvature(name, layer):
-                    if p.grad is not None:
-                        p.grad.div_(1.0 + damping)
+            self._direction_(name, layer, damping)
         if not guard:
             fused.clear_nonfinite_(grads, found)
         self._finite_flags.append(found)
