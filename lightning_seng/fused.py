@@ -156,9 +156,8 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
         else:  # U g from the unscaled gradient
             given = given * inv
         add(j, at, False, given.view(1, -1))
-    # (w')ᵀ per layer; a solve group no layer reached (every gradient missing) stays zero
-    w = [torch.bmm(uj, inverse) if uj is not None else inverse.new_zeros(inverse.shape[0], 1, inverse.shape[1])
-         for uj, inverse in zip(u, inverse_stacks)]
+    # (w')ᵀ per layer (every solve group has a layer, and every plan layer a block or a Linear entry: u is full)
+    w = [torch.bmm(uj, inverse) for uj, inverse in zip(u, inverse_stacks)]
     keep = (found[0] == 0) if guard else None
     for members, stack, g, at, whole, j in zip(shape_groups, stacks, stacked, shape_rows, shape_whole, shape_solve):
         g.baddbmm_(w[j] if whole else w[j].index_select(0, at), stack, alpha=-1)
