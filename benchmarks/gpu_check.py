@@ -24,7 +24,8 @@ Then, on steps between refreshes that are not the first after a refresh, each co
   (``scaler.step(opt)`` under fp16: it includes the scaler's check), under a ``TorchDispatchMode``;
 - ``CUDA kernels``: the kernels ``torch.profiler`` records on the GPU during ``seng.step()`` and during SGD's
   optimizer step (memcpy and memset not counted; in the JSON beside them);
-- ``host reads``: ``aten._local_scalar_dense`` calls in ``seng.step()`` (every ``.item()``, ``bool(tensor)``);
+- ``host reads``: ``aten._local_scalar_dense`` calls in ``seng.step()`` (every ``.item()``, ``bool(tensor)``;
+  on the CPU one by design: the step reads its non-finite flag there, ``lightning_seng.fused.HOST_READ_DEVICES``);
 - ``CUDA syncs``: synchronising CUDA calls in ``seng.step()``, as ``torch.cuda.set_sync_debug_mode("warn")``
   reports them (one warning each);
 - ``kept MiB``: ``sum(seng.kept_bytes().values())`` after the timing;

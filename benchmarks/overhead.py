@@ -60,7 +60,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.opcount import OpCounter  # noqa: E402
 from benchmarks.problems import _autoencoder  # noqa: E402
-from lightning_seng import SENG  # noqa: E402
+from lightning_seng import SENG, fused  # noqa: E402
 
 
 class Block(nn.Module):
@@ -404,15 +404,21 @@ def launch_bound(rounds: int, layers: int = 8, width: int = 64, batch: int = 5, 
 def count_step_ops(model: nn.Module, loss_of: Callable[[], torch.Tensor], update_freq: int = 10) -> dict:
     """Aten ops of ``seng.step()`` on a refresh step and on a step between refreshes (the second after it: the first
     forms each layer's ``(K + λI)^{-1}`` once), by name, after ``loss_of().backward()``, with the parameter tensors'
-    count: ``{"tensors": P, "refresh": Counter, "between": Counter}``; ``update_freq`` > 2."""
+    count: ``{"tensors": P, "refresh": Counter, "between": Counter}``; ``update_freq`` > 2. Counted on the path a
+    GPU takes: the non-finite guard on the device (on the CPU the step reads its flag instead and skips the guard's
+    operations, :data:`lightning_seng.fused.HOST_READ_DEVICES`)."""
     seng = SENG(model, damping=0.5, update_freq=update_freq, stats_every=50)
     out = {"tensors": sum(1 for p in model.parameters() if p.requires_grad)}
-    for label in ("refresh", "first", "between"):
-        model.zero_grad(set_to_none=True)
-        loss_of().backward()
-        with OpCounter() as counter:
-            seng.step()
-        out[label] = counter.counts
+    host, fused.HOST_READ_DEVICES = fused.HOST_READ_DEVICES, ()
+    try:
+        for label in ("refresh", "first", "between"):
+            model.zero_grad(set_to_none=True)
+            loss_of().backward()
+            with OpCounter() as counter:
+                seng.step()
+            out[label] = counter.counts
+    finally:
+        fused.HOST_READ_DEVICES = host
     del out["first"]
     seng.remove()
     return out

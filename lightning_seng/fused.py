@@ -34,7 +34,7 @@ fused in one BLAS call, which moves float32 results by a few units in the last p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,12 @@ from .layers.routes import ExplicitRoute, GramRoute
 # gradient once). A plain Linear Gram route whose U is that small is applied as an explicit one between refreshes
 # (U built once from G and X for the plan).
 SMALL_U = 1 << 18
+
+# Devices whose tensors live in host memory: reading the non-finite flag there waits for no queued work, so the
+# eager step reads it and zeroes the gradients only when it is set, instead of a pass over every gradient on every
+# step (about 0.1 ms, 2 % of SGD's step, on the autoencoder of ``benchmarks/overhead.py``). On any other device the
+# guard stays on the device (no host read: CUDA graphs, no stall of the launch queue).
+HOST_READ_DEVICES = ("cpu",)
 
 
 @dataclass
@@ -81,6 +87,8 @@ class StepPlan:
     linears: List[Tuple[Tensor, Tensor, int, int]]  # (G (N, d_out), X (N, d_in), weight index or -1, bias or -1)
     linear_rows: List[int]  # the Linear layers' rows ...
     linear_solve: List[int]  # ... in these solve groups
+    single_rows: List[Tensor]  # per solve group, the rows of its large blocks then its Linear layers (int64), ...
+    single_whole: List[bool]  # ... those rows being the whole group in order (no stacked block in it)
     inverse_stacks: List[Tensor]  # per solve group, (K + λI)^{-1} of its layers, (L, N, N)
     linear_inv_damping: List[Tensor]  # 1/λ per Linear layer, 0-dim (for a U g computed by the caller)
     groups: List[List[int]]  # indices in params + rest_params by device, dtype and scale: one check each, ...
@@ -92,8 +100,12 @@ class StepPlan:
     rest: List[Tuple[str, LayerCurvature]]  # the other layers with curvature: their own path
     rest_params: List[nn.Parameter]  # their parameters with a gradient: checked and guarded with the others
     built_bytes: int = 0  # what the plan holds besides the curvatures' own tensors (stacks, U built from G and X)
+    host_readable: bool = False  # every gradient on a device in :data:`HOST_READ_DEVICES`
     key: tuple = ()
     curvatures: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.linear_layers: List[LinearLayer] = [layer for _, layer in self.layers[len(self.layers) - len(self.linears):]]
 
     def arguments(self, grads: List[Tensor], us: Optional[List[Optional[Tensor]]] = None) -> tuple:
         """The arguments of :func:`step_tensors` for these gradients (``us``: Linear layers' ``U g`` computed
@@ -101,15 +113,16 @@ class StepPlan:
         us = [None] * len(self.linears) if us is None else us
         return (grads, self.block_grad, self.shape_groups, self.stacks, self.shape_rows, self.shape_whole,
                 self.shape_solve, self.large, self.large_blocks, self.large_rows, self.large_solve, self.linears, us,
-                self.linear_rows, self.linear_solve, self.inverse_stacks, self.linear_inv_damping, self.groups,
-                self.group_scales, self.post, self.post_scales, self.unstacked)
+                self.linear_rows, self.linear_solve, self.single_rows, self.single_whole, self.inverse_stacks,
+                self.linear_inv_damping, self.groups, self.group_scales, self.post, self.post_scales, self.unstacked)
 
 
 def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[List[int]], stacks: List[Tensor],
                  shape_rows: List[Tensor], shape_whole: List[bool], shape_solve: List[int], large: List[int],
                  large_blocks: List[Tensor], large_rows: List[int], large_solve: List[int],
                  linears: List[Tuple[Tensor, Tensor, int, int]], us: List[Optional[Tensor]], linear_rows: List[int],
-                 linear_solve: List[int], inverse_stacks: List[Tensor], linear_inv_damping: List[Tensor],
+                 linear_solve: List[int], single_rows: List[Tensor], single_whole: List[bool],
+                 inverse_stacks: List[Tensor], linear_inv_damping: List[Tensor],
                  groups: List[List[int]], group_scales: List[Tensor], post: List[int], post_scales: List[Tensor],
                  unstacked: List[int], guard: bool = True) -> Tensor:
     """Write the directions of a :class:`StepPlan` into ``grads`` (its parameters' gradients, in its order);
@@ -126,36 +139,41 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
         torch._foreach_mul_([grads[i] for i in post], post_scales)
     rows = [grads[i].view(1, -1) for i in block_grad]
     u: List[Optional[Tensor]] = [None] * len(inverse_stacks)  # (U g')ᵀ per layer, (L, 1, N) per solve group
-
-    def add(j: int, at: Union[Tensor, int], whole: bool, part: Tensor) -> None:
-        """``part`` into the rows ``at`` (an index tensor, or one row) of solve group ``j``, all of them if ``whole``."""
-        if u[j] is None:
-            if whole:
-                u[j] = part
-                return
-            inverse = inverse_stacks[j]
-            u[j] = inverse.new_zeros(inverse.shape[0], 1, inverse.shape[1])
-        if whole:
-            u[j].add_(part)
-        elif isinstance(at, int):
-            u[j][at].add_(part)
-        else:
-            u[j].index_add_(0, at, part)
     stacked = []
     for members, stack, at, whole, j in zip(shape_groups, stacks, shape_rows, shape_whole, shape_solve):
         g = torch.stack([rows[i] for i in members])  # (L, 1, d)
         stacked.append(g)
-        add(j, at, whole, torch.bmm(g, stack.transpose(1, 2)))
+        part = torch.bmm(g, stack.transpose(1, 2))
+        if u[j] is None and whole:
+            u[j] = part
+        elif whole:
+            u[j].add_(part)
+        else:
+            if u[j] is None:
+                inverse = inverse_stacks[j]
+                u[j] = inverse.new_zeros(inverse.shape[0], 1, inverse.shape[1])
+            u[j].index_add_(0, at, part)
+    singles: List[List[Tensor]] = [[] for _ in inverse_stacks]  # per solve group, (N,) each, in single_rows' order
     if large:
-        parts = torch.ops.aten._foreach_mm([rows[i] for i in large], [b.T for b in large_blocks])
-        for part, at, j in zip(parts, large_rows, large_solve):
-            add(j, at, False, part)
-    for (G, X, wi, bi), given, at, j, inv in zip(linears, us, linear_rows, linear_solve, linear_inv_damping):
+        for part, j in zip(torch.ops.aten._foreach_mm([rows[i] for i in large], [b.T for b in large_blocks]),
+                           large_solve):
+            singles[j].append(part.view(-1))
+    for (G, X, wi, bi), given, j, inv in zip(linears, us, linear_solve, linear_inv_damping):
         if given is None:
             given = sketch.linear_u_dot(G, X, None if wi < 0 else grads[wi], None if bi < 0 else grads[bi])
         else:  # U g from the unscaled gradient
             given = given * inv
-        add(j, at, False, given.view(1, -1))
+        singles[j].append(given)
+    for j, parts in enumerate(singles):
+        if parts:
+            part = torch.stack(parts).unsqueeze(1)
+            if u[j] is None and single_whole[j]:
+                u[j] = part
+            else:
+                if u[j] is None:
+                    inverse = inverse_stacks[j]
+                    u[j] = inverse.new_zeros(inverse.shape[0], 1, inverse.shape[1])
+                u[j].index_add_(0, single_rows[j], part)
     # (w')ᵀ per layer (every solve group has a layer, and every plan layer a block or a Linear entry: u is full)
     w = [torch.bmm(uj, inverse) for uj, inverse in zip(u, inverse_stacks)]
     keep = (found[0] == 0) if guard else None
@@ -167,9 +185,12 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
         torch._foreach_copy_([rows[i] for i in members], g.unbind(0))
     for i, block, at, j in zip(large, large_blocks, large_rows, large_solve):
         rows[i].addmm_(w[j][at], block, alpha=-1)
+    w_rows: Dict[int, Sequence[Tensor]] = {}  # per solve group with Linear layers: (w')ᵀ's rows, (N,) each
     for (G, X, wi, bi), at, j in zip(linears, linear_rows, linear_solve):
+        if j not in w_rows:
+            w_rows[j] = w[j].view(w[j].shape[0], -1).unbind(0)
         # g' − Uᵀw': the per-layer path's in-place apply with λ = 1 (g' and w' already carry 1/λ)
-        sketch.linear_apply(G, X, w[j][at].view(-1), None if wi < 0 else grads[wi], None if bi < 0 else grads[bi],
+        sketch.linear_apply(G, X, w_rows[j][at], None if wi < 0 else grads[wi], None if bi < 0 else grads[bi],
                             1.0, inplace=True)
     if keep is not None and unstacked:
         _keep_bits_([grads[i] for i in unstacked], keep)
@@ -289,13 +310,12 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
         return torch.tensor([row_of[k] for k in layer_ids], dtype=torch.long, device=device)
 
     by_shape: Dict[tuple, List[int]] = {}
-    large = []
     for i, b in enumerate(blocks):
-        if b.numel() <= SMALL_U:
-            by_shape.setdefault((tuple(b.shape), b.dtype, b.device, solve_of[block_layer[i]]), []).append(i)
-        else:
-            large.append(i)
-    shape_groups = list(by_shape.values())
+        key = (tuple(b.shape), b.dtype, b.device, solve_of[block_layer[i]]) if b.numel() <= SMALL_U else i
+        by_shape.setdefault(key, []).append(i)
+    # a block alone in its shape gains nothing from a stack: one by one, with the large ones
+    shape_groups = [members for key, members in by_shape.items() if isinstance(key, tuple) and len(members) > 1]
+    large = sorted(members[0] for key, members in by_shape.items() if not isinstance(key, tuple) or len(members) == 1)
     stacks = [torch.stack([blocks[i] for i in members]) for members in shape_groups]
     built += sum(t.numel() * t.element_size() for t in stacks)
     shape_rows = [rows_tensor([block_layer[i] for i in members], blocks[members[0]].device) for members in shape_groups]
@@ -306,8 +326,15 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
     large_rows = [row_of[block_layer[i]] for i in large]
     first = len(explicit)
     linear_rows = [row_of[first + k] for k in range(len(linears))]
+    linear_solve = [solve_of[first + k] for k in range(len(linears))]
     linear_inv_damping = [torch.tensor(1.0 / lam, dtype=inverse.dtype, device=inverse.device)
                           for _, _, _, lam, inverse in linear]
+    single_rows, single_whole = [], []  # per solve group: its large blocks' rows, then its Linear layers'
+    for j, size in enumerate(sizes):
+        at = ([row_of[block_layer[i]] for i in large if solve_of[block_layer[i]] == j]
+              + [row for row, solve in zip(linear_rows, linear_solve) if solve == j])
+        single_rows.append(torch.tensor(at, dtype=torch.long, device=inverse_stacks[j].device))
+        single_whole.append(at == list(range(size)))
     params += without
     scales += [1.0 / one_plus] * len(without)
     rest_params = [p for _, layer in rest for p in layer.trainable_params(layer.curvature.mask) if p.grad is not None]
@@ -323,11 +350,12 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
     group_scales = [torch.full((1,), scale, dtype=torch.float32, device=device) for device, _, scale in by_key]
     in_stacks = {block_grad[i] for members in shape_groups for i in members}
     unstacked = [i for i in range(len(params) + len(rest_params)) if i not in in_stacks]
+    host = all(p.device.type in HOST_READ_DEVICES for p in params + rest_params)
     return StepPlan(params, block_grad, shape_groups, stacks, shape_rows, shape_whole, shape_solve, large,
                     [blocks[i] for i in large], large_rows, [solve_of[block_layer[i]] for i in large], linears,
-                    linear_rows, [solve_of[first + k] for k in range(len(linears))], inverse_stacks,
-                    linear_inv_damping, list(by_key.values()), group_scales, post, post_scales, unstacked,
-                    [(n, layer) for n, layer, *_ in explicit + linear], rest, rest_params, built)
+                    linear_rows, linear_solve, single_rows, single_whole,
+                    inverse_stacks, linear_inv_damping, list(by_key.values()), group_scales, post, post_scales, unstacked,
+                    [(n, layer) for n, layer, *_ in explicit + linear], rest, rest_params, built, host)
 
 
 def _explicit_blocks(route: ExplicitRoute) -> List[Tensor]:

@@ -73,7 +73,8 @@ class _LiveHook:
 
 
 class ForwardHook(_LiveHook):
-    """Forward hook (with kwargs) on a layer's module: capture on refresh steps, observe on every step."""
+    """Forward hook (with kwargs) on a layer's module: capture on refresh steps, observe on every step while a
+    layer may be watched (``SENG._observing``); between refreshes with nothing to watch it returns at once."""
 
     __slots__ = ("seng", "layer")
 
@@ -83,7 +84,7 @@ class ForwardHook(_LiveHook):
     @torch._dynamo.disable
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         seng = self.seng()
-        if seng is not None:
+        if seng is not None and (seng._observing or seng.will_refresh):
             seng._forward(self.layer, args, kwargs, output)
 
 

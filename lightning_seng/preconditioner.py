@@ -422,6 +422,9 @@ class SENG:
         weakref.finalize(self, remove_handles, self._handles)
         # U g' from the layer's own batch (layers/linear.py) needs .grad to be that batch's: not under DDP
         self._observe = checked["batch_shortcut"] and type(self.comm) is Communicator
+        # whether a forward between refreshes may be observed (some layer watchable: until the first step, any);
+        # else the layers' forward hooks return at once on those steps
+        self._observing = self._observe
         self._loss_weights: Optional[List[float]] = None  # how the observed loss weighs each sample (observe_loss)
         self._in_step = False
         self.comm.setup(self.layers, self)
@@ -728,6 +731,7 @@ class SENG:
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, numbers.Real) or not 0 < loss_scale < math.inf:
             raise ValueError(f"loss_scale must be a finite number > 0 (got {loss_scale!r})")
         self._in_step = True
+        refresh = self.will_refresh
         try:
             schedule = self.damping_schedule
             if isinstance(schedule, LevenbergMarquardt) and schedule.due(self.step_count):
@@ -739,9 +743,13 @@ class SENG:
         finally:
             self._in_step = False
             self._sampled.edges = []  # the graph's nodes: not held past the step
-            for layer in self.layers.values():
-                layer.release()
-                layer.watch.stop()
+            # between refreshes with no layer observed, no layer kept anything of this step (the hooks were idle)
+            if refresh or self._observing:
+                for layer in self.layers.values():
+                    layer.release()
+                    layer.watch.stop()
+                # the curvatures changed, or a layer may have become unwatchable
+                self._observing = self._observe and any([layer.watchable() for layer in self.layers.values()])
 
     @property
     def damping_feedback_due(self) -> bool:
@@ -967,14 +975,23 @@ class SENG:
         grads = [p.grad for p in plan.params] + [p.grad for p in plan.rest_params]
         eager = self.compile_step is None
         us = None
-        if eager:  # U g' from the Linear layers' own batch, where that is exactly their gradient and cheaper
-            us = [layer.batch_u_dot(layer.curvature, layer.grad_parts(layer.curvature.mask, layer.curvature.gram.dtype))
-                  for _, layer in plan.layers[len(plan.layers) - len(plan.linears):]]
-        guard = not plan.rest  # else after the rest have written theirs
+        if eager and any(layer.batch is not None for layer in plan.linear_layers):
+            # U g' from the Linear layers' own batch, where that is exactly their gradient and cheaper
+            us = [None if layer.batch is None else
+                  layer.batch_u_dot(layer.curvature, layer.grad_parts(layer.curvature.mask, layer.curvature.gram.dtype))
+                  for layer in plan.linear_layers]
+        # Where every gradient is in host memory, reading the flag waits for nothing: the gradients are zeroed only
+        # when it is set, instead of a pass over all of them on every step. Elsewhere on the device: after the
+        # rest have written theirs, or inside the fused work where there is no rest.
+        host = eager and plan.host_readable
+        guard = not plan.rest and not host
         found = self._run_plan(*plan.arguments(grads, us), guard=guard)
         for name, layer in plan.rest:
             self._direction_(name, layer, damping)
-        if not guard:
+        if host:
+            if found.item():
+                fused.clear_nonfinite_(grads, found)
+        elif not guard:
             fused.clear_nonfinite_(grads, found)
         self._finite_flags.append(found)
 
@@ -1395,6 +1412,7 @@ class SENG:
             layer.clear()
             cur = state["layers"].get(name)
             layer.curvature = None if cur is None else Curvature.from_state(cur)
+        self._observing = self._observe  # new curvatures: decided again at the end of the next step
 
     def _check_layer_shapes(self, state: dict) -> None:
         saved = state.get("shapes")

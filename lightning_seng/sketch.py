@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Largest number of elements one chunk of the Gram computation may hold; bounds peak memory.
@@ -112,11 +113,11 @@ def batch_u_dot(G: Tensor, X: Tensor, gb: Tensor, xb: Tensor, bias: bool) -> Ten
 
 def linear_u_dot(G: Tensor, X: Tensor, Ww: Optional[Tensor], Wb: Optional[Tensor]) -> Tensor:
     """``U g`` for a plain Linear's factors ``G (N, d_out)``, ``X (N, d_in)`` and a gradient split into
-    ``Ww (d_out, d_in)`` and ``Wb (d_out,)`` (either may be ``None``): ``rowsum((G Ww) ∘ X) + G Wb``, ``(N,)``."""
-    u = None if Ww is None else torch.linalg.vecdot(G @ Ww, X)
-    if Wb is not None:
-        u = G @ Wb if u is None else torch.addmv(u, G, Wb)
-    return u
+    ``Ww (d_out, d_in)`` and ``Wb (d_out,)`` (either may be ``None``): ``rowsum(G ∘ (X Wwᵀ + 1 Wbᵀ))``, ``(N,)``,
+    the bias's share in the weight's product (``F.linear``: one ``addmm``)."""
+    if Ww is None:
+        return G @ Wb
+    return F.linear(X, Ww, Wb).mul_(G).sum(1)
 
 
 def linear_apply(G: Tensor, X: Tensor, v: Tensor, Ww: Optional[Tensor], Wb: Optional[Tensor], damping: float,
@@ -127,9 +128,9 @@ def linear_apply(G: Tensor, X: Tensor, v: Tensor, Ww: Optional[Tensor], Wb: Opti
     beta, alpha = 1 / damping, -1 / damping
     Dw = Db = None
     if Ww is not None:
-        left, right = (G * v[:, None], X) if G.shape[1] <= X.shape[1] else (G, X * v[:, None])
-        Dw = Ww.addmm_(left.T, right, beta=beta, alpha=alpha) if inplace else torch.addmm(
-            Ww, left.T, right, beta=beta, alpha=alpha)
+        left, right = (G.T * v, X) if G.shape[1] <= X.shape[1] else (G.T, X * v[:, None])
+        Dw = Ww.addmm_(left, right, beta=beta, alpha=alpha) if inplace else torch.addmm(
+            Ww, left, right, beta=beta, alpha=alpha)
     if Wb is not None:
         Db = Wb.addmv_(G.T, v, beta=beta, alpha=alpha) if inplace else torch.addmv(Wb, G.T, v, beta=beta, alpha=alpha)
     return Dw, Db

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_seng import SENG, fused
+from benchmarks.opcount import OpCounter
+from lightning_seng import SENG, fused, sketch
+from lightning_seng.layers import linear
 from lightning_seng.schedules import ExponentialDamping
 
 from .reference import dense_direction, per_sample_gradients
@@ -112,7 +114,13 @@ def test_the_fused_step_matches_the_dense_reference():
                 torch.testing.assert_close(dict(model.named_parameters())[k].grad, want[k], rtol=1e-9, atol=1e-12)
 
 
-def test_a_nan_between_refreshes_zeroes_every_gradient_without_a_host_read():
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-read", "device-guard"])
+def test_a_nan_between_refreshes_zeroes_every_gradient(on_device, monkeypatch):
+    """On the CPU the flag is read (it waits for nothing) and the gradients are zeroed only when it is set; the path
+    any other device takes, the guard on the device with no host read, is forced here by emptying
+    ``HOST_READ_DEVICES``."""
+    if on_device:
+        monkeypatch.setattr(fused, "HOST_READ_DEVICES", ())
     pairs = _pair(Mixed, torch.float64, damping=0.3, update_freq=4)
 
     def poison(model, step):
@@ -125,6 +133,62 @@ def test_a_nan_between_refreshes_zeroes_every_gradient_without_a_host_read():
     assert all(torch.equal(p.grad, torch.zeros_like(p.grad)) for p in model.parameters())
     _run(pairs, Mixed, torch.float64, 3)
     assert seng.nonfinite_steps == 1
+    assert seng._plan.host_readable is not on_device
+    # a step between refreshes: one host read (the flag) on the CPU, none on the device path
+    x, y = _inputs(Mixed, torch.float64, step=9)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    assert not seng.will_refresh
+    with OpCounter() as counter:
+        seng.step()
+    assert counter.host_reads == (0 if on_device else 1)
+
+
+@pytest.mark.parametrize("make", [mlp, Mixed], ids=["mlp", "mixed"])
+@pytest.mark.parametrize("watched", [False, True], ids=["from-grad", "watched"])
+def test_plain_linear_layers_on_their_gram_route(make, watched, monkeypatch):
+    """Every plain Linear applied from G and X (no U built for the plan: ``SMALL_U = 0``, which also sends the
+    convolutions' blocks one by one): the Linear rows of a solve group stacked at once (the MLP) or added among
+    the convolutions' (mixed: one N), U g' from ``.grad`` (``rowsum(G ∘ (X Wᵀ + 1 bᵀ))``) or, for a watched layer,
+    from the batch, beside layers whose U g' is not; a Linear without bias; both factor orientations."""
+    monkeypatch.setattr(fused, "SMALL_U", 0)
+    calls = []
+    if watched:
+        monkeypatch.setattr(linear, "MIN_SAVING", 0)
+        real = sketch.batch_u_dot
+        monkeypatch.setattr(sketch, "batch_u_dot", lambda *args: calls.append(1) or real(*args))
+    pairs = _pair(make, torch.float64, damping=0.3, update_freq=3)
+    worst, used = _run(pairs, make, torch.float64, 8)
+    (_, seng), _ = pairs
+    assert used >= 4
+    assert len(seng._plan.linears) == 3 if make is mlp else 2
+    assert worst < 1e-12
+    assert bool(calls) is watched  # the MLP's middle layer and the mixed model's fc: their batch form is cheaper
+
+
+@pytest.mark.parametrize("watchable", [False, True])
+def test_the_forward_hooks_idle_between_refreshes_when_no_layer_can_be_watched(watchable, monkeypatch):
+    """Layers this small save nothing by keeping their batch: after the first refresh the layers' forward hooks
+    return at once between refreshes (``_forward`` runs on refresh steps only) and still capture on refreshes;
+    where a layer may be watched, they run on every step."""
+    if watchable:
+        monkeypatch.setattr(linear, "MIN_SAVING", 0)
+    torch.manual_seed(0)
+    model = mlp().double()
+    seng = SENG(model, damping=0.3, update_freq=3, log_coverage=False)
+    calls, refreshed = [], []
+    real = seng._forward
+    monkeypatch.setattr(seng, "_forward", lambda *args: calls.append(seng.step_count) or real(*args))
+    for step in range(7):
+        x, y = _inputs(mlp, torch.float64, step=step)
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        before = [layer.curvature for layer in seng.layers.values()]
+        seng.step()
+        refreshed.append(all(layer.curvature is not cur for layer, cur in zip(seng.layers.values(), before)))
+    assert sorted(set(calls)) == (list(range(7)) if watchable else [0, 3, 6])
+    assert refreshed == [True, False, False, True, False, False, True]
+    assert seng._observing is watchable
 
 
 @pytest.mark.parametrize("with_rest", [False, True])

@@ -1,6 +1,9 @@
 """``SENG.step`` never reads a tensor back to the host between refreshes (a GPU user would wait on every
 ``.item()``, ``bool(tensor)`` and ``.tolist()``); a refresh reads a bounded number of scalars. Counted as
-``aten._local_scalar_dense`` calls under a ``TorchDispatchMode``, which every such read goes through."""
+``aten._local_scalar_dense`` calls under a ``TorchDispatchMode``, which every such read goes through.
+
+Where all gradients are in host memory the fused step reads its non-finite flag, which waits for nothing there
+(``fused.HOST_READ_DEVICES``); these tests take the path of every other device, with that tuple emptied."""
 
 import pytest
 import torch
@@ -8,7 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_seng import SENG
+from lightning_seng import SENG, fused
+
+
+@pytest.fixture(autouse=True)
+def device_path(monkeypatch):
+    monkeypatch.setattr(fused, "HOST_READ_DEVICES", ())
 
 
 class ScalarReads(TorchDispatchMode):

@@ -633,6 +633,10 @@ class LayerCurvature:
     def observe(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
         """Forward hook body on every step (references only, never copies); nothing by default."""
 
+    def watchable(self) -> bool:
+        """Whether :meth:`observe` may keep something of a call with the current curvature; never by default."""
+        return False
+
     def release(self) -> None:
         """End of a step: drop what :meth:`observe` and its hooks kept; the curvature is no
         longer fresh."""

@@ -191,6 +191,20 @@ class LinearLayer(MatrixLayer):
                  *(getattr(weight, "_post_accumulate_grad_hooks", None) or {})]
         return any(key not in own for key in hooks)
 
+    def watchable(self) -> bool:
+        """Whether a call may be worth watching with the current curvature: at a batch of one on the CPU's gate,
+        the most a call can save (always before the first refresh); where not, the hooks on the weight go."""
+        cur = self.curvature
+        if type(self) is not LinearLayer:
+            return False
+        if cur is not None:
+            d_out, d_in = self.module.weight.shape
+            if cur.gram.shape[0] * (d_in * d_out - d_in - d_out) < MIN_SAVING:
+                if self._leaf_hooks:
+                    self.remove_hooks()
+                return False
+        return True
+
     def _worth_watching(self, batch: int, cpu: bool) -> bool:
         """Whether ``U g'`` from a batch of ``batch`` saves at least :data:`MIN_SAVING` multiply-adds (times
         :data:`ACCELERATOR_FACTOR` off the CPU) over ``U g'`` from the gradient, for the current curvature's ``N``
