@@ -166,8 +166,8 @@ class LinearLayer(MatrixLayer):
         weight = self.module.weight
         # a second call, should there be one, shows as a second term at the weight's accumulator; a hook of the
         # user's on the weight may change its gradient where no version counter shows it
-        if (x is None or not weight.requires_grad or id(weight) in self.excluded or self._foreign_hooks(weight)
-                or not self._worth_watching(x.shape[0], x.device.type == "cpu")):
+        if (x is None or not weight.requires_grad or id(weight) in self.excluded
+                or not self._worth_watching(x.shape[0], x.device.type == "cpu") or self._foreign_hooks(weight)):
             if self._leaf_hooks:  # not worth it (any more): the weight's hooks would cost every backward
                 self.remove_hooks()
             return
@@ -186,10 +186,12 @@ class LinearLayer(MatrixLayer):
 
     def _foreign_hooks(self, weight: nn.Parameter) -> bool:
         """Whether the weight carries a gradient hook or a post-accumulate-grad hook that is not this layer's."""
-        own = {handle.id for handle in self._leaf_hooks[1:]} if self._leaf_hooks and self._leaf_hooks[0] is weight else set()
-        hooks = [*(getattr(weight, "_backward_hooks", None) or {}),
-                 *(getattr(weight, "_post_accumulate_grad_hooks", None) or {})]
-        return any(key not in own for key in hooks)
+        hooks = getattr(weight, "_backward_hooks", None) or {}
+        after = getattr(weight, "_post_accumulate_grad_hooks", None) or {}
+        own = self._leaf_hooks
+        if own and own[0] is weight:  # the hooks there less this layer's two
+            return len(hooks) + len(after) != (own[1].id in hooks) + (own[2].id in after)
+        return bool(hooks) or bool(after)
 
     def watchable(self) -> bool:
         """Whether a call may be worth watching with the current curvature: at a batch of one on the CPU's gate,

@@ -251,3 +251,24 @@ def test_the_bias_share_comes_from_its_gradient_so_a_changed_bias_gradient_stays
         m[2].bias.grad.mul_(3.0)
     _check(model, seng, refresh_batch, backward, edit)
     assert batch_taken == ["0", "2"] and len(shortcut_calls) == 2
+
+
+def test_a_hook_of_anyone_else_on_the_weight_is_seen_beside_the_layers_own():
+    """``_foreign_hooks``: none on a bare weight; none with only the layer's two (a gradient hook and a
+    post-accumulate-grad hook); one as soon as anyone else adds either kind, and again after the layer's own are
+    gone; the layer's own then no longer count."""
+    layer = LinearLayer("fc", nn.Linear(3, 2))
+    weight = layer.module.weight
+    assert not layer._foreign_hooks(weight)
+    layer._watch_weight(weight)
+    assert len(layer._leaf_hooks) == 3 and not layer._foreign_hooks(weight)
+    theirs = weight.register_hook(lambda g: g)
+    assert layer._foreign_hooks(weight)
+    theirs.remove()
+    assert not layer._foreign_hooks(weight)
+    after = weight.register_post_accumulate_grad_hook(lambda p: None)
+    assert layer._foreign_hooks(weight)
+    layer.remove_hooks()
+    assert layer._foreign_hooks(weight)
+    after.remove()
+    assert not layer._foreign_hooks(weight)
