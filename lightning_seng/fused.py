@@ -33,6 +33,7 @@ fused in one BLAS call, which moves float32 results by a few units in the last p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -61,7 +62,8 @@ HOST_READ_DEVICES = ("cpu",)
 
 @dataclass
 class StepPlan:
-    """What :func:`step_tensors` needs besides the gradients, for one refresh and one damping.
+    """What :func:`step_tensors` needs besides the gradients, for one refresh; the damping it holds is changed in
+    place by :meth:`set_damping` (no new plan, no new compilation).
 
     ``params``: the parameters whose ``.grad`` it reads and writes, in this order: those of the explicit layers
     (their blocks' order), those of the Linear layers, then the parameters without curvature (``g/(1 + λ)``).
@@ -70,7 +72,9 @@ class StepPlan:
     for finiteness and writes only the former).
 
     The plan layers that share ``N`` (and dtype and device) form a solve group: their ``(U g)ᵀ`` rows are gathered
-    in one ``(L, 1, N)`` tensor, solved by one batched product with their stacked inverses. Blocks of U of one shape
+    in one ``(L, 1, N)`` tensor, solved by one batched product with their stacked inverses ``(K + λI)^{-1}``, formed
+    from the Cholesky factor at the refresh's ``λ``, or, under a damping schedule (an eigendecomposition at hand),
+    by ``Q diag(1/(e + λ)) Qᵀ`` as two batched products, for whatever ``λ`` the step has. Blocks of U of one shape
     (up to :data:`SMALL_U` elements) are stacked, ``(L, N, d)``: one batched product each way for all of them."""
 
     params: List[nn.Parameter]
@@ -89,23 +93,48 @@ class StepPlan:
     linear_solve: List[int]  # ... in these solve groups
     single_rows: List[Tensor]  # per solve group, the rows of its large blocks then its Linear layers (int64), ...
     single_whole: List[bool]  # ... those rows being the whole group in order (no stacked block in it)
-    inverse_stacks: List[Tensor]  # per solve group, (K + λI)^{-1} of its layers, (L, N, N)
+    inverse_stacks: List[Tensor]  # per solve group, (K + λI)^{-1} of its layers, or their eigenvectors Q, (L, N, N)
+    solve_diagonals: List[Optional[Tensor]]  # per solve group of eigenvectors, 1/(e + λ_l), (L, 1, N); else None
+    eigenvalues: List[Optional[Tensor]]  # ... e, (L, 1, N), and ...
+    solve_scales: List[Optional[Tensor]]  # ... the layers' λ_l / λ (their curvature's scale), (L, 1, 1)
     linear_inv_damping: List[Tensor]  # 1/λ per Linear layer, 0-dim (for a U g computed by the caller)
-    groups: List[List[int]]  # indices in params + rest_params by device, dtype and scale: one check each, ...
+    linear_kinds: List[float]  # ... their curvature's scale
+    groups: List[List[int]]  # indices in params + rest_params by device, dtype and kind: one check each, ...
     group_scales: List[Tensor]  # ... which also multiplies them by this (float32, one element): 1/λ_l, 1/(1 + λ), 1
+    group_kinds: List[object]  # ... per group: the layers' scale (1/λ_l), "without" (1/(1 + λ)) or "rest" (1)
     post: List[int]  # indices of float64 parameters, scaled after the check (a float32 scale would round)
-    post_scales: List[Tensor]  # their scales, 0-dim float64
+    post_scales: List[Tensor]  # their scales, 0-dim float64, ...
+    post_kinds: List[object]  # ... of these kinds
     unstacked: List[int]  # the gradients no stack holds (guarded one by one)
     layers: List[Tuple[str, LayerCurvature]]  # the plan layers: explicit first (built U included), then Linear
     rest: List[Tuple[str, LayerCurvature]]  # the other layers with curvature: their own path
     rest_params: List[nn.Parameter]  # their parameters with a gradient: checked and guarded with the others
     built_bytes: int = 0  # what the plan holds besides the curvatures' own tensors (stacks, U built from G and X)
     host_readable: bool = False  # every gradient on a device in :data:`HOST_READ_DEVICES`
+    damping: float = 0.0  # the λ its scales and solves hold now (:meth:`set_damping`)
+    fixed_damping: Optional[float] = None  # a λ it cannot leave (inverses from a Cholesky factor; which layers are
+    # in the plan depends on it): another needs a new plan
     key: tuple = ()
     curvatures: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.linear_layers: List[LinearLayer] = [layer for _, layer in self.layers[len(self.layers) - len(self.linears):]]
+
+    def set_damping(self, damping: float) -> None:
+        """Hold ``damping`` from now on: the scales of the gradients' pass and the solves' diagonals, written in
+        place (a few small operations, no host read)."""
+        if damping == self.damping:
+            return
+        for t, kind in zip(self.group_scales, self.group_kinds):
+            t.fill_(_scale(kind, damping))
+        for t, kind in zip(self.post_scales, self.post_kinds):
+            t.fill_(_scale(kind, damping))
+        for t, kind in zip(self.linear_inv_damping, self.linear_kinds):
+            t.fill_(_scale(kind, damping))
+        for d, e, scale in zip(self.solve_diagonals, self.eigenvalues, self.solve_scales):
+            if d is not None:
+                torch.add(e, scale, alpha=damping, out=d).reciprocal_()
+        self.damping = damping
 
     def arguments(self, grads: List[Tensor], us: Optional[List[Optional[Tensor]]] = None) -> tuple:
         """The arguments of :func:`step_tensors` for these gradients (``us``: Linear layers' ``U g`` computed
@@ -114,7 +143,8 @@ class StepPlan:
         return (grads, self.block_grad, self.shape_groups, self.stacks, self.shape_rows, self.shape_whole,
                 self.shape_solve, self.large, self.large_blocks, self.large_rows, self.large_solve, self.linears, us,
                 self.linear_rows, self.linear_solve, self.single_rows, self.single_whole, self.inverse_stacks,
-                self.linear_inv_damping, self.groups, self.group_scales, self.post, self.post_scales, self.unstacked)
+                self.solve_diagonals, self.linear_inv_damping, self.groups, self.group_scales, self.post,
+                self.post_scales, self.unstacked)
 
 
 def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[List[int]], stacks: List[Tensor],
@@ -122,7 +152,8 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
                  large_blocks: List[Tensor], large_rows: List[int], large_solve: List[int],
                  linears: List[Tuple[Tensor, Tensor, int, int]], us: List[Optional[Tensor]], linear_rows: List[int],
                  linear_solve: List[int], single_rows: List[Tensor], single_whole: List[bool],
-                 inverse_stacks: List[Tensor], linear_inv_damping: List[Tensor],
+                 inverse_stacks: List[Tensor], solve_diagonals: List[Optional[Tensor]],
+                 linear_inv_damping: List[Tensor],
                  groups: List[List[int]], group_scales: List[Tensor], post: List[int], post_scales: List[Tensor],
                  unstacked: List[int], guard: bool = True) -> Tensor:
     """Write the directions of a :class:`StepPlan` into ``grads`` (its parameters' gradients, in its order);
@@ -175,7 +206,8 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
                     u[j] = inverse.new_zeros(inverse.shape[0], 1, inverse.shape[1])
                 u[j].index_add_(0, single_rows[j], part)
     # (w')ᵀ per layer (every solve group has a layer, and every plan layer a block or a Linear entry: u is full)
-    w = [torch.bmm(uj, inverse) for uj, inverse in zip(u, inverse_stacks)]
+    w = [torch.bmm(uj, inverse) if d is None else torch.bmm(torch.bmm(uj, inverse) * d, inverse.transpose(1, 2))
+         for uj, inverse, d in zip(u, inverse_stacks, solve_diagonals)]
     keep = (found[0] == 0) if guard else None
     for members, stack, g, at, whole, j in zip(shape_groups, stacks, stacked, shape_rows, shape_whole, shape_solve):
         g.baddbmm_(w[j] if whole else w[j].index_select(0, at), stack, alpha=-1)
@@ -216,19 +248,28 @@ def _keep_bits_(tensors: List[Tensor], keep: Tensor) -> None:
         torch._foreach_mul_([t.view(_BITS[size]) for t in group], keep.to(_BITS[size]))
 
 
-def _inverse(cur: Curvature, damping: float) -> Optional[Tensor]:
-    """``(K + λI)^{-1}`` of a committed curvature at the layer's ``λ``, as :meth:`Curvature.solve` would apply it
-    between refreshes: the inverse formed from the Cholesky factor (kept on the curvature), or from the
-    eigendecomposition under a damping schedule; ``None`` where neither is at hand (a new factorisation is due:
-    the layer's own path does it)."""
+def _solver(cur: Curvature, damping: float) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+    """How the plan solves with a committed curvature at the layer's ``λ``: ``(Q, e)`` of its eigendecomposition
+    under a damping schedule (any ``λ``), or ``((K + λI)^{-1}, None)``, the inverse formed from the Cholesky factor
+    (kept on the curvature) at the refresh's ``λ``; ``None`` where neither serves (a new factorisation is due: the
+    layer's own path does it)."""
+    if cur.eigen is not None:
+        return cur.eigen
     if damping == cur.damping:
         if cur.inverse is None:
             cur.inverse = torch.cholesky_inverse(cur.chol)
-        return cur.inverse
-    if cur.eigen is not None:
-        Q, e = cur.eigen
-        return (Q / (e + damping)) @ Q.T
+        return cur.inverse, None
     return None
+
+
+def _scale(kind: object, damping: float) -> float:
+    """The factor a gradient of this kind takes in the checking pass: ``1/λ_l`` for a layer whose curvature's scale
+    is ``kind``, ``1/(1 + λ)`` without curvature, 1 for the layers on their own path."""
+    if kind == "without":
+        return 1.0 / (1.0 + damping)
+    if kind == "rest":
+        return 1.0
+    return 1.0 / (damping * kind)
 
 
 def _views(layer: LayerCurvature, cur: Curvature) -> Optional[List[Tensor]]:
@@ -245,29 +286,29 @@ def _views(layer: LayerCurvature, cur: Curvature) -> Optional[List[Tensor]]:
     return parts
 
 
-def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Parameter], damping: float,
-               one_plus: float) -> Optional[StepPlan]:
+def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Parameter],
+               damping: float) -> Optional[StepPlan]:
     """The plan for ``layers`` (those with usable curvature this step, with their gradients in place) and the
-    parameters ``without`` curvature (``g / one_plus``); ``None`` when no layer has a plain route."""
+    parameters ``without`` curvature (``g / (1 + λ)``) at ``damping``; ``None`` when no layer has a plain route."""
     explicit, linear, rest = [], [], []
     for name, layer in layers:
         cur = layer.curvature
         lam = damping * cur.scale
         route = cur.route
-        inverse = _inverse(cur, lam)
-        parts = None if inverse is None else _views(layer, cur)
+        solver = _solver(cur, lam)
+        parts = None if solver is None else _views(layer, cur)
         if parts is not None and type(route) is ExplicitRoute and "index" not in route.tensors:
-            explicit.append((name, layer, cur, lam, inverse, _explicit_blocks(route)))
+            explicit.append((name, layer, cur, lam, solver, _explicit_blocks(route)))
         elif (parts is not None and type(route) is GramRoute and isinstance(layer, LinearLayer)
               and route.plain() is not None):
             G, X = route.plain()
             # (not while its U g' comes from the batch: the layer is watched only where that saves much more)
             if (G.shape[0] * (G.shape[1] * (X.shape[1] * cur.mask[0] + route.options["bias"])) <= SMALL_U
                     and layer.batch is None):
-                explicit.append((name, layer, cur, lam, inverse, _built_blocks(G, X, cur.mask[0],
+                explicit.append((name, layer, cur, lam, solver, _built_blocks(G, X, cur.mask[0],
                                                                               route.options["bias"])))
             else:
-                linear.append((name, layer, cur, lam, inverse))
+                linear.append((name, layer, cur, lam, solver))
         else:
             rest.append((name, layer))
     if not explicit and not linear:
@@ -275,14 +316,14 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
     params: List[nn.Parameter] = []
     blocks, block_grad, block_layer, linears = [], [], [], []
     built = 0
-    for k, (_, layer, cur, lam, inverse, layer_blocks) in enumerate(explicit):
+    for k, (_, layer, cur, _, _, layer_blocks) in enumerate(explicit):
         built += sum(b.numel() * b.element_size() for b in layer_blocks) if type(cur.route) is GramRoute else 0
         for block, p in zip(layer_blocks, layer.trainable_params(cur.mask)):
             blocks.append(block)
             block_grad.append(len(params))
             block_layer.append(k)
             params.append(p)
-    for _, layer, cur, lam, inverse in linear:
+    for _, layer, cur, _, _ in linear:
         G, X = cur.route.plain()
         trainable = layer.trainable_params(cur.mask)
         wi = bi = -1
@@ -293,18 +334,25 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
             bi = len(params)
             params.append(trainable[-1])
         linears.append((G, X, wi, bi))
-    inverses, scales = [], []
-    for _, layer, cur, lam, inverse, *_ in explicit + linear:
-        inverses.append(inverse)
-        scales += [1.0 / lam] * len(layer.trainable_params(cur.mask))
+    solvers, kinds, curs = [], [], []
+    for _, layer, cur, lam, solver, *_ in explicit + linear:
+        solvers.append(solver)
+        curs.append(cur)
+        kinds += [cur.scale] * len(layer.trainable_params(cur.mask))
     by_n: Dict[tuple, List[int]] = {}
-    for k, inverse in enumerate(inverses):
-        by_n.setdefault((inverse.shape[0], inverse.dtype, inverse.device), []).append(k)
+    for k, (matrix, eigenvalues) in enumerate(solvers):
+        by_n.setdefault((matrix.shape[0], matrix.dtype, matrix.device, eigenvalues is None), []).append(k)
     solve_of, row_of = {}, {}  # plan layer -> its solve group and row there
     for j, members in enumerate(by_n.values()):
         for r, k in enumerate(members):
             solve_of[k], row_of[k] = j, r
-    inverse_stacks = [torch.stack([inverses[k] for k in members]) for members in by_n.values()]
+    inverse_stacks = [torch.stack([solvers[k][0] for k in members]) for members in by_n.values()]
+    eigenvalues = [None if inverse else torch.stack([solvers[k][1] for k in members]).unsqueeze(1)
+                   for (*_, inverse), members in by_n.items()]
+    solve_scales = [None if e is None else torch.tensor([curs[k].scale for k in members], dtype=e.dtype,
+                                                        device=e.device).view(-1, 1, 1)
+                    for e, members in zip(eigenvalues, by_n.values())]
+    solve_diagonals = [None if e is None else torch.empty_like(e) for e in eigenvalues]
 
     def rows_tensor(layer_ids: List[int], device) -> Tensor:
         return torch.tensor([row_of[k] for k in layer_ids], dtype=torch.long, device=device)
@@ -327,8 +375,8 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
     first = len(explicit)
     linear_rows = [row_of[first + k] for k in range(len(linears))]
     linear_solve = [solve_of[first + k] for k in range(len(linears))]
-    linear_inv_damping = [torch.tensor(1.0 / lam, dtype=inverse.dtype, device=inverse.device)
-                          for _, _, _, lam, inverse in linear]
+    linear_inv_damping = [torch.zeros((), dtype=cur.gram.dtype, device=cur.gram.device) for _, _, cur, *_ in linear]
+    linear_kinds = [cur.scale for _, _, cur, *_ in linear]
     single_rows, single_whole = [], []  # per solve group: its large blocks' rows, then its Linear layers'
     for j, size in enumerate(sizes):
         at = ([row_of[block_layer[i]] for i in large if solve_of[block_layer[i]] == j]
@@ -336,26 +384,32 @@ def build_plan(layers: Sequence[Tuple[str, LayerCurvature]], without: List[nn.Pa
         single_rows.append(torch.tensor(at, dtype=torch.long, device=inverse_stacks[j].device))
         single_whole.append(at == list(range(size)))
     params += without
-    scales += [1.0 / one_plus] * len(without)
+    kinds += ["without"] * len(without)
     rest_params = [p for _, layer in rest for p in layer.trainable_params(layer.curvature.mask) if p.grad is not None]
-    scales += [1.0] * len(rest_params)
+    kinds += ["rest"] * len(rest_params)
     by_key: Dict[tuple, List[int]] = {}
-    post, post_scales = [], []
-    for i, (p, scale) in enumerate(zip(params + rest_params, scales)):
-        if p.dtype == torch.float64 and scale != 1.0:
+    post, post_kinds = [], []
+    for i, (p, kind) in enumerate(zip(params + rest_params, kinds)):
+        if p.dtype == torch.float64 and kind != "rest":
             post.append(i)
-            post_scales.append(torch.tensor(scale, dtype=p.dtype, device=p.device))
-            scale = 1.0
-        by_key.setdefault((p.device, p.dtype, scale), []).append(i)
-    group_scales = [torch.full((1,), scale, dtype=torch.float32, device=device) for device, _, scale in by_key]
+            post_kinds.append(kind)
+            kind = "rest"
+        by_key.setdefault((p.device, p.dtype, kind), []).append(i)
+    group_scales = [torch.ones(1, dtype=torch.float32, device=device) for device, _, _ in by_key]
+    post_scales = [torch.ones((), dtype=torch.float64, device=params[i].device) for i in post]
     in_stacks = {block_grad[i] for members in shape_groups for i in members}
     unstacked = [i for i in range(len(params) + len(rest_params)) if i not in in_stacks]
     host = all(p.device.type in HOST_READ_DEVICES for p in params + rest_params)
-    return StepPlan(params, block_grad, shape_groups, stacks, shape_rows, shape_whole, shape_solve, large,
+    built += sum(t.numel() * t.element_size() for t in inverse_stacks)  # copies of the inverses or eigenvectors
+    plan = StepPlan(params, block_grad, shape_groups, stacks, shape_rows, shape_whole, shape_solve, large,
                     [blocks[i] for i in large], large_rows, [solve_of[block_layer[i]] for i in large], linears,
-                    linear_rows, linear_solve, single_rows, single_whole,
-                    inverse_stacks, linear_inv_damping, list(by_key.values()), group_scales, post, post_scales, unstacked,
-                    [(n, layer) for n, layer, *_ in explicit + linear], rest, rest_params, built, host)
+                    linear_rows, linear_solve, single_rows, single_whole, inverse_stacks, solve_diagonals, eigenvalues,
+                    solve_scales, linear_inv_damping, linear_kinds, list(by_key.values()), group_scales,
+                    [kind for _, _, kind in by_key], post, post_scales, post_kinds, unstacked,
+                    [(n, layer) for n, layer, *_ in explicit + linear], rest, rest_params, built, host, damping=math.nan,
+                    fixed_damping=damping if any(layer.curvature.eigen is None for _, layer in layers) else None)
+    plan.set_damping(damping)
+    return plan
 
 
 def _explicit_blocks(route: ExplicitRoute) -> List[Tensor]:

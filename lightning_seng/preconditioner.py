@@ -943,13 +943,15 @@ class SENG:
                     p.grad.div_(1.0 + damping)
 
     def _step_plan(self, with_grad: List[tuple], damping: float) -> Optional[fused.StepPlan]:
-        """The fused step's plan for this step: kept while the curvatures, the damping, the trainable parameters
-        and the parameters with a gradient stay what they were when it was built; else built again (``None``
+        """The fused step's plan for this step: kept while the curvatures, the trainable parameters and the
+        parameters with a gradient stay what they were when it was built, its damping moved to this step's (which
+        needs a new plan only where a layer without an eigendecomposition is in it); else built again (``None``
         when no layer has a plain route: the per-layer path)."""
-        key = (damping, tuple(id(p) for _, p in with_grad), tuple(p.requires_grad for _, p in with_grad),
+        key = (tuple(id(p) for _, p in with_grad), tuple(p.requires_grad for _, p in with_grad),
                tuple(id(layer.curvature) for layer in self.layers.values()))
         plan = self._plan
-        if plan is not None and plan.key == key:
+        if plan is not None and plan.key == key and plan.fixed_damping in (None, damping):
+            plan.set_damping(damping)
             return plan
         self._plan = None
         usable, without = [], []
@@ -962,7 +964,7 @@ class SENG:
             else:
                 usable.append((name, layer))
         without += self._other_grads(with_grad)
-        plan = fused.build_plan(usable, without, damping, 1.0 + damping)
+        plan = fused.build_plan(usable, without, damping)
         if plan is not None:
             # the curvatures kept alive with the plan: their ids in the key cannot be taken by new ones
             plan.key, plan.curvatures = key, [layer.curvature for layer in self.layers.values()]

@@ -203,6 +203,33 @@ def test_the_device_guard_clears_nan_and_inf_and_leaves_finite_gradients_exact(w
     assert torch.equal(kept[0], x) and torch.equal(kept[1], x.double())
 
 
+@pytest.mark.parametrize("make", [mlp, Mixed], ids=["mlp", "mixed"])
+def test_a_damping_that_moves_every_step_keeps_the_plan_and_the_per_layer_directions(make):
+    """λ = 0.3·0.5^step: between refreshes the plan stays the same object (its scales and the solves' diagonals
+    written in place, the solves through each curvature's eigendecomposition), and the directions are the per-layer
+    path's in float64."""
+    pairs = _pair(make, torch.float64, damping=ExponentialDamping(0.3, 0.5, steps_per_epoch=1), update_freq=4)
+    (model, seng), _ = pairs
+    plans, dampings = [], []
+    worst = 0.0
+    for step in range(8):
+        x, y = _inputs(make, torch.float64, step=step)
+        refresh = seng.will_refresh
+        dampings.append(seng.damping)
+        for m, s in pairs:
+            m.zero_grad(set_to_none=True)
+            F.cross_entropy(m(x), y).backward()
+            s.step()
+        plans.append(None if refresh else seng._plan)
+        (m1, _), (m2, _) = pairs
+        for p, q in zip(m1.parameters(), m2.parameters()):
+            worst = max(worst, ((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30)).item())
+    assert len(set(dampings)) == 8
+    assert plans[1] is plans[2] is plans[3] is not None and plans[5] is plans[6] is plans[7] is not plans[3]
+    assert plans[3].fixed_damping is None and any(d is not None for d in plans[3].solve_diagonals)
+    assert worst < 1e-12
+
+
 def test_the_plan_is_rebuilt_when_what_it_holds_changes():
     (model, seng), _ = _pair(mlp, torch.float64, damping=0.3, update_freq=3)
     plans = []
@@ -228,22 +255,25 @@ def test_the_plan_is_rebuilt_when_what_it_holds_changes():
     assert seng._plan is None
 
 
-def test_one_function_traces_whole_with_fullgraph():
+@pytest.mark.parametrize("moving", [False, True], ids=["constant", "per-step-schedule"])
+def test_one_function_traces_whole_with_fullgraph(moving):
     """``fused.step_tensors`` under ``torch.compile(fullgraph=True)``: no graph break (fullgraph raises on one),
-    the same directions as eagerly, and a recompile neither for new gradients nor after a refresh."""
+    the same directions as eagerly, and a recompile neither for new gradients nor after a refresh, nor, under a
+    damping that moves every step (the solves through the eigendecomposition), for a new damping."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(fused.step_tensors, fullgraph=True, backend="aot_eager")
     model = Mixed().double()
-    seng = SENG(model, damping=0.3, update_freq=3, log_coverage=False)
+    seng = SENG(model, damping=ExponentialDamping(0.3, 0.5, steps_per_epoch=1) if moving else 0.3, update_freq=3,
+                log_coverage=False)
     twin = copy.deepcopy(model)
     for step in range(7):
         x, y = _inputs(Mixed, torch.float64, step=step)
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
-        plan = seng._step_plan([(n, p) for n, p in model.named_parameters() if p.grad is not None], 0.3) \
+        plan = seng._step_plan([(n, p) for n, p in model.named_parameters() if p.grad is not None], seng.damping) \
             if not seng.will_refresh else None
         if plan is None:
             seng.step()
