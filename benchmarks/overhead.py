@@ -48,7 +48,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -61,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.opcount import OpCounter  # noqa: E402
 from benchmarks.problems import _autoencoder  # noqa: E402
 from lightning_seng import SENG, fused  # noqa: E402
+from lightning_seng.schedules import ExponentialDamping  # noqa: E402
 
 
 class Block(nn.Module):
@@ -401,6 +401,31 @@ def launch_bound(rounds: int, layers: int = 8, width: int = 64, batch: int = 5, 
     return dict(sgd_ms=1000 * sgd, seng_ms=1000 * step, ratio=step / sgd)
 
 
+def moving_damping(name: str, batch: int, rounds: int, warmup: int) -> dict:
+    """Between refreshes with a damping that moves every step (``ExponentialDamping(0.5, 0.9,
+    steps_per_epoch=100)``, as the SENG authors' ImageNet recipe moves it) against the same SENG with a constant
+    damping, both as ratios to SGD's step, round-robin (the order rotated every round), medians."""
+    problem = PROBLEMS[name]
+    xs, ys = _data(problem, batch)
+    runners = [_make_runner(problem, label, batch) for label in ("sgd", "exact", "sgd")]
+    moving = runners[2]
+    moving.label, moving.seng = "moving", SENG(moving.model, damping=ExponentialDamping(0.5, 0.9, steps_per_epoch=100),
+                                               update_freq=10, stats_every=50)
+    seen = set()  # the moving runner's damping at each step
+    for i in range(warmup + rounds):
+        shift = i % len(runners)
+        for r in runners[shift:] + runners[:shift]:
+            refresh = r.seng is not None and r.seng.will_refresh
+            if r is moving:
+                seen.add(r.seng.damping)
+            t0 = time.perf_counter()
+            _step(r, problem, xs[i % 4], ys[i % 4])
+            if i >= warmup and not refresh:
+                r.times.append(time.perf_counter() - t0)
+    sgd = statistics.median(runners[0].times)
+    return {**{r.label: statistics.median(r.times) / sgd for r in runners[1:]}, "dampings": len(seen)}
+
+
 def count_step_ops(model: nn.Module, loss_of: Callable[[], torch.Tensor], update_freq: int = 10) -> dict:
     """Aten ops of ``seng.step()`` on a refresh step and on a step between refreshes (the second after it: the first
     forms each layer's ``(K + λI)^{-1}`` once), by name, after ``loss_of().backward()``, with the parameter tensors'
@@ -446,6 +471,8 @@ def main() -> None:
                         help="also the launch-bound MLP: seng.step() between refreshes against a foreach SGD step")
     parser.add_argument("--launch-compiled", action="store_true",
                         help="with --launch: also SENG(compile_step=True) (compiling takes about a minute)")
+    parser.add_argument("--moving-damping", action="store_true",
+                        help="also the steps between refreshes under a damping that moves every step, per model")
     parser.add_argument("--ops", action="store_true",
                         help="also count the aten ops of seng.step() (views excluded) on the models and a ResNet-50")
     parser.add_argument("--ops-batch", type=int, default=4, help="with --ops: the ResNet-50's batch (32x32 inputs)")
@@ -492,6 +519,11 @@ def main() -> None:
             r = launch_bound(max(args.rounds, 200), compile_step=True)
             print(f"launch-bound MLP compiled (SENG(compile_step=True)): seng.step() {r['seng_ms']:.3f} ms, foreach SGD "
                   f"step {r['sgd_ms']:.3f} ms, ratio {r['ratio']:.2f}", flush=True)
+    if args.moving_damping:
+        for name in args.models.split(","):
+            r = moving_damping(name, B, args.rounds, args.warmup)
+            print(f"{name:12} between refreshes, damping moving every step: {r['moving']:.2f}x SGD (constant damping "
+                  f"{r['exact']:.2f}x)", flush=True)
     if args.ops:
         for name in args.models.split(","):
             problem = PROBLEMS[name]

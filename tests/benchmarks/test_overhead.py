@@ -91,3 +91,11 @@ def test_the_resnet_refresh_uses_the_paper_cifar_preset_as_written():
 
     assert paper_cifar_settings() == dict(damping=2.0, route="threshold", column_sample_size=256, svd_rank=16,
                                           implicit_threshold=700000)
+
+
+def test_the_moving_damping_runner_moves_it_every_step_and_is_timed_between_refreshes():
+    from benchmarks.overhead import moving_damping
+
+    r = moving_damping("autoencoder", 16, rounds=12, warmup=1)
+    assert set(r) == {"exact", "moving", "dampings"} and r["exact"] > 0 and r["moving"] > 0
+    assert r["dampings"] == 13  # a new λ on every step
