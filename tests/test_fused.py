@@ -204,11 +204,13 @@ def test_the_device_guard_clears_nan_and_inf_and_leaves_finite_gradients_exact(w
 
 
 @pytest.mark.parametrize("make", [mlp, Mixed], ids=["mlp", "mixed"])
-def test_a_damping_that_moves_every_step_keeps_the_plan_and_the_per_layer_directions(make):
-    """λ = 0.3·0.5^step: between refreshes the plan stays the same object (its scales and the solves' diagonals
-    written in place, the solves through each curvature's eigendecomposition), and the directions are the per-layer
-    path's in float64."""
-    pairs = _pair(make, torch.float64, damping=ExponentialDamping(0.3, 0.5, steps_per_epoch=1), update_freq=4)
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_a_damping_that_moves_every_step_keeps_the_plan_and_the_per_layer_directions(make, relative):
+    """λ = 0.3·0.5^step (times each layer's tr(K)/N under ``relative_damping``): between refreshes the plan stays
+    the same object (its scales and the solves' diagonals written in place, the solves through each curvature's
+    eigendecomposition), and the directions are the per-layer path's in float64."""
+    pairs = _pair(make, torch.float64, damping=ExponentialDamping(0.3, 0.5, steps_per_epoch=1), update_freq=4,
+                  relative_damping=relative)
     (model, seng), _ = pairs
     plans, dampings = [], []
     worst = 0.0
