@@ -109,7 +109,8 @@ class StepPlan:
     layers: List[Tuple[str, LayerCurvature]]  # the plan layers: explicit first (built U included), then Linear
     rest: List[Tuple[str, LayerCurvature]]  # the other layers with curvature: their own path
     rest_params: List[nn.Parameter]  # their parameters with a gradient: checked and guarded with the others
-    built_bytes: int = 0  # what the plan holds besides the curvatures' own tensors (stacks, U built from G and X)
+    built_bytes: int = 0  # what the plan holds besides the curvatures' own tensors (stacks, U built from G and X,
+    # the stacked inverses or eigenvectors)
     host_readable: bool = False  # every gradient on a device in :data:`HOST_READ_DEVICES`
     damping: float = 0.0  # the λ its scales and solves hold now (:meth:`set_damping`)
     fixed_damping: Optional[float] = None  # a λ it cannot leave (inverses from a Cholesky factor; which layers are
@@ -125,11 +126,8 @@ class StepPlan:
         place (a few small operations, no host read)."""
         if damping == self.damping:
             return
-        for t, kind in zip(self.group_scales, self.group_kinds):
-            t.fill_(_scale(kind, damping))
-        for t, kind in zip(self.post_scales, self.post_kinds):
-            t.fill_(_scale(kind, damping))
-        for t, kind in zip(self.linear_inv_damping, self.linear_kinds):
+        for t, kind in zip(self.group_scales + self.post_scales + self.linear_inv_damping,
+                           self.group_kinds + self.post_kinds + self.linear_kinds):
             t.fill_(_scale(kind, damping))
         for d, e, scale in zip(self.solve_diagonals, self.eigenvalues, self.solve_scales):
             if d is not None:
@@ -170,11 +168,9 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
         torch._foreach_mul_([grads[i] for i in post], post_scales)
     rows = [grads[i].view(1, -1) for i in block_grad]
     u: List[Optional[Tensor]] = [None] * len(inverse_stacks)  # (U g')ᵀ per layer, (L, 1, N) per solve group
-    stacked = []
-    for members, stack, at, whole, j in zip(shape_groups, stacks, shape_rows, shape_whole, shape_solve):
-        g = torch.stack([rows[i] for i in members])  # (L, 1, d)
-        stacked.append(g)
-        part = torch.bmm(g, stack.transpose(1, 2))
+
+    def gather(j: int, at: Tensor, whole: bool, part: Tensor) -> None:
+        """``part`` into the rows ``at`` of solve group ``j`` (``whole``: all of them, in order)."""
         if u[j] is None and whole:
             u[j] = part
         elif whole:
@@ -184,6 +180,11 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
                 inverse = inverse_stacks[j]
                 u[j] = inverse.new_zeros(inverse.shape[0], 1, inverse.shape[1])
             u[j].index_add_(0, at, part)
+    stacked = []
+    for members, stack, at, whole, j in zip(shape_groups, stacks, shape_rows, shape_whole, shape_solve):
+        g = torch.stack([rows[i] for i in members])  # (L, 1, d)
+        stacked.append(g)
+        gather(j, at, whole, torch.bmm(g, stack.transpose(1, 2)))
     singles: List[List[Tensor]] = [[] for _ in inverse_stacks]  # per solve group, (N,) each, in single_rows' order
     if large:
         for part, j in zip(torch.ops.aten._foreach_mm([rows[i] for i in large], [b.T for b in large_blocks]),
@@ -197,14 +198,7 @@ def step_tensors(grads: List[Tensor], block_grad: List[int], shape_groups: List[
         singles[j].append(given)
     for j, parts in enumerate(singles):
         if parts:
-            part = torch.stack(parts).unsqueeze(1)
-            if u[j] is None and single_whole[j]:
-                u[j] = part
-            else:
-                if u[j] is None:
-                    inverse = inverse_stacks[j]
-                    u[j] = inverse.new_zeros(inverse.shape[0], 1, inverse.shape[1])
-                u[j].index_add_(0, single_rows[j], part)
+            gather(j, single_rows[j], single_whole[j], torch.stack(parts).unsqueeze(1))
     # (w')ᵀ per layer (every solve group has a layer, and every plan layer a block or a Linear entry: u is full)
     w = [torch.bmm(uj, inverse) if d is None else torch.bmm(torch.bmm(uj, inverse) * d, inverse.transpose(1, 2))
          for uj, inverse, d in zip(u, inverse_stacks, solve_diagonals)]

@@ -1327,7 +1327,7 @@ class SENG:
         """Bytes each layer keeps between refreshes (its committed curvature: factors or ``U``, ``UUᵀ`` and its
         Cholesky factor), by layer name; layers without curvature keep none; under ``"(step plan)"`` what the
         fused step between refreshes keeps besides (:mod:`lightning_seng.fused`: stacked blocks, ``U`` built from
-        small Gram factors). Sum it for the total."""
+        small Gram factors, the stacked inverses or eigenvectors). Sum it for the total."""
         kept = {name: 0 if layer.curvature is None else layer.curvature.nbytes for name, layer in self.layers.items()}
         if self._plan is not None:
             kept["(step plan)"] = self._plan.built_bytes

@@ -170,7 +170,7 @@ class GenericLayer(LayerCurvature):
         if chosen is not None:
             factors = factors.rows(*chosen)
         if scale != 1.0:
-            factors.grad_side = factors.grad_side / scale
+            factors = factors.unscaled(scale)
         return factors
 
     def _per_sample(self, call: Call, n: int, dtype: torch.dtype, names: List[str]) -> Tensor:
