@@ -48,7 +48,7 @@ if __package__ in (None, ""):
 from benchmarks import lr_schedule  # noqa: E402
 from benchmarks.peers import OPTIMIZERS, available, make_stepper  # noqa: E402
 from benchmarks.problems import Split  # noqa: E402
-from benchmarks.report import COLORS, LABELS  # noqa: E402
+from benchmarks.report import COLORS, LABELS, write_csv  # noqa: E402
 from benchmarks.teacher import make_splits, make_student  # noqa: E402
 from benchmarks.tuning import describe, grid_edge, parse, trial_points, with_knobs  # noqa: E402
 
@@ -218,15 +218,6 @@ def _validate(cfg: DictConfig, n_train: int) -> None:
     if not 0.0 < float(cfg.target) <= 1.0:
         raise ValueError(f"target must be an accuracy in (0, 1] (got {cfg.target!r})")
     lr_schedule.check_schedule(cfg.schedule)
-
-
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v)
-                             for k, v in row.items()})
 
 
 def summarize(runs: list[dict], batch_sizes: list[int], optimizers: list[str]) -> list[dict]:
@@ -493,9 +484,9 @@ def run(cfg: DictConfig) -> dict:
             print(f"[batch {bs:5d}] {name:6s} {describe(points[best]):32s} steps to target "
                   f"{[r['steps_to_target'] for r in mine]}  "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
-            _write_csv(out_dir / "trials.csv", TRIAL_COLUMNS, trial_rows)
-            _write_csv(out_dir / "runs.csv", RUN_COLUMNS, run_rows)
-            _write_csv(out_dir / "curves.csv", CURVE_COLUMNS, curve_rows)
+            write_csv(out_dir / "trials.csv", TRIAL_COLUMNS, trial_rows)
+            write_csv(out_dir / "runs.csv", RUN_COLUMNS, run_rows)
+            write_csv(out_dir / "curves.csv", CURVE_COLUMNS, curve_rows)
     return dict(trials=trial_rows, **_report(run_rows, batch_sizes, optimizers, cfg))
 
 

@@ -44,7 +44,6 @@ value: pick one the fastest optimizers reach in about half the run).
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -66,7 +65,7 @@ from benchmarks import lr_schedule  # noqa: E402
 from benchmarks.lm_data import TextSplit, digest, load_splits, random_windows, tiled_windows  # noqa: E402
 from benchmarks.lm_model import ByteLM, bits_per_byte, lm_loss  # noqa: E402
 from benchmarks.peers import OPTIMIZERS, available, make_stepper  # noqa: E402
-from benchmarks.report import COLORS, LABELS  # noqa: E402
+from benchmarks.report import COLORS, LABELS, write_csv  # noqa: E402
 from benchmarks.tuning import describe, grid_edge, trial_points, with_knobs  # noqa: E402
 
 TRIAL_COLUMNS = ["optimizer", "trial", "settings", "score_bpb", "final_val_bpb", "steps_to_target", "diverged",
@@ -407,15 +406,6 @@ def plot(finals: dict[str, list[LMRun]], path: Path, cfg: DictConfig) -> None:
     plt.close(fig)
 
 
-def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v)
-                             for k, v in row.items()})
-
-
 def _validate(cfg: DictConfig) -> None:
     for name in cfg.optimizers:
         if name not in OPTIMIZERS:
@@ -468,14 +458,14 @@ def run(cfg: DictConfig) -> dict:
               f"{[round(r.val_bpb[-1], 3) for r in finals[name]]} bpb, steps to target "
               f"{[r.to_target(float(cfg.target_bpb))[0] for r in finals[name]]}  "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
-        _write_csv(out_dir / "trials.csv", TRIAL_COLUMNS, trial_rows)
+        write_csv(out_dir / "trials.csv", TRIAL_COLUMNS, trial_rows, ignore_extra=True)
     rows = seed_rows(finals, edges, float(cfg.target_bpb))
     summary = summarize(rows)
-    _write_csv(out_dir / "seeds.csv", SEED_COLUMNS, rows)
-    _write_csv(out_dir / "curves.csv", CURVE_COLUMNS,
-               [dict(optimizer=r.optimizer, seed=r.seed, step=s, wall_s=w, train_bpb=t, val_bpb=v)
-                for runs in finals.values() for r in runs
-                for s, w, t, v in zip(r.steps, r.wall_s, r.train_bpb, r.val_bpb)])
+    write_csv(out_dir / "seeds.csv", SEED_COLUMNS, rows, ignore_extra=True)
+    write_csv(out_dir / "curves.csv", CURVE_COLUMNS,
+              [dict(optimizer=r.optimizer, seed=r.seed, step=s, wall_s=w, train_bpb=t, val_bpb=v)
+               for runs in finals.values() for r in runs
+               for s, w, t, v in zip(r.steps, r.wall_s, r.train_bpb, r.val_bpb)], ignore_extra=True)
     table = markdown(rows, summary, cfg, corpus, len(train))
     (out_dir / "lm.md").write_text(table)
     if cfg.plots and finals:

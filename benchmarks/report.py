@@ -1,6 +1,7 @@
 """Tables and plots of a comparison run: one PNG per problem, one Markdown table for all."""
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -15,6 +16,17 @@ LABELS = {"seng": "SENG", "sgd": "SGD+momentum", "adamw": "AdamW", "kfac": "K-FA
           "shampoo": "Shampoo (pytorch-optimizer ScalableShampoo)", "soap": "SOAP (pytorch-optimizer)",
           "seng_mc": "SENG (MC Fisher)", "asdl_seng": "SENG (asdl)"}
 METRIC_LABELS = {"test_acc": "test accuracy", "test_recon": "test reconstruction error"}
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict], ignore_extra: bool = False) -> None:
+    """``rows`` under ``columns``: floats to 6 significant digits, ``None`` as an empty cell; keys beyond
+    ``columns`` raise unless ``ignore_extra``."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore" if ignore_extra else "raise")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v)
+                             for k, v in row.items()})
 
 
 def _band(runs, attr: str):
