@@ -94,3 +94,9 @@ def local_mode_reference(model: nn.Module, sengs: list, replicas: list, x: Tenso
             for p, dp in zip(model.parameters(), d):
                 p.sub_(lr * dp)
     return out
+
+
+def rank_slices(sizes) -> list:
+    """Each rank's slice of a global batch made of the ranks' batches of ``sizes``, in rank order."""
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    return [slice(s, s + n) for s, n in zip(starts, sizes)]

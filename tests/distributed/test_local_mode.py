@@ -13,7 +13,7 @@ from lightning_seng import SENG
 from lightning_seng.distributed import LocalComm
 
 from .dist_harness import run_on_ranks
-from .nets import local_mode_reference, make_batch, make_net, rel_err
+from .nets import local_mode_reference, make_batch, make_net, rank_slices, rel_err
 
 SIZES = (5, 3)
 STEPS = 3             # refresh, reuse of the stored curvature, refresh
@@ -22,25 +22,20 @@ LR = 0.1
 DAMPING = 0.3
 
 
-def _local_slices():
-    starts = [sum(SIZES[:r]) for r in range(len(SIZES))]
-    return [slice(s, s + n) for s, n in zip(starts, SIZES)]
-
-
 def _reference(x, y):
     """Directions per step built without any communication: one single-process SENG per rank's
     batch, each fed the global-batch gradient, averaged; the weights follow the averaged direction."""
     model = make_net()
     replicas = [copy.deepcopy(model) for _ in SIZES]
     sengs = [SENG(m, damping=DAMPING, update_freq=UPDATE_FREQ) for m in replicas]
-    return local_mode_reference(model, sengs, replicas, x, y, _local_slices(), STEPS, LR)
+    return local_mode_reference(model, sengs, replicas, x, y, rank_slices(SIZES), STEPS, LR)
 
 
 def _distributed(x, y, rank):
     model = make_net()
     comm = LocalComm()
     seng = SENG(model, damping=DAMPING, update_freq=UPDATE_FREQ, comm=comm)
-    part = _local_slices()[rank]
+    part = rank_slices(SIZES)[rank]
     out, calls = [], []
     for _ in range(STEPS):
         model.zero_grad()

@@ -14,18 +14,13 @@ from lightning_seng import SENG
 from lightning_seng.distributed import GlobalComm, LocalComm
 
 from .dist_harness import run_on_ranks
-from .nets import local_mode_reference, make_batch, make_net, rel_err
+from .nets import local_mode_reference, make_batch, make_net, rank_slices, rel_err
 
 SIZES = (5, 3)
 STEPS = 3             # refresh, reuse of the stored curvature, refresh
 UPDATE_FREQ = 2
 LR = 0.1
 DAMPING = 0.3
-
-
-def _slices():
-    starts = [sum(SIZES[:r]) for r in range(len(SIZES))]
-    return [slice(s, s + n) for s, n in zip(starts, SIZES)]
 
 
 def _fixed_targets(step_of, targets, part):
@@ -66,7 +61,7 @@ def _run(x, y, comm, likelihood, part=None, weight=1.0):
 def _global_equals_single_process(rank, world_size):
     x, y = make_batch(sum(SIZES))
     targets = torch.randint(0, 4, (STEPS, sum(SIZES)), generator=torch.Generator().manual_seed(9))
-    part = _slices()[rank]
+    part = rank_slices(SIZES)[rank]
     got, _ = _run(x, y, GlobalComm(), lambda step_of: _fixed_targets(step_of, targets, part), part,
                   weight=SIZES[rank] / sum(SIZES))
     want, _ = _run(x, y, None, lambda step_of: _fixed_targets(step_of, targets, slice(None)))
@@ -81,7 +76,7 @@ def test_global_mode_with_sampled_targets_equals_one_process_on_the_concatenated
 
 def _local_equals_mean_of_single_process(rank, world_size):
     x, y = make_batch(sum(SIZES))
-    parts = _slices()
+    parts = rank_slices(SIZES)
     got, draws = _run(x, y, LocalComm(), "categorical", parts[rank], weight=SIZES[rank] / sum(SIZES))
     assert draws[0] is not None and draws[0].shape == (SIZES[rank],)
     everyone = [None] * world_size
